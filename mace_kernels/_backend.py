@@ -1,0 +1,102 @@
+"""Backend selection for the mace_kernels ops.
+
+Every op has three implementations: ``"torch"`` (the readable reference), ``"triton"`` (GPU, or
+the CPU under ``TRITON_INTERPRET=1``) and ``"cpp"`` (the CPU extension built by setup.py).
+The choice is, in order: the op's ``backend=`` argument, the ``MACE_KERNELS_BACKEND``
+environment variable, then the default for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+Backend = Literal["torch", "triton", "cpp"]
+BACKENDS: tuple[str, ...] = ("torch", "triton", "cpp")
+ENV_VAR = "MACE_KERNELS_BACKEND"
+
+try:  # Triton is optional: the torch and cpp backends serve without it.
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+
+    _TRITON_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the installation
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+try:  # The C++ extension registers its ops under torch.ops.mace_kernels.
+    from . import _C  # noqa: F401
+
+    _CPP_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the build
+    _CPP_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cpp_ops():
+    """The namespace of the C++ ops; raises with the load error when the extension is absent."""
+    if _CPP_ERROR is not None:
+        raise RuntimeError(
+            f"the mace_kernels C++ extension is not available ({_CPP_ERROR}); "
+            "build it with `pip install --no-build-isolation -e .`"
+        )
+    return torch.ops.mace_kernels
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """Which backends this installation has, and why one is missing.
+
+    >>> mace_kernels.backends()["cpp"]["available"]
+    True
+    """
+    return {
+        "torch": {"available": True, "devices": ["cpu", "cuda"], "error": None},
+        "triton": {
+            "available": _TRITON_ERROR is None,
+            "devices": ["cuda"] + (["cpu (TRITON_INTERPRET=1)"] if triton_interpret() else []),
+            "error": _TRITON_ERROR,
+        },
+        "cpp": {"available": _CPP_ERROR is None, "devices": ["cpu"], "error": _CPP_ERROR},
+    }
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Pick the backend for tensors on ``device``; a forced one that cannot run is an error."""
+    source = "backend="
+    if backend is None or backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env and env != "auto":
+            backend, source = env, f"${ENV_VAR}="
+    if backend is None or backend == "auto":
+        if device.type == "cuda" and _TRITON_ERROR is None:
+            return "triton"
+        if device.type == "cpu" and _CPP_ERROR is None:
+            return "cpp"
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {source}{backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+        )
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"the cpp backend runs on CPU tensors only, got a {device.type} tensor")
+        cpp_ops()  # raises with the reason when the extension is missing
+    elif backend == "triton":
+        if _TRITON_ERROR is not None:
+            raise RuntimeError(f"the triton backend is not available ({_TRITON_ERROR})")
+        if device.type == "cpu" and not triton_interpret():
+            raise ValueError(
+                "the triton backend needs CUDA tensors; on the CPU set TRITON_INTERPRET=1 "
+                "before importing mace_kernels (slow, for tests)"
+            )
+    return backend
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64, else float32 (also for fp16/bf16 inputs)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32

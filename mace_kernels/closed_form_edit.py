@@ -1,0 +1,71 @@
+"""closed_form_edit: W_l @ T for a packed list of layers of different out sizes, in one call.
+
+Closed-form refinement replaces every cross-attention key/value projection W_l by W_l T with
+the same d x d transform T; packing all layers' rows turns 32 small GEMMs into one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._backend import accumulation_dtype, cpp_ops, resolve_backend
+from ._grouped_matmul import grouped_matmul
+
+
+def closed_form_edit(
+    weights: Sequence[torch.Tensor], transform: torch.Tensor, *, backend: str | None = None
+) -> list[torch.Tensor]:
+    """Return ``[W_l @ transform for W_l in weights]``, each in its own weight's dtype.
+
+    weights: sequence of (out_l, d) tensors; transform: (d, d). The product runs in float64
+    when transform is float64, else float32.
+    """
+    weights, transform, acc = _canonical_inputs(weights, transform)
+    name = resolve_backend(backend, transform.device)
+    packed = _IMPLEMENTATIONS[name](weights, transform.to(acc))
+    sizes = [w.shape[0] for w in weights]
+    return [part.to(w.dtype) for part, w in zip(torch.split(packed, sizes), weights)]
+
+
+def _canonical_inputs(weights, transform):
+    if not isinstance(transform, torch.Tensor) or transform.dim() != 2 or transform.shape[0] != transform.shape[1]:
+        raise ValueError(f"closed_form_edit: transform must be (d, d), got {_shape(transform)}")
+    if not transform.is_floating_point():
+        raise TypeError(f"closed_form_edit: transform must be floating point, got {transform.dtype}")
+    d = transform.shape[0]
+    weights = list(weights)
+    if not weights:
+        raise ValueError("closed_form_edit: weights is empty")
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != d:
+            raise ValueError(f"closed_form_edit: weights[{i}] must be (out, {d}), got {_shape(w)}")
+        if not w.is_floating_point():
+            raise TypeError(f"closed_form_edit: weights[{i}] must be floating point, got {w.dtype}")
+        if w.device != transform.device:
+            raise ValueError(f"closed_form_edit: weights[{i}] is on {w.device}, transform on {transform.device}")
+    return [w.contiguous() for w in weights], transform, accumulation_dtype(transform.dtype)
+
+
+def _shape(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _edit_torch(weights, T):
+    """Reference: one matmul per layer."""
+    return torch.cat([w.to(T.dtype) @ T for w in weights])
+
+
+def _edit_cpp(weights, T):
+    return cpp_ops().packed_matmul(weights, T)
+
+
+def _edit_triton(weights, T):
+    packed = torch.cat(weights) if len({w.dtype for w in weights}) == 1 else torch.cat([w.to(T.dtype) for w in weights])
+    out = torch.empty((packed.shape[0], T.shape[1]), dtype=T.dtype, device=T.device)
+    offsets = torch.tensor([0, packed.shape[0]])
+    return grouped_matmul(packed, T.unsqueeze(0), offsets, out)
+
+
+_IMPLEMENTATIONS = {"torch": _edit_torch, "cpp": _edit_cpp, "triton": _edit_triton}
