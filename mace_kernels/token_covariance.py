@@ -143,6 +143,8 @@ def _covariance_torch(x, y, seg, w, S, with_xx):
                 cxx[s] += xws.T @ xs
             if yc is not None:
                 cyx[s] += yc[sel].T @ xws
+    if with_xx:  # BLAS does not promise a bitwise-symmetric x^T x; every backend returns one.
+        cxx = (cxx + cxx.mT) / 2
     return cxx, cyx
 
 

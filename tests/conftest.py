@@ -1,0 +1,47 @@
+import os
+
+# Triton reads TRITON_INTERPRET when a kernel is defined: set it before mace_kernels imports, so
+# the Triton kernels run on the CPU (slowly: tests use small shapes).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.pop("MACE_KERNELS_BACKEND", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mace_kernels  # noqa: E402
+
+ALL_BACKENDS = ["torch", "triton", "cpp"]
+
+# Tolerances of a backend against the torch reference, by the dtype results are returned in.
+# Both accumulate in float32 (float64) from the same rounded inputs, so they differ only by
+# summation order; results cast back to fp16/bf16 may differ by one unit in the last place
+# (the interpreter's bf16 stores truncate).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None):
+    """assert_close with the absolute tolerance scaled by the reference's magnitude."""
+    tol = TOLERANCES[dtype or expected.dtype]
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
+    torch.testing.assert_close(
+        actual.to(expected.dtype), expected, rtol=tol["rtol"], atol=tol["atol"] * scale
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_every_backend_is_available():
+    """The test suite runs every backend: a missing extension must fail, not skip."""
+    info = mace_kernels.backends()
+    for name in ALL_BACKENDS:
+        assert info[name]["available"], f"backend {name} unavailable: {info[name]['error']}"
