@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import accumulation_dtype, cpp_ops, resolve_backend
-from ._triton import cdiv, jit, next_pow2, tl, triton
+from ._triton import cdiv, jit, tl, triton
 
 # Tokens converted to the accumulation dtype at a time by the reference (bounds its memory).
 _REFERENCE_CHUNK = 16384
