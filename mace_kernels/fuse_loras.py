@@ -35,7 +35,8 @@ def fuse_loras(
         A: per layer, (n, r, d) LoRA down weights of the n concepts.
         B: per layer, (n, out_l, r) LoRA up weights (scale folded in by the caller).
         C: (n, d, d) per-concept token covariances.
-        base, base_transform: optional per-layer (out_l, d) weights and one (d, d) matrix.
+        base, base_transform: optional per-layer (out_l, k) weights and one (k, d) matrix
+            (k = d usually; stacking [W_l | W0_l] against [T; T0] adds two base terms).
 
     Returns:
         A list of (out_l, d) tensors in float64 when C (or base_transform) is float64, else
@@ -72,11 +73,12 @@ def _canonical_inputs(A, B, C, base, base_transform):
         base = list(base)
         if len(base) != len(A):
             raise ValueError(f"fuse_loras: base has {len(base)} layers, A has {len(A)}")
+        if not isinstance(base_transform, torch.Tensor) or base_transform.dim() != 2 or base_transform.shape[1] != d:
+            raise ValueError(f"fuse_loras: base_transform must be (k, {d}), got {_shape(base_transform)}")
+        k = base_transform.shape[0]
         for lay, (w, b) in enumerate(zip(base, B)):
-            if not isinstance(w, torch.Tensor) or w.shape != (b.shape[1], d):
-                raise ValueError(f"fuse_loras: base[{lay}] must be ({b.shape[1]}, {d}), got {_shape(w)}")
-        if base_transform.shape != (d, d):
-            raise ValueError(f"fuse_loras: base_transform must be ({d}, {d}), got {_shape(base_transform)}")
+            if not isinstance(w, torch.Tensor) or w.shape != (b.shape[1], k):
+                raise ValueError(f"fuse_loras: base[{lay}] must be ({b.shape[1]}, {k}) to match base_transform, got {_shape(w)}")
         base = [w.contiguous() for w in base]
         dtypes.append(base_transform.dtype)
     acc = accumulation_dtype(*dtypes)

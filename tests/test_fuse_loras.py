@@ -48,6 +48,20 @@ def test_with_base_term(backend, cdtype):
         assert_close_scaled(g.double(), e, cdtype)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rectangular_base_stacks_two_terms(backend):
+    """base (out, 2d) @ base_transform (2d, d) = W T + W0 T0, as the fusion with preservation uses."""
+    outs, d = [6, 11], 9
+    A, B, C = _problem(3, 1, d, outs, torch.float32, torch.float64)
+    W = [torch.randn(o, d, dtype=torch.float64) for o in outs]
+    W0 = [torch.randn(o, d, dtype=torch.float64) for o in outs]
+    T, T0 = torch.randn(d, d, dtype=torch.float64), torch.randn(d, d, dtype=torch.float64)
+    got = fuse_loras(A, B, C, base=[torch.cat([w, w0], 1) for w, w0 in zip(W, W0)],
+                     base_transform=torch.cat([T, T0]), backend=backend)
+    for g, e, w0 in zip(got, _oracle(A, B, C, W, T), W0):
+        assert_close_scaled(g, e + w0 @ T0, torch.float64)
+
+
 def test_bad_inputs():
     A, B, C = _problem(3, 2, 8, [4, 5], torch.float32, torch.float32)
     with pytest.raises(ValueError, match="same layers"):
