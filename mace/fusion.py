@@ -1,0 +1,99 @@
+"""Closed-form multi-LoRA fusion (stage 3 of MACE) on a diffusers pipeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .cache import PreservationCache
+from .closed_form import LoraStack, SolveReport, fuse_weights
+from .lora_io import read_lora
+from .models import cross_attention_projections, encode_prompts
+
+LoraSource = str | os.PathLike | Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def stack_loras(loras: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], projections) -> LoraStack:
+    """Per-layer (n, r, d) / (n, out, r) stacks; ranks padded with zeros, absent layers zero."""
+    n = len(loras)
+    r = max((A.shape[0] for lora in loras for A, _ in lora.values()), default=1)
+    As, Bs = [], []
+    for name, lin in projections:
+        out, d = lin.weight.shape
+        A = torch.zeros(n, r, d)
+        B = torch.zeros(n, out, r)
+        for i, lora in enumerate(loras):
+            if name in lora:
+                a, b = lora[name]
+                if a.shape[1] != d or b.shape[0] != out:
+                    raise ValueError(f"LoRA of concept {i} on {name} is {tuple(b.shape)} x {tuple(a.shape)}, "
+                                     f"the layer is {out} x {d}")
+                A[i, : a.shape[0]] = a
+                B[i, :, : a.shape[0]] = b
+        As.append(A)
+        Bs.append(B)
+    return LoraStack(As, Bs)
+
+
+def fuse(
+    pipe,
+    loras: Mapping[str, LoraSource],
+    prompts: Mapping[str, Sequence[str]],
+    *,
+    lam: float,
+    preserve: torch.Tensor | PreservationCache | None = None,
+    preserve_scale: float = 0.0,
+    original=None,
+    method: str = "fast",
+    dtype: torch.dtype = torch.float64,
+    jitter: float | None = None,
+    batch_size: int = 64,
+) -> SolveReport:
+    """Fuse one LoRA per concept into the pipeline's cross-attention projections, in place.
+
+    Args:
+        loras: concept -> LoRA (a diffusers/peft safetensors file or folder, or a
+            {projection name: (A, B)} mapping with the scale folded into B).
+        prompts: concept -> the prompts whose every token the fused model must map as that
+            concept's LoRA does.
+        lam: weight of staying close to the current (refined) weights.
+        preserve, preserve_scale: d x d preservation statistic and its weight s.
+        original: the weights preservation anchors to (a pipeline, or tensors in projection
+            order); default: the pipeline's current weights.
+        method: "fast" (one grouped fuse_loras call and one solve) or "reference".
+    """
+    concepts = list(loras)
+    if not concepts:
+        raise ValueError("fuse: no LoRAs given")
+    missing = [c for c in concepts if c not in prompts or not prompts[c]]
+    if missing:
+        raise ValueError(f"fuse: no prompts for concept(s) {missing}")
+    if isinstance(preserve, PreservationCache):
+        preserve = preserve.cov
+    projections = cross_attention_projections(pipe.unet)
+    names = [name for name, _ in projections]
+    read = [read_lora(src, names) if not isinstance(src, Mapping) else dict(src) for src in loras.values()]
+    for concept, lora in zip(concepts, read):
+        if not lora:
+            raise ValueError(f"fuse: the LoRA of {concept!r} has no cross-attention key/value layer of this model")
+    stack = stack_loras(read, projections)
+    tokens = [encode_prompts(pipe, list(prompts[c]), batch_size).reshape(-1, projections[0][1].in_features)
+              for c in concepts]
+    anchor = None
+    if original is not None:
+        if hasattr(original, "unet"):
+            anchor = [lin.weight.data.cpu() for _, lin in cross_attention_projections(original.unet)]
+        else:
+            anchor = [t.cpu() for t in original]
+    weights = [lin.weight.data for _, lin in projections]
+    new, report = fuse_weights(
+        [w.cpu() for w in weights], stack, tokens, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
+        original=anchor, method=method, dtype=dtype, jitter=jitter,
+    )
+    with torch.no_grad():
+        for w, n in zip(weights, new):
+            w.copy_(n.to(w.device, w.dtype))
+    report.extra["concepts"] = len(concepts)
+    return report

@@ -1,0 +1,153 @@
+"""Reading and writing LoRA weights of the cross-attention projections (safetensors only).
+
+Reads the layouts users bring: diffusers (``unet.<module>.lora.down/up.weight`` or
+``unet.<module>.lora_A/lora_B.weight``, alpha in the file's ``lora_adapter_metadata``), peft
+folders (``base_model.model.<module>.lora_A.weight`` with ``adapter_config.json``), the old
+attention-processor layout (``<attn>.processor.to_k_lora.down.weight``) and kohya
+(``lora_unet_<module_with_underscores>.lora_down.weight`` with ``.alpha``). Pickled files
+are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_FILE_NAMES = (LORA_WEIGHT_NAME, "adapter_model.safetensors")
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file that cannot be read or does not fit the model."""
+
+
+def _lora_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in _FILE_NAMES:
+            if (path / name).exists():
+                return path / name
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise LoraFormatError(f"no LoRA safetensors file in {path} (looked for {', '.join(_FILE_NAMES)})")
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise LoraFormatError(f"{path}: only .safetensors LoRA files are read (pickled weights are never loaded)")
+    return path
+
+
+def _alpha_config(file: Path, metadata: dict[str, str]) -> dict:
+    """lora_alpha / r / patterns from the safetensors metadata or a peft adapter_config.json."""
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        meta = json.loads(raw)
+        return {k.split(".", 1)[1] if k.startswith("unet.") else k: v for k, v in meta.items()}
+    config = file.parent / "adapter_config.json"
+    if config.exists():
+        return json.loads(config.read_text())
+    return {}
+
+
+_PATTERNS = [
+    # (regex on the key, which matrix)
+    (re.compile(r"^(?:unet\.|base_model\.model\.)?(?P<m>.+)\.lora(?:_A|\.down)(?:\.default)?\.weight$"), "A"),
+    (re.compile(r"^(?:unet\.|base_model\.model\.)?(?P<m>.+)\.lora(?:_B|\.up)(?:\.default)?\.weight$"), "B"),
+    (re.compile(r"^(?:unet\.)?(?P<m>.+)\.processor\.(?P<p>to_[kvqo])_lora\.down\.weight$"), "A"),
+    (re.compile(r"^(?:unet\.)?(?P<m>.+)\.processor\.(?P<p>to_[kvqo])_lora\.up\.weight$"), "B"),
+    (re.compile(r"^lora_unet_(?P<k>.+)\.lora_down\.weight$"), "A"),
+    (re.compile(r"^lora_unet_(?P<k>.+)\.lora_up\.weight$"), "B"),
+    (re.compile(r"^lora_unet_(?P<k>.+)\.alpha$"), "alpha"),
+]
+
+
+def read_lora(path: str | os.PathLike, projection_names: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{projection name: (A (r, d), B (out, r) with the LoRA scale folded in)} for the given projections.
+
+    Modules of the file outside ``projection_names`` (e.g. LoRAs on self-attention) are
+    reported with a warning and ignored: the closed-form fusion edits to_k/to_v of attn2 only.
+    """
+    file = _lora_file(Path(path))
+    kohya = {name.replace(".", "_"): name for name in projection_names}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata() or {}
+        for key in f.keys():
+            for pattern, kind in _PATTERNS:
+                m = pattern.match(key)
+                if not m:
+                    continue
+                groups = m.groupdict()
+                if "k" in groups:
+                    module = kohya.get(groups["k"], "lora_unet_" + groups["k"])
+                elif "p" in groups:
+                    module = f"{groups['m']}.{groups['p']}"
+                else:
+                    module = groups["m"]
+                parts.setdefault(module, {})[kind] = f.get_tensor(key)
+                break
+    if not parts:
+        raise LoraFormatError(f"{file}: no LoRA weights found (unknown key layout)")
+    config = _alpha_config(file, metadata)
+    wanted = set(projection_names)
+    ignored = sorted(m for m in parts if m not in wanted)
+    if ignored:
+        warnings.warn(f"{file.name}: {len(ignored)} LoRA modules are not cross-attention key/value "
+                      f"projections and are ignored (e.g. {ignored[0]})", stacklevel=2)
+    out = {}
+    for module, p in parts.items():
+        if module not in wanted:
+            continue
+        if "A" not in p or "B" not in p:
+            raise LoraFormatError(f"{file}: {module} has {'only A' if 'A' in p else 'only B'} of its LoRA pair")
+        A, B = p["A"].float(), p["B"].float()
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise LoraFormatError(f"{file}: {module} has LoRA shapes A {tuple(A.shape)}, B {tuple(B.shape)}")
+        r = A.shape[0]
+        out[module] = (A, B * _scale(module, r, p.get("alpha"), config))
+    return out
+
+
+def _scale(module: str, r: int, kohya_alpha: torch.Tensor | None, config: dict) -> float:
+    if kohya_alpha is not None:
+        return float(kohya_alpha) / r
+    alpha = config.get("lora_alpha")
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.search(pattern, module):
+            alpha = value
+    if alpha is None:
+        return 1.0
+    return float(alpha) / (r**0.5 if config.get("use_rslora") else r)
+
+
+def save_lora(path: str | os.PathLike, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], *, alpha: float | None = None) -> Path:
+    """Write {projection name: (A, B)} as a diffusers LoRA folder that ``load_lora_weights`` reads.
+
+    Atomic: the file appears complete or not at all.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    ranks = set()
+    for module, (A, B) in loras.items():
+        tensors[f"unet.{module}.lora_A.weight"] = A.detach().float().contiguous().cpu()
+        tensors[f"unet.{module}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+        ranks.add(A.shape[0])
+    if len(ranks) != 1:
+        raise ValueError(f"all LoRA modules must share one rank, got {sorted(ranks)}")
+    r = ranks.pop()
+    targets = sorted({m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in loras})
+    meta = {"unet.r": r, "unet.lora_alpha": alpha if alpha is not None else r, "unet.target_modules": targets}
+    target = folder / LORA_WEIGHT_NAME
+    tmp = folder / f".{LORA_WEIGHT_NAME}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    os.replace(tmp, target)
+    return target
