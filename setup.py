@@ -31,7 +31,11 @@ setup(
     description="Fast closed-form and multi-LoRA kernels for MACE concept erasure in diffusion models",
     packages=find_packages(include=["mace_kernels", "mace_kernels.*", "mace", "mace.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=[
+        "torch>=2.4", "numpy", "diffusers>=0.32", "transformers>=4.45", "peft>=0.13", "accelerate",
+        "safetensors", "omegaconf", "tqdm", "ftfy",
+    ],
+    entry_points={"console_scripts": ["mace=mace.cli:main"]},
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "scipy"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

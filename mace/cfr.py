@@ -17,6 +17,7 @@ def aligned_pair_tokens(pipe, pairs: Sequence[tuple[str, str]], *, all_words: bo
 
     With ``all_words`` every one of the 77 positions is paired, as the original option does.
     """
+    pairs = _as_pairs(pairs)
     olds = [p[0] for p in pairs]
     news = [p[1] for p in pairs]
     e_old = encode_prompts(pipe, olds, batch_size)

@@ -60,11 +60,22 @@ def _solve(M: torch.Tensor, R: torch.Tensor, jitter: float | None) -> tuple[torc
 # ----------------------------------------------------------------------------- refinement
 
 
-def refinement_statistics(old_tokens: torch.Tensor, new_tokens: torch.Tensor, dtype=torch.float64):
-    """(C_oo, C_no) = (sum e_o e_o^T, sum e_n e_o^T) over aligned token pairs."""
-    cxx, cyx = mk.token_covariance(old_tokens.to(dtype) if dtype == torch.float64 else old_tokens,
-                                   new_tokens.to(dtype) if dtype == torch.float64 else new_tokens)
-    return cxx.to(dtype), cyx.to(dtype)
+def refinement_statistics(old_tokens: torch.Tensor, new_tokens: torch.Tensor, dtype=torch.float64, chunk: int = 65536):
+    """(C_oo, C_no) = (sum e_o e_o^T, sum e_n e_o^T) over aligned token pairs.
+
+    float32 statistics stream through token_covariance directly; float64 ones convert one
+    chunk of tokens at a time, so memory stays bounded for millions of tokens.
+    """
+    if dtype != torch.float64:
+        return mk.token_covariance(old_tokens, new_tokens)
+    d = old_tokens.shape[1]
+    c_oo = torch.zeros(d, d, dtype=dtype)
+    c_no = torch.zeros(d, d, dtype=dtype)
+    for start in range(0, old_tokens.shape[0], chunk):
+        cxx, cyx = mk.token_covariance(old_tokens[start:start + chunk].to(dtype), new_tokens[start:start + chunk].to(dtype))
+        c_oo += cxx
+        c_no += cyx
+    return c_oo, c_no
 
 
 def refine_weights(
@@ -89,7 +100,7 @@ def refine_weights(
     if old_tokens.shape != new_tokens.shape or old_tokens.shape[-1] != d:
         raise ValueError(f"old and new tokens must both be (N, {d}), got {tuple(old_tokens.shape)} and {tuple(new_tokens.shape)}")
     if method == "fast":
-        c_oo, c_no = refinement_statistics(old_tokens, new_tokens, dtype)
+        c_oo, c_no = (c.to(dtype) for c in refinement_statistics(old_tokens, new_tokens, dtype))
         M = _lhs(d, lam, c_oo, preserve, preserve_scale, dtype)
         N = _lhs(d, lam, c_no, preserve, preserve_scale, dtype)
         T, info = _solve(M, N, jitter)
@@ -144,7 +155,7 @@ def fuse_weights(
     method: str = "fast",
     dtype: torch.dtype = torch.float64,
     jitter: float | None = None,
-    max_tokens_per_call: int = 262_144,
+    max_tokens_per_call: int = 131_072,
 ) -> tuple[list[torch.Tensor], SolveReport]:
     """Closed-form fusion of n concept LoRAs into the projections ``weights`` (W_r).
 
@@ -182,21 +193,36 @@ def fuse_weights(
 
 
 def concept_covariances(concept_tokens: Sequence[torch.Tensor], d: int, dtype, max_tokens_per_call: int) -> torch.Tensor:
-    """C_i = sum e e^T over each concept's tokens, (n, d, d), in few segmented calls."""
+    """C_i = sum e e^T over each concept's tokens, (n, d, d): few segmented token_covariance calls.
+
+    Concepts are grouped so that one call sees at most ``max_tokens_per_call`` tokens (one
+    concept with more is split across calls), which bounds the memory of the float64 copies.
+    """
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     C = torch.zeros(len(concept_tokens), d, d, dtype=acc)
-    start = 0
-    while start < len(concept_tokens):
-        stop, count = start, 0
-        while stop < len(concept_tokens) and (stop == start or count + concept_tokens[stop].shape[0] <= max_tokens_per_call):
-            count += concept_tokens[stop].shape[0]
-            stop += 1
-        chunk = [concept_tokens[i] for i in range(start, stop)]
-        x = torch.cat([t.to(acc) if acc == torch.float64 else t for t in chunk])
-        seg = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor([t.shape[0] for t in chunk]))
-        cxx, _ = mk.token_covariance(x, segment_ids=seg, num_segments=len(chunk))
-        C[start:stop] = cxx.to(acc)
-        start = stop
+    pieces: list[tuple[int, torch.Tensor]] = []
+    count = 0
+
+    def flush():
+        nonlocal pieces, count
+        if not pieces:
+            return
+        ids = [i for i, _ in pieces]
+        x = torch.cat([t.to(acc) if acc == torch.float64 else t for _, t in pieces])
+        seg = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor([t.shape[0] for _, t in pieces]))
+        cxx, _ = mk.token_covariance(x, segment_ids=seg, num_segments=len(pieces))
+        for k, i in enumerate(ids):
+            C[i] += cxx[k].to(acc)
+        pieces, count = [], 0
+
+    for i, tokens in enumerate(concept_tokens):
+        for start in range(0, tokens.shape[0], max_tokens_per_call):
+            part = tokens[start:start + max_tokens_per_call]
+            if count + part.shape[0] > max_tokens_per_call:
+                flush()
+            pieces.append((i, part))
+            count += part.shape[0]
+    flush()
     return C.to(dtype)
 
 

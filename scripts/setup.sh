@@ -8,5 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+# open-clip-torch only provides the CLIP BPE vocabulary file; --no-deps keeps torchvision out.
+python -m pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0
 python -m pip install -q --disable-pip-version-check --no-build-isolation -e .
 python -c "import mace_kernels, json; print('mace_kernels backends:', json.dumps({k: v['available'] for k, v in mace_kernels.backends().items()}))"

@@ -45,3 +45,24 @@ def test_every_backend_is_available():
     info = mace_kernels.backends()
     for name in ALL_BACKENDS:
         assert info[name]["available"], f"backend {name} unavailable: {info[name]['error']}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mace_home(tmp_path_factory):
+    """Builtin models are built once per test session into a temporary MACE_HOME."""
+    os.environ["MACE_HOME"] = str(tmp_path_factory.mktemp("mace_home"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_path(_mace_home):
+    from mace.builtin import builtin_model_path
+
+    return builtin_model_path("builtin:tiny")
+
+
+@pytest.fixture
+def tiny_pipe(tiny_path):
+    import mace
+
+    return mace.load_pipeline(tiny_path)

@@ -1,0 +1,173 @@
+"""The fast closed-form refinement and fusion equal the paper-literal reference."""
+
+import pytest
+import torch
+
+import mace
+from mace.closed_form import LoraStack, fuse_weights, refine_weights
+from mace_kernels import NotPositiveDefiniteError, SPDJitterWarning
+
+SD14_OUT = [320] * 2 + [640] * 2 + [1280] * 3 + [1280] * 3 + [640] * 3 + [320] * 3  # 16 attn2 layers
+
+
+def _rel(a, b):
+    return max(float((x.double() - y.double()).norm() / y.double().norm()) for x, y in zip(a, b))
+
+
+def _pairs():
+    return [p for c in ("Emma Stone", "Van Gogh", "ship") for p in
+            mace.concept_prompt_pairs(c, "a person", "celebrity", aug_length=4)]
+
+
+def _weights(pipe, dtype=torch.float64):
+    return [lin.weight.detach().to(dtype).clone() for _, lin in mace.cross_attention_projections(pipe.unet)]
+
+
+@pytest.fixture(scope="module")
+def preserve(tiny_path):
+    pipe = mace.load_pipeline(tiny_path)
+    prompts = [f"a photo of a {w} on a table" for w in ("cat", "dog", "cup", "book", "lamp", "shoe")] * 4
+    return mace.build_preservation_cache(pipe, prompts, tiny_path.parent / "coco.safetensors", progress=False)
+
+
+@pytest.mark.parametrize("with_preserve", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-3)])
+def test_refine_fast_equals_reference_on_builtin(tiny_path, preserve, with_preserve, dtype, tol):
+    results = {}
+    for method in ("fast", "reference"):
+        pipe = mace.load_pipeline(tiny_path).to(torch.float64)  # float64 weights: compare beyond fp32
+        before = _weights(pipe)
+        mace.refine(pipe, _pairs(), lam=0.5, preserve=preserve if with_preserve else None,
+                    preserve_scale=1e-2 if with_preserve else 0.0, method=method, dtype=dtype)
+        results[method] = _weights(pipe)
+    assert _rel(results["fast"], results["reference"]) <= tol
+    assert _rel(results["fast"], before) > 1e-3  # the edit did something
+
+
+def test_refinement_maps_old_tokens_onto_new_outputs(tiny_pipe):
+    from mace.cfr import aligned_pair_tokens
+
+    pairs = _pairs()
+    old, new = aligned_pair_tokens(tiny_pipe, pairs)
+    W = _weights(tiny_pipe)
+    mace.refine(tiny_pipe, pairs, lam=1e-3)
+    W2 = _weights(tiny_pipe)
+    old, new = old.double(), new.double()
+    for w, w2 in zip(W, W2):
+        before = (old @ w.T - new @ w.T).norm()
+        after = (old @ w2.T - new @ w.T).norm()
+        assert float(after) < 0.5 * float(before)  # measured 0.29: 900 tokens, 64 dimensions
+        # W' is the minimiser: the gradient of the objective vanishes (normal equations).
+        grad = (old @ w2.T - new @ w.T).T @ old + 1e-3 * (w2 - w)
+        assert float(grad.norm()) < 1e-4 * float(((new @ w.T).T @ old).norm())
+
+
+def _sd14_problem(n_concepts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o, 768, generator=g, dtype=torch.float64) / 28 for o in SD14_OUT for _ in "kv"]
+    tokens = [torch.randn(3 * 77, 768, generator=g, dtype=torch.float64) for _ in range(n_concepts)]
+    A = [torch.randn(n_concepts, 1, 768, generator=g, dtype=torch.float64) / 28 for _ in weights]
+    B = [torch.randn(n_concepts, w.shape[0], 1, generator=g, dtype=torch.float64) / 28 for w in weights]
+    P = torch.randn(2000, 768, generator=g, dtype=torch.float64)
+    return weights, tokens, LoraStack(A, B), P.T @ P
+
+
+@pytest.mark.parametrize("with_preserve", [False, True])
+def test_sd14_shaped_refine_and_fuse_fast_equal_reference(with_preserve):
+    weights, tokens, loras, P = _sd14_problem(3)
+    kw = dict(preserve=P, preserve_scale=1e-3) if with_preserve else {}
+    old = torch.cat(tokens)
+    new = old + 0.1 * torch.randn_like(old)
+    fast, _ = refine_weights(weights, old, new, lam=0.1, method="fast", **kw)
+    ref, _ = refine_weights(weights, old, new, lam=0.1, method="reference", **kw)
+    assert _rel(fast, ref) <= 1e-6
+    original = [w + 0.01 for w in weights] if with_preserve else None
+    fast, _ = fuse_weights(weights, loras, tokens, lam=0.1, original=original, method="fast", **kw)
+    ref, _ = fuse_weights(weights, loras, tokens, lam=0.1, original=original, method="reference", **kw)
+    assert _rel(fast, ref) <= 1e-6
+    fast32, _ = fuse_weights(weights, loras, tokens, lam=0.1, original=original, method="fast", dtype=torch.float32, **kw)
+    assert _rel(fast32, ref) <= 1e-3
+
+
+def test_fuse_on_builtin_reads_diffusers_loras_and_saves_a_loadable_pipeline(tiny_path, tmp_path, preserve):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = mace.load_pipeline(tiny_path).to(torch.float64)
+    names = [(n, lin.weight.shape) for n, lin in mace.cross_attention_projections(pipe.unet)]
+    g = torch.Generator().manual_seed(1)
+    loras, prompts = {}, {}
+    for i, concept in enumerate(["Emma Stone", "Van Gogh", "ship"]):
+        lora = {n: (torch.randn(2, s[1], generator=g) * 0.1, torch.randn(s[0], 2, generator=g) * 0.1) for n, s in names}
+        mace.save_lora(tmp_path / f"lora{i}", lora, alpha=4.0)  # scale alpha / r = 2
+        loras[concept] = tmp_path / f"lora{i}"
+        prompts[concept] = [p.old for p in mace.concept_prompt_pairs(concept, "a person", "celebrity", aug_length=3)]
+    results = {}
+    for method in ("fast", "reference"):
+        p = mace.load_pipeline(tiny_path).to(torch.float64)
+        mace.fuse(p, loras, prompts, lam=0.3, preserve=preserve, preserve_scale=1e-2, method=method)
+        results[method] = (p, _weights(p))
+    assert _rel(results["fast"][1], results["reference"][1]) <= 1e-6
+    # One LoRA alone, with lam -> 0 and no preservation, is reproduced on its own prompts' span.
+    fused = results["fast"][0]
+    fused.to(torch.float32).save_pretrained(tmp_path / "fused")
+    back = StableDiffusionPipeline.from_pretrained(tmp_path / "fused")
+    for (_, a), b in zip(mace.cross_attention_projections(back.unet), results["fast"][1]):
+        torch.testing.assert_close(a.weight.double(), b, rtol=1e-6, atol=1e-6)
+
+
+def test_single_lora_is_reproduced_on_its_prompts(tiny_pipe, tmp_path):
+    """With one concept and lam -> 0, fusion gives W* e = (W + dW) e for that concept's tokens."""
+    names = [(n, lin.weight.shape) for n, lin in mace.cross_attention_projections(tiny_pipe.unet)]
+    g = torch.Generator().manual_seed(2)
+    lora = {n: (torch.randn(1, s[1], generator=g), torch.randn(s[0], 1, generator=g)) for n, s in names}
+    prompts = {"ship": [p.old for p in mace.concept_prompt_pairs("ship", "ground", "object", aug_length=5)]}
+    W = _weights(tiny_pipe)
+    mace.fuse(tiny_pipe, {"ship": lora}, prompts, lam=1e-6)
+    e = mace.encode_prompts(tiny_pipe, prompts["ship"]).reshape(-1, 64).double()
+    for (name, lin), w in zip(mace.cross_attention_projections(tiny_pipe.unet), W):
+        A, B = lora[name]
+        target = e @ (w + B.double() @ A.double()).T
+        got = e @ lin.weight.double().T
+        assert float((got - target).norm() / target.norm()) < 1e-3
+
+
+def test_external_peft_lora_scale_matches_diffusers_fuse(tiny_path, tmp_path):
+    """A LoRA saved by diffusers from a peft adapter is read with the same scale diffusers applies."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = mace.load_pipeline(tiny_path)
+    base = _weights(pipe)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=6, init_lora_weights="gaussian",
+                                     target_modules=["attn2.to_k", "attn2.to_v", "attn1.to_q"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "ext", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        unet_lora_adapter_metadata={"r": 2, "lora_alpha": 6, "target_modules": ["attn2.to_k", "attn2.to_v", "attn1.to_q"]})
+    names = [n for n, _ in mace.cross_attention_projections(pipe.unet)]
+    with pytest.warns(UserWarning, match="not cross-attention key/value"):
+        read = mace.read_lora(tmp_path / "ext", names)
+    ref = mace.load_pipeline(tiny_path)
+    ref.load_lora_weights(tmp_path / "ext")
+    ref.fuse_lora(lora_scale=1.0)
+    for (name, lin), w in zip(mace.cross_attention_projections(ref.unet), base):
+        A, B = read[name]
+        torch.testing.assert_close((lin.weight.double() - w), (B @ A).double(), rtol=1e-4, atol=1e-5)
+
+
+def test_lam_zero_with_few_tokens_is_an_error_not_noise(tiny_pipe):
+    W = _weights(tiny_pipe)
+    with pytest.raises(NotPositiveDefiniteError, match="not numerically positive definite"):
+        mace.refine(tiny_pipe, [("a photo of Emma Stone", "a photo of a person")], lam=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(W, _weights(tiny_pipe)))  # nothing was written
+
+
+def test_lam_zero_with_jitter_reports_it_and_stays_finite(tiny_pipe):
+    with pytest.warns(SPDJitterWarning):
+        report = mace.refine(tiny_pipe, [("a photo of Emma Stone", "a photo of a person")], lam=0.0, jitter=1e-6)
+    assert report.jitter > 0
+    assert all(torch.isfinite(w).all() for w in _weights(tiny_pipe))

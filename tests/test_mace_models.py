@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+import mace
+from mace.builtin import clip_tokenizer
+
+
+def test_clip_tokenizer_is_the_real_one():
+    tok = clip_tokenizer()
+    assert tok("a photo of Emma Stone").input_ids == [49406, 320, 1125, 539, 7445, 2441, 49407]
+    assert len(tok) == 49408
+    assert tok.decode(tok("naïve café").input_ids, skip_special_tokens=True).strip() == "naïve café"
+
+
+def test_builtin_tiny_is_an_ordinary_diffusers_folder(tiny_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_path)
+    names = [n for n, _ in mace.cross_attention_projections(pipe.unet)]
+    assert len(names) == 14 and names[0].endswith("attn2.to_k") and names[1].endswith("attn2.to_v")
+    again = mace.load_pipeline("builtin:tiny")
+    for (_, a), (_, b) in zip(mace.cross_attention_projections(pipe.unet), mace.cross_attention_projections(again.unet)):
+        assert torch.equal(a.weight, b.weight)
+    emb = mace.encode_prompts(pipe, ["a photo of Emma Stone", "x"])
+    assert emb.shape == (2, 77, 64)
+
+
+def test_builtin_sdxl_concatenates_both_text_encoders():
+    pipe = mace.load_pipeline("builtin:tiny-sdxl")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    proj = mace.cross_attention_projections(pipe.unet)
+    assert all(lin.in_features == 64 for _, lin in proj)
+    emb = mace.encode_prompts(pipe, ["a photo of a ship"])
+    ids = pipe.tokenizer(["a photo of a ship"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(emb[..., :32], first.float())
+
+
+def test_model_without_cross_attention_is_refused():
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(32, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(mace.NoCrossAttentionError, match="no cross-attention"):
+        mace.cross_attention_projections(unet)
+
+
+def test_unknown_builtin_and_missing_folder():
+    with pytest.raises(ValueError, match="unknown builtin model 'builtin:huge'"):
+        mace.load_pipeline("builtin:huge")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        mace.load_pipeline("./no/such/model")
