@@ -1,0 +1,188 @@
+"""Per-concept LoRA training (stage 2 of MACE), batched across concepts.
+
+Each concept gets a rank-r LoRA on every cross-attention key/value projection. The loss is
+the norm of the cross-attention probabilities that the concept's tokens (and the end-of-text
+token, ``use_pooler``) receive at every attn2 layer, restricted to the pixels of the concept's
+mask resized to the layer's resolution (styles: every pixel). Minimising it teaches the
+projections to stop routing the concept's tokens into the image.
+
+Batching: one UNet pass carries samples of k concepts, grouped in consecutive segments; every
+attn2 layer computes its keys and values with ``mace_kernels.lora_apply``, which applies
+segment k's own LoRA, so k LoRAs train in one pass instead of k runs. Concepts do not interact
+(per-sample UNet, per-concept parameters and losses), so a batched step gives each LoRA the
+gradient its own single-concept step would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mace_kernels as mk
+
+from .models import cross_attention_projections
+
+
+def importance_weights(num_timesteps: int = 1000, temperature: float = 0.05) -> torch.Tensor:
+    """f(t) = sigmoid(T (t - 200)) - sigmoid(T (t - 400)), normalised: favours t in [200, 400]."""
+    t = torch.arange(num_timesteps, dtype=torch.float64)
+    w = torch.sigmoid(temperature * (t - 200)) - torch.sigmoid(temperature * (t - 400))
+    return w / w.sum()
+
+
+def sample_timesteps(n: int, num_timesteps: int, importance: bool, generator: torch.Generator) -> torch.Tensor:
+    if importance:
+        return torch.multinomial(importance_weights(num_timesteps).float(), n, replacement=True, generator=generator)
+    return torch.randint(0, num_timesteps, (n,), generator=generator)
+
+
+@dataclass
+class AttentionTargets:
+    """What the loss looks at, per sample of the batch."""
+
+    token_positions: torch.Tensor  # (B, 77) bool: the concept's tokens (+ end-of-text)
+    masks: torch.Tensor | None  # (B, 1, H, W) in [0, 1], or None: every pixel
+    group_sizes: list[int]  # samples per concept, consecutive
+    layer_norms: list[torch.Tensor] = field(default_factory=list)  # per layer, (num concepts,)
+
+
+class MultiConceptLoRA(nn.Module):
+    """The LoRAs of k concepts on every attn2 to_k / to_v, stacked as (k, r, d) and (k, out, r)."""
+
+    def __init__(self, unet: nn.Module, num_concepts: int, rank: int, *, seed: int = 0):
+        super().__init__()
+        self.names = [name for name, _ in cross_attention_projections(unet)]
+        g = torch.Generator().manual_seed(seed)
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        for _, lin in cross_attention_projections(unet):
+            out, d = lin.weight.shape
+            # A random (as peft's default), B zero: training starts from the unchanged model.
+            a = torch.randn(num_concepts, rank, d, generator=g) / math.sqrt(d)
+            self.A.append(nn.Parameter(a))
+            self.B.append(nn.Parameter(torch.zeros(num_concepts, out, rank)))
+        self.num_concepts, self.rank = num_concepts, rank
+
+    def concept_lora(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{projection name: (A (r, d), B (out, r))} of concept k (scale 1)."""
+        return {n: (a[k].detach().clone(), b[k].detach().clone()) for n, a, b in zip(self.names, self.A, self.B)}
+
+
+class _MultiLoraAttnProcessor:
+    """attn2 processor: keys/values through per-segment LoRAs, attention probabilities recorded."""
+
+    def __init__(self, owner: LoraTrainingHooks, k_index: int, v_index: int):
+        self.owner, self.k_index, self.v_index = owner, k_index, v_index
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        owner = self.owner
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, tokens, width = encoder_hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        ctx = encoder_hidden_states.reshape(batch * tokens, width)
+        seg_lens = [g * tokens for g in owner.targets.group_sizes]
+        lora = owner.lora
+        key = mk.lora_apply(ctx, attn.to_k.weight, lora.A[self.k_index], lora.B[self.k_index], seg_lens,
+                            bias=attn.to_k.bias).view(batch, tokens, -1)
+        value = mk.lora_apply(ctx, attn.to_v.weight, lora.A[self.v_index], lora.B[self.v_index], seg_lens,
+                              bias=attn.to_v.bias).view(batch, tokens, -1)
+        query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
+        probs = attn.get_attention_scores(query, key, None)  # (batch * heads, pixels, tokens)
+        owner.record(probs, batch)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class LoraTrainingHooks:
+    """Installs the multi-LoRA processors on a UNet's attn2 layers and computes the loss."""
+
+    def __init__(self, unet: nn.Module, lora: MultiConceptLoRA):
+        self.unet, self.lora = unet, lora
+        self.targets: AttentionTargets | None = None
+        index = {name: i for i, name in enumerate(lora.names)}
+        self._previous = {}
+        for name, module in unet.named_modules():
+            if name.endswith("attn2") and f"{name}.to_k" in index:
+                self._previous[name] = module.processor
+                module.set_processor(_MultiLoraAttnProcessor(self, index[f"{name}.to_k"], index[f"{name}.to_v"]))
+
+    def remove(self) -> None:
+        modules = dict(self.unet.named_modules())
+        for name, processor in self._previous.items():
+            modules[name].set_processor(processor)
+
+    def record(self, probs: torch.Tensor, batch: int) -> None:
+        t = self.targets
+        heads = probs.shape[0] // batch
+        pixels = probs.shape[1]
+        p = probs.view(batch, heads, pixels, -1)
+        picked = p * t.token_positions[:, None, None, :].to(p.dtype)
+        if t.masks is not None:
+            side = int(round(math.sqrt(pixels)))
+            m = F.interpolate(t.masks.float(), size=(side, side), mode="nearest").reshape(batch, pixels) > 0.5
+            picked = picked * m[:, None, :, None].to(p.dtype)
+        per_sample = picked.pow(2).flatten(1).sum(1)  # squared norm per sample
+        groups = torch.split(per_sample, t.group_sizes)
+        t.layer_norms.append(torch.stack([g.sum().clamp_min(1e-30).sqrt() for g in groups]))
+
+    def loss(self) -> torch.Tensor:
+        """sum over layers and concepts of ||attention on the concept's tokens inside its mask||."""
+        return torch.stack(self.targets.layer_norms).sum()
+
+
+def train_step(
+    unet: nn.Module,
+    hooks: LoraTrainingHooks,
+    scheduler,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    targets: AttentionTargets,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """One forward/backward pass over a batch of k concepts' samples; returns the loss."""
+    hooks.targets = targets
+    targets.layer_norms.clear()
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample  # noqa: B018 - the loss is on attention
+    loss = hooks.loss()
+    loss.backward()
+    return loss.detach()
+
+
+def concept_token_mask(tokenizer, prompts: Sequence[str], concept_positions: Sequence[Sequence[int]], use_pooler: bool) -> torch.Tensor:
+    """(B, 77) bool: each prompt's concept tokens, plus its end-of-text token with use_pooler."""
+    ids = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length).input_ids
+    mask = torch.zeros(len(prompts), tokenizer.model_max_length, dtype=torch.bool)
+    for b, (pos, seq) in enumerate(zip(concept_positions, ids)):
+        mask[b, list(pos)] = True
+        if use_pooler:
+            mask[b, len(seq) - 1] = True
+    return mask
+
+
+__all__ = [
+    "AttentionTargets",
+    "LoraTrainingHooks",
+    "MultiConceptLoRA",
+    "concept_token_mask",
+    "importance_weights",
+    "sample_timesteps",
+    "train_step",
+]
