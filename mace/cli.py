@@ -23,6 +23,64 @@ def _cmd_cache(args) -> int:
     return 0
 
 
+def _cmd_erase(args, stages=None) -> int:
+    from .config import load_config
+    from .erase import STAGES, erase
+
+    config = load_config(args.config, args.set)
+    chosen = tuple(stages or (args.stages.split(",") if args.stages else STAGES))
+    summary = erase(config, chosen, progress=not args.quiet)
+    print(summary.line())
+    if summary.report:
+        print(f"report: {summary.report}")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    return _cmd_erase(args, stages=("prepare",))
+
+
+def _cmd_sample(args) -> int:
+    import csv
+    from pathlib import Path
+
+    import torch
+
+    from .models import load_pipeline
+
+    if bool(args.prompt) == bool(args.csv):
+        raise ValueError("give exactly one of --prompt or --csv")
+    jobs = []
+    if args.prompt:
+        jobs = [(args.prompt, args.seed + i, f"{i}") for i in range(args.num_images)]
+    else:
+        with open(args.csv, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "prompt" not in reader.fieldnames:
+                raise ValueError(f"{args.csv}: needs a 'prompt' column (and optionally 'evaluation_seed')")
+            for row_index, row in enumerate(reader):
+                seed = int(row.get("evaluation_seed") or args.seed)
+                jobs += [(row["prompt"], seed + i, f"{row_index}_{i}") for i in range(args.num_images)]
+    pipe = load_pipeline(args.model, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    made = 0
+    for prompt, seed, name in tqdm(jobs, desc="sampling", unit="img"):
+        target = out / f"{name}.png"
+        if target.exists():
+            continue
+        image = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                     generator=torch.Generator().manual_seed(seed)).images[0]
+        tmp = target.with_name(f".{target.name}.tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, target)
+        made += 1
+    print(f"sampled {made} image(s) ({len(jobs) - made} already there) into {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mace", description="MACE: mass concept erasure in diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--batch-size", type=int, default=64)
     cache.add_argument("--device", default=None)
     cache.set_defaults(func=_cmd_cache)
+
+    for name, func, text in (("erase", _cmd_erase, "run MACE end to end: prepare, refine, train, fuse, report"),
+                             ("prepare", _cmd_prepare, "generate the concepts' images and masks")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="MACE YAML config (the original erase_*.yaml files work)")
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+        if name == "erase":
+            p.add_argument("--stages", default=None, help="comma-separated subset of prepare,refine,train,fuse,report")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=func)
+
+    sample = sub.add_parser("sample", help="generate images from a prompt or a CSV of prompts and seeds")
+    sample.add_argument("--model", required=True)
+    sample.add_argument("--prompt", default=None)
+    sample.add_argument("--csv", default=None, help="CSV with columns prompt, evaluation_seed (others ignored)")
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--num-images", type=int, default=1)
+    sample.add_argument("--steps", type=int, default=30)
+    sample.add_argument("--guidance", type=float, default=7.5)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default=None)
+    sample.set_defaults(func=_cmd_sample)
     return parser
 
 

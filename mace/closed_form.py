@@ -54,7 +54,10 @@ def _lhs(d: int, lam: float, cov: torch.Tensor, preserve: torch.Tensor | None, s
 
 
 def _solve(M: torch.Tensor, R: torch.Tensor, jitter: float | None) -> tuple[torch.Tensor, mk.SolveInfo]:
-    return mk.spd_solve(M, R, jitter=jitter, return_info=True)
+    """X M = R, always in float64: the d x d factorisation is cheap and text-embedding
+    covariances are too ill-conditioned for a float32 solve; ``dtype`` sets the statistics."""
+    X, info = mk.spd_solve(M.to(torch.float64), R.to(torch.float64), jitter=jitter, return_info=True)
+    return X.to(R.dtype), info
 
 
 # ----------------------------------------------------------------------------- refinement

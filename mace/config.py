@@ -112,7 +112,16 @@ class MACEConfig:
     method: str = "fast"  # "fast" or "reference" (paper-literal closed-form steps)
     concept_prompts_file: str | None = None  # optional prompt templates, one per line, {} = concept
     solve_jitter: float | None = None  # None: a singular system is an error; a float adds a reported ridge
-    device: str = "auto"
+    device: str = "cpu"
+    num_images_per_concept: int = 8  # images generated per concept by `mace prepare`
+    generation_steps: int = 30
+    guidance_scale: float = 7.5
+    mask_method: str = "attention"  # "attention" (the model's own cross-attention maps) or "grounded_sam"
+    mask_threshold: float = 0.5
+    grounding_model: str = "IDEA-Research/grounding-dino-base"
+    sam_model: str = "facebook/sam-vit-huge"
+    concepts_per_batch: int = 8  # LoRAs trained together in one UNet batch
+    report_prompts: list = field(default_factory=list)  # kept prompts shown in report.html
 
     @property
     def concepts(self) -> list[tuple[str, str]]:
@@ -181,6 +190,10 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
         (config.max_train_steps >= 0, "max_train_steps must be >= 0"),
         (config.train_preserve_scale >= 0 and config.fuse_preserve_scale >= 0, "preserve scales must be >= 0"),
         (config.method in ("fast", "reference"), f"method must be 'fast' or 'reference', got {config.method!r}"),
+        (config.mask_method in ("attention", "grounded_sam"),
+         f"mask_method must be 'attention' or 'grounded_sam', got {config.mask_method!r}"),
+        (config.concepts_per_batch >= 1, "concepts_per_batch must be >= 1"),
+        (config.num_images_per_concept >= 1, "num_images_per_concept must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -70,6 +70,7 @@ def cross_attention_projections(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
         if name.endswith("attn2") and getattr(module, "is_cross_attention", True):
             for proj in ("to_k", "to_v"):
                 linear = getattr(module, proj, None)
+                linear = getattr(linear, "base_layer", linear)  # a peft LoRA layer wraps the Linear
                 if isinstance(linear, nn.Linear):
                     found.append((f"{name}.{proj}", linear))
     if not found:
@@ -128,7 +129,10 @@ def text_encoder_fingerprint(pipe) -> str:
     for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if enc is None:
             continue
-        h.update(json.dumps(enc.config.to_dict(), sort_keys=True, default=str).encode())
+        # Where it was loaded from and by which library version does not change the encoder.
+        config = {k: v for k, v in enc.config.to_dict().items()
+                  if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, p in sorted(enc.state_dict().items()):
             flat = p.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float32).cpu().numpy()

@@ -84,13 +84,13 @@ def spd_solve(
                 f"diagonal jitter of {max_jitter} x mean(diag(M))",
                 still,
             )
+        added = [float(v) for v in shift[shift > 0]]
         warnings.warn(
-            f"spd_solve: added a diagonal jitter to batch item(s) {failed}: "
-            f"{[float(shift[i]) for i in (~ok | (shift > 0)).nonzero().flatten().tolist()]}",
+            f"spd_solve: added a diagonal jitter to batch item(s) {failed}: {added}",
             SPDJitterWarning,
             stacklevel=2,
         )
-    X = solve(L, Rb)
+    X = solve(L, Rb) if Rb.shape[1] else Rb.clone()
     X = X.reshape(*batch_shape, *R.shape[-2:]).to(out_dtype)
     if not return_info:
         return X
@@ -128,8 +128,11 @@ def _canonical_inputs(M, R):
     if float(asym) > tol * float(scale):
         raise ValueError(f"spd_solve: M is not symmetric (max |M - M^T| = {float(asym):.3g}, max |M| = {float(scale):.3g})")
     m = R.shape[-2]
-    Mb = Mc.expand(*batch_shape, d, d).reshape(-1, d, d).contiguous()
-    Rb = R.to(acc).expand(*batch_shape, m, d).reshape(-1, m, d).contiguous()
+    nb = 1
+    for size in batch_shape:
+        nb *= size
+    Mb = Mc.expand(*batch_shape, d, d).reshape(nb, d, d).contiguous()
+    Rb = R.to(acc).expand(*batch_shape, m, d).reshape(nb, m, d).contiguous()
     return Mb, Rb, batch_shape, out_dtype
 
 
@@ -140,15 +143,17 @@ def _shape(t) -> str:
 def _checked_factor(factor, Mb):
     """Cholesky plus a check that the factor is meaningful, per batch item.
 
-    A Cholesky that 'succeeds' on a numerically singular matrix gives pivots at rounding level;
-    (max L_ii / min L_ii)^2 bounds cond_2(M) from below, so a bound past 1/eps means the
-    solution would be noise.
+    A Cholesky that 'succeeds' on a numerically rank-deficient matrix leaves pivots at rounding
+    level, about d * eps of the largest, so (max L_ii / min L_ii)^2 (a lower bound on cond_2(M))
+    lands near 1 / (d * eps). Anything within a factor 10 of that is treated as singular:
+    its solution would be dominated by rounding noise.
     """
     L, info = factor(Mb)
     diag = L.diagonal(dim1=-2, dim2=-1)
     ratio = (diag.amax(-1) / diag.amin(-1)) ** 2
     eps = torch.finfo(Mb.dtype).eps
-    ok = (info == 0) & torch.isfinite(ratio) & (diag.amin(-1) > 0) & (ratio < 1.0 / eps)
+    limit = 1.0 / (10 * Mb.shape[-1] * eps)
+    ok = (info == 0) & torch.isfinite(ratio) & (diag.amin(-1) > 0) & (ratio < limit)
     ratio = torch.where(info == 0, ratio, torch.full_like(ratio, float("inf")))
     return L, ok, ratio
 

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-ruff check mace_kernels tests benchmarks setup.py
+ruff check mace_kernels mace tests benchmarks setup.py
 python -m pytest tests -q "$@"

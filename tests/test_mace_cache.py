@@ -50,6 +50,13 @@ def test_cache_from_another_text_encoder_is_refused(tiny_pipe, tmp_path):
         mace.load_preservation_cache(tmp_path / "c.safetensors", pipe=tiny_pipe)
 
 
+def test_fingerprint_survives_a_save_and_reload(tiny_pipe, tmp_path):
+    from mace.models import text_encoder_fingerprint
+
+    tiny_pipe.save_pretrained(tmp_path / "copy")
+    assert text_encoder_fingerprint(mace.load_pipeline(tmp_path / "copy")) == text_encoder_fingerprint(tiny_pipe)
+
+
 def test_pickles_are_never_loaded(tmp_path):
     with pytest.raises(mace.CacheMismatchError, match="pickled"):
         mace.load_preservation_cache(tmp_path / "cache_coco.pt")

@@ -1,0 +1,107 @@
+"""End to end on the builtin model: prepare -> refine -> LoRAs -> fuse -> report."""
+
+import pytest
+import yaml
+
+import mace
+from mace.cli import main as mace_main
+from mace.config import load_config
+from mace.erase import erase
+from mace.evaluate import concept_attention_mass, noise_prediction
+
+# Held-out prompts: phrasings that are not among the training templates.
+ERASED = {"Emma Stone": ("a person", ["Emma Stone walking in a park", "Emma Stone laughing with friends"]),
+          "ship": ("ground", ["a ship sailing at dawn", "an old ship near the harbour"])}
+KEPT = ["a dog sleeping on a sofa", "a bowl of fruit on a table"]
+
+
+def _config(tmp_path, **changes):
+    body = {
+        "multi_concept": [[["emma-stone", "celebrity"], ["ship", "object"]]],
+        "mapping_concept": ["a person", "ground"],
+        "pretrained_model_name_or_path": "builtin:tiny",
+        "lamb": 0.1, "aug_length": 6, "prompt_len": 30, "rank": 1, "learning_rate": 1e-2, "max_train_steps": 30,
+        "train_batch_size": 1, "concepts_per_batch": 2, "num_images_per_concept": 2, "generation_steps": 3,
+        "sample_batch_size": 2, "input_data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"),
+        "final_save_path": str(tmp_path / "out" / "final"), "seed": 0,
+    }
+    body.update(changes)
+    path = tmp_path / "erase.yaml"
+    path.write_text(yaml.safe_dump({"MACE": body}))
+    return path
+
+
+GENERIC = [f"a {a} {o} {w}" for o in ("cat", "house", "tree", "car", "bird", "chair", "cup", "flower", "road", "mountain")
+           for a, w in (("photo of a", "in the sun"), ("painting of a", "at night"), ("picture of the", "near a lake"))]
+
+
+def _erase(tmp_path, preserve_scale):
+    changes = {}
+    if preserve_scale:
+        cache = tmp_path / "prior.safetensors"
+        mace.build_preservation_cache(mace.load_pipeline("builtin:tiny"), GENERIC, cache, progress=False)
+        changes = dict(prior_preservation_cache_path=str(cache), train_preserve_scale=preserve_scale,
+                       fuse_preserve_scale=preserve_scale)
+    config = load_config(_config(tmp_path, **changes))
+    return config, erase(config, stages=("prepare", "refine", "train", "fuse"), progress=False)
+
+
+def _measure(summary):
+    before = mace.load_pipeline("builtin:tiny")
+    after = mace.load_pipeline(summary.final_model)
+    mass = {c: concept_attention_mass(after, ps, c, m) / concept_attention_mass(before, ps, c, m)
+            for c, (m, ps) in ERASED.items()}
+    change = {}
+    for name, prompts in (("erased", [p for _, ps in ERASED.values() for p in ps]), ("kept", KEPT)):
+        e0, e1 = noise_prediction(before, prompts), noise_prediction(after, prompts)
+        change[name] = float((e1 - e0).norm() / e0.norm())
+    return mass, change
+
+
+@pytest.mark.slow
+def test_erase_end_to_end_efficacy(tmp_path):
+    config, summary = _erase(tmp_path, 0.0)
+    assert set(summary.seconds) == {"prepare", "refine", "train", "fuse"}
+    mass, _ = _measure(summary)
+    # The builtin model has random weights, so only attention can be measured: on held-out
+    # prompts the erased concepts' tokens keep 37-40% of their cross-attention mass (measured).
+    assert all(ratio < 0.5 for ratio in mass.values()), mass
+    # LoRA files load in diffusers.
+    lora_pipe = mace.load_pipeline(summary.refined_model)
+    lora_pipe.load_lora_weights(tmp_path / "out" / "lora" / "ship")
+    # A rerun skips every finished stage.
+    again = erase(config, stages=("prepare", "refine", "train", "fuse"), progress=False)
+    assert set(again.skipped) == {"prepare", "refine", "train", "fuse"}
+
+
+@pytest.mark.slow
+def test_erase_with_preservation_changes_kept_prompts_less(tmp_path):
+    _, summary = _erase(tmp_path, 100.0)
+    mass, change = _measure(summary)
+    # Measured: mass ratio 0.71, noise-prediction change 0.24 on kept prompts vs 0.44 on erased
+    # ones. Without preservation both change alike (0.67): the caches are what keep the rest.
+    assert all(ratio < 0.85 for ratio in mass.values()), mass
+    assert change["kept"] < 0.7 * change["erased"], change
+
+
+def test_config_errors_are_reported_by_the_cli(tmp_path, capsys):
+    bad = _config(tmp_path, lamda=0.1)
+    assert mace_main(["erase", str(bad), "--quiet"]) == 2
+    assert "did you mean 'lamb'" in capsys.readouterr().err
+
+
+def test_failed_fuse_leaves_the_previous_model_intact(tmp_path):
+    from mace.erase import save_pipeline_atomically
+
+    pipe = mace.load_pipeline("builtin:tiny")
+    target = save_pipeline_atomically(pipe, tmp_path / "model")
+
+    class Broken:
+        def save_pretrained(self, path):
+            (path / "half-written").write_text("x")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pipeline_atomically(Broken(), target)
+    assert (target / "model_index.json").exists() and not (target / "half-written").exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
