@@ -25,15 +25,26 @@ from pathlib import Path
 SD14_OUT = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
 
 
-def _problem(n: int, d: int, outs: list[int], tokens_per_concept: int, seed: int = 0):
+def _problem(n: int, d: int, outs: list[int], tokens_per_concept: int, seed: int = 0, with_new: bool = False):
     import torch
 
     from mace.closed_form import LoraStack
 
     g = torch.Generator().manual_seed(seed)
     weights = [torch.randn(o, d, generator=g) / d**0.5 for o in outs for _ in "kv"]
-    # Token embeddings are stored in fp16 (2 bytes each) so 1000 concepts fit in memory.
-    tokens = [torch.randn(tokens_per_concept, d, generator=g).half() for _ in range(n)]
+    # Token embeddings are stored in fp16 (2 bytes each), filled concept by concept into one
+    # buffer, so 1000 concepts (2.3M tokens) fit in memory. ``new`` are the aligned new-prompt
+    # tokens of refinement: the old ones plus a small perturbation.
+    total = n * tokens_per_concept
+    old = torch.empty(total, d, dtype=torch.float16)
+    new = torch.empty(total, d, dtype=torch.float16) if with_new else None
+    for i in range(n):
+        rows = slice(i * tokens_per_concept, (i + 1) * tokens_per_concept)
+        block = torch.randn(tokens_per_concept, d, generator=g)
+        old[rows] = block
+        if with_new:
+            new[rows] = block + 0.05 * torch.randn(tokens_per_concept, d, generator=g)
+    tokens = list(old.split(tokens_per_concept)) if not with_new else (old, new)
     loras = LoraStack([torch.randn(n, 1, d, generator=g) / d**0.5 for _ in weights],
                       [torch.randn(n, w.shape[0], 1, generator=g) / d**0.5 for w in weights])
     p = torch.randn(4 * d, d, generator=g)
@@ -49,19 +60,16 @@ def run_one(stage: str, method: str, n: int, dtype_name: str, smoke: bool) -> di
     d, outs, per = (64, [o // 16 for o in SD14_OUT], 2 * 77) if smoke else (768, SD14_OUT, 30 * 77)
     dtype = getattr(torch, dtype_name)
     # Warm up (thread pools, BLAS, first-call dispatch) on a tiny problem of the same kind.
-    w0, t0, l0, p0 = _problem(2, 32, [16, 8], 20, seed=1)
+    w0, t0, l0, p0 = _problem(2, 32, [16, 8], 20, seed=1, with_new=stage == "refine")
     if stage == "refine":
-        refine_weights(w0, torch.cat(t0), torch.cat(t0), lam=0.1, preserve=p0, preserve_scale=1e-3, method=method, dtype=dtype)
+        refine_weights(w0, *t0, lam=0.1, preserve=p0, preserve_scale=1e-3, method=method, dtype=dtype)
     else:
         fuse_weights(w0, l0, t0, lam=0.1, preserve=p0, preserve_scale=1e-3, method=method, dtype=dtype)
-    weights, tokens, loras, P = _problem(n, d, outs, per)
+    weights, tokens, loras, P = _problem(n, d, outs, per, with_new=stage == "refine")
     kw = dict(lam=0.1, preserve=P, preserve_scale=1e-3, method=method, dtype=dtype)
     if stage == "refine":
-        old = torch.cat(tokens)
-        new = (old.float() + 0.05 * torch.randn_like(old, dtype=torch.float32)).half()
-        del tokens
         start = time.perf_counter()
-        refine_weights(weights, old, new, **kw)
+        refine_weights(weights, *tokens, **kw)
     else:
         start = time.perf_counter()
         fuse_weights(weights, loras, tokens, **kw)
@@ -76,13 +84,15 @@ def measure(stage, method, n, dtype, smoke, timeout) -> dict:
     except subprocess.TimeoutExpired:
         return {"seconds": None, "peak_rss_mb": None, "note": f"over {timeout} s"}
     except subprocess.CalledProcessError as exc:
-        return {"seconds": None, "peak_rss_mb": None, "note": exc.stderr.strip().splitlines()[-1][:200]}
+        last = (exc.stderr.strip().splitlines() or [f"killed by signal {-exc.returncode}"])[-1]
+        return {"seconds": None, "peak_rss_mb": None, "note": last[:200]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concepts", default="1,10,100,1000")
+    parser.add_argument("--stages", default="refine,fuse")
     parser.add_argument("--full", action="store_true", help="also run the reference at 1000 concepts")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--timeout", type=float, default=3600)
@@ -98,7 +108,7 @@ def main(argv=None) -> int:
     print(f"SD-1.4 shaped: 32 projections, d = {64 if args.smoke else 768}, 30 prompts x 77 tokens per concept, rank-1 LoRAs")
     print("| stage | concepts | dtype | fast s | reference s | speedup | fast peak MB | reference peak MB |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for stage in ("refine", "fuse"):
+    for stage in args.stages.split(","):
         for n in counts:
             for dtype in ("float32", "float64"):
                 fast = measure(stage, "fast", n, dtype, args.smoke, args.timeout)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .attention import ProcessorSwap
 from .models import encode_prompts
 from .prepare import _AttentionMapRecorder
 from .prompts import concept_token_positions
@@ -25,22 +26,13 @@ def concept_attention_mass(pipe, prompts: Sequence[str], concept: str, mapping: 
         positions[b, pos] = True
     side = pipe.unet.config.sample_size
     recorder = _AttentionMapRecorder(positions, 0, side)
-    previous = {}
-    for name, module in pipe.unet.named_modules():
-        if name.endswith("attn2"):
-            previous[name] = module.processor
-            module.set_processor(recorder)
     emb = encode_prompts(pipe, prompts)
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(len(prompts), pipe.unet.config.in_channels, side, side, generator=g)
-    try:
+    with ProcessorSwap(pipe.unet, lambda _: recorder) as swap:
         for t in timesteps:
             pipe.unet(latents, torch.full((len(prompts),), t), encoder_hidden_states=emb)
-    finally:
-        modules = dict(pipe.unet.named_modules())
-        for name, proc in previous.items():
-            modules[name].set_processor(proc)
-    layers = len(previous)
+    layers = len(swap.previous)
     return float(recorder.maps.mean()) / (layers * len(timesteps))
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 import mace_kernels as mk
 
+from .attention import ProcessorSwap, cross_attention_forward
 from .models import cross_attention_projections
 
 
@@ -79,34 +80,20 @@ class _MultiLoraAttnProcessor:
     def __init__(self, owner: LoraTrainingHooks, k_index: int, v_index: int):
         self.owner, self.k_index, self.v_index = owner, k_index, v_index
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        owner = self.owner
-        residual = hidden_states
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, tokens, width = encoder_hidden_states.shape
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        ctx = encoder_hidden_states.reshape(batch * tokens, width)
-        seg_lens = [g * tokens for g in owner.targets.group_sizes]
-        lora = owner.lora
+    def _key_value(self, attn, context: torch.Tensor):
+        batch, tokens, width = context.shape
+        ctx = context.reshape(batch * tokens, width)
+        seg_lens = [g * tokens for g in self.owner.targets.group_sizes]
+        lora = self.owner.lora
         key = mk.lora_apply(ctx, attn.to_k.weight, lora.A[self.k_index], lora.B[self.k_index], seg_lens,
-                            bias=attn.to_k.bias).view(batch, tokens, -1)
+                            bias=attn.to_k.bias)
         value = mk.lora_apply(ctx, attn.to_v.weight, lora.A[self.v_index], lora.B[self.v_index], seg_lens,
-                              bias=attn.to_v.bias).view(batch, tokens, -1)
-        query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
-        probs = attn.get_attention_scores(query, key, None)  # (batch * heads, pixels, tokens)
-        owner.record(probs, batch)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+                              bias=attn.to_v.bias)
+        return key.view(batch, tokens, -1), value.view(batch, tokens, -1)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return cross_attention_forward(attn, hidden_states, encoder_hidden_states,
+                                       lambda ctx: self._key_value(attn, ctx), self.owner.record)
 
 
 class LoraTrainingHooks:
@@ -116,16 +103,16 @@ class LoraTrainingHooks:
         self.unet, self.lora = unet, lora
         self.targets: AttentionTargets | None = None
         index = {name: i for i, name in enumerate(lora.names)}
-        self._previous = {}
-        for name, module in unet.named_modules():
-            if name.endswith("attn2") and f"{name}.to_k" in index:
-                self._previous[name] = module.processor
-                module.set_processor(_MultiLoraAttnProcessor(self, index[f"{name}.to_k"], index[f"{name}.to_v"]))
+
+        def processor_for(name: str):
+            if f"{name}.to_k" not in index:
+                return None
+            return _MultiLoraAttnProcessor(self, index[f"{name}.to_k"], index[f"{name}.to_v"])
+
+        self._swap = ProcessorSwap(unet, processor_for).__enter__()
 
     def remove(self) -> None:
-        modules = dict(self.unet.named_modules())
-        for name, processor in self._previous.items():
-            modules[name].set_processor(processor)
+        self._swap.__exit__(None, None, None)
 
     def record(self, probs: torch.Tensor, batch: int) -> None:
         t = self.targets

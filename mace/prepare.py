@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .attention import ProcessorSwap, cross_attention_forward
 from .prompts import concept_token_positions
 
 
@@ -44,32 +45,17 @@ class _AttentionMapRecorder:
         self.side = side
         self.maps = torch.zeros(positions.shape[0], side, side)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(query, key, None)
+    def _record(self, probs: torch.Tensor, batch: int) -> None:
         pixels = probs.shape[1]
         p = probs.view(batch, -1, pixels, probs.shape[-1])[self.cond_offset:].mean(1)  # (B, pixels, 77)
         picked = (p * self.positions[:, None, :].to(p.dtype)).sum(-1)
         side = int(round(math.sqrt(pixels)))
         grid = picked.view(-1, 1, side, side).float()
         self.maps += F.interpolate(grid, size=(self.side, self.side), mode="bilinear", align_corners=False)[:, 0].cpu()
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return cross_attention_forward(attn, hidden_states, encoder_hidden_states,
+                                       lambda ctx: (attn.to_k(ctx), attn.to_v(ctx)), self._record)
 
 
 def attention_masks(maps: torch.Tensor, size: int, threshold: float) -> list[Image.Image]:
@@ -125,19 +111,10 @@ def generate_concept_data(
             positions[b, pos] = True
         latent_side = size // pipe.vae_scale_factor
         recorder = _AttentionMapRecorder(positions, len(idx) if settings.guidance_scale > 1 else 0, latent_side)
-        previous = {}
-        for name, module in pipe.unet.named_modules():
-            if name.endswith("attn2"):
-                previous[name] = module.processor
-                module.set_processor(recorder)
-        try:
+        with ProcessorSwap(pipe.unet, lambda _, r=recorder: r):
             generators = [torch.Generator().manual_seed(settings.seed + i) for i in idx]
             images = pipe(batch_prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                           generator=generators, height=size, width=size).images
-        finally:
-            modules = dict(pipe.unet.named_modules())
-            for name, proc in previous.items():
-                modules[name].set_processor(proc)
         masks = attention_masks(recorder.maps, size, settings.mask_threshold) if use_mask else [None] * len(idx)
         for i, image, mask in zip(idx, images, masks):
             _save_png(image, image_dir / f"{i}.png")

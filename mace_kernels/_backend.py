@@ -25,12 +25,20 @@ try:  # Triton is optional: the torch and cpp backends serve without it.
 except Exception as exc:  # pragma: no cover - depends on the installation
     _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
 
-try:  # The C++ extension registers its ops under torch.ops.mace_kernels.
-    from . import _C  # noqa: F401
+def _load_extension() -> str | None:
+    """Load the C++ extension (it registers torch.ops.mace_kernels.*); the reason if it fails."""
+    import importlib.util
 
-    _CPP_ERROR: str | None = None
-except Exception as exc:  # pragma: no cover - depends on the build
-    _CPP_ERROR = f"{type(exc).__name__}: {exc}"
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return "the extension was not built"
+    try:
+        from . import _C  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the build
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+_CPP_ERROR: str | None = _load_extension()
 
 
 def triton_interpret() -> bool:
