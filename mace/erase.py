@@ -243,7 +243,15 @@ def write_report(config: MACEConfig, summary: ErasureSummary, final_path: Path, 
 <p>Model {html.escape(str(config.pretrained_model_name_or_path))} &rarr; {html.escape(str(final_path))};
 erased: {html.escape(', '.join(summary.concepts))}. Same seed ({config.seed}) before and after.</p>
 <table><tr><th>group</th><th>prompt</th><th>before</th><th>after</th></tr>{''.join(rows)}</table>
-<h2>Stage times</h2><ul>{times}</ul></body></html>"""
+<h2>Stage times</h2><ul>{times}</ul>
+<script>
+// Marks how many images loaded, so a headless browser can check the report.
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+}});
+</script></body></html>"""
     path = Path(config.output_dir) / "report.html"
     tmp = path.with_name(".report.html.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -105,3 +105,28 @@ def test_failed_fuse_leaves_the_previous_model_intact(tmp_path):
         save_pipeline_atomically(Broken(), target)
     assert (target / "model_index.json").exists() and not (target / "half-written").exists()
     assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
+
+
+@pytest.mark.slow
+def test_report_images_load_in_headless_chromium(tmp_path):
+    import re
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "this test needs Chromium (Debian: apt-get install chromium; scripts/test.sh installs it as root)"
+    config = load_config(_config(tmp_path, max_train_steps=2, report_prompts=["a dog sleeping on a sofa"]))
+    summary = erase(config, progress=False)
+    report = tmp_path / "out" / "report.html"
+    assert summary.report == str(report) and report.exists()
+    html = report.read_text()
+    assert html.count("<img") == 2 * (2 + 1)  # (2 erased + 1 kept prompt) x before/after
+    out = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=10000", "--dump-dom", report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    match = re.search(r'data-images-loaded="(\d+)/(\d+)"', out.stdout)
+    assert match, out.stderr[-2000:]
+    assert match.group(1) == match.group(2) == "6"
