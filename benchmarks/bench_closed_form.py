@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from _results import RESULTS, write_json
+
 SD14_OUT = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
 
 
@@ -125,11 +127,8 @@ def main(argv=None) -> int:
                 print(f"| {stage} | {n} | {dtype} | {fmt(fast['seconds'], '.2f')} | {fmt(ref['seconds'], '.2f')} | "
                       f"{fmt(speed, '.1f') + 'x' if speed else '-'} | {fmt(fast['peak_rss_mb'], '.0f')} | "
                       f"{fmt(ref['peak_rss_mb'], '.0f')} |", flush=True)
-    out = args.out or Path(__file__).parent / "results" / f"closed_form-cpu-{os.cpu_count()}cores{'-smoke' if args.smoke else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"platform": platform.platform(), "cpus": os.cpu_count(), "rows": rows}, indent=1))
-    tmp.replace(out)
+    out = args.out or RESULTS / f"closed_form-cpu-{os.cpu_count()}cores{'-smoke' if args.smoke else ''}.json"
+    write_json(out, {"platform": platform.platform(), "cpus": os.cpu_count(), "rows": rows})
     print(f"wrote {out}")
     return 0
 

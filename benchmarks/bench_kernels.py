@@ -11,7 +11,6 @@ in the same run on the same inputs) and writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from _results import RESULTS, write_json
 
 import mace_kernels as mk
 
@@ -239,15 +239,12 @@ def main(argv=None) -> int:
         print(f"token_covariance, 10^6 tokens x {D} fp16 (1.5 GB input), 100 segments (the fp32 output is "
               f"236 MB): peak RSS added by the call, MB: {memory}")
     suffix = "-smoke" if args.smoke else ("-memory" if args.memory_only else "")
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{name}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"kernels-{name}{suffix}.json"
     payload = {
         "device": name, "torch": torch.__version__, "platform": platform.platform(),
         "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows], "covariance_memory_mb": memory,
     }
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out)
+    write_json(out, payload)
     print(f"wrote {out} ({len(rows)} rows)")
     return 0
 

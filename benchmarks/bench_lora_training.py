@@ -11,12 +11,13 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import RESULTS, write_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -69,12 +70,9 @@ def main(argv=None) -> int:
     for label, r in results.items():
         print(f"| {label} | {r['seconds']:.1f} | {r['concept_steps_per_s']:.2f} |")
     print(f"batched / one at a time: {speedup:.2f}x")
-    out = args.out or Path(__file__).parent / "results" / f"lora_training-cpu-{os.cpu_count()}cores.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "concepts": args.concepts, "steps": args.steps, "results": results, "speedup": speedup}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out)
+    out = args.out or RESULTS / f"lora_training-cpu-{os.cpu_count()}cores.json"
+    write_json(out, {"model": args.model, "concepts": args.concepts, "steps": args.steps, "results": results,
+                     "speedup": speedup})
     print(f"wrote {out}")
     return 0
 

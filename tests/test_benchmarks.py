@@ -1,0 +1,36 @@
+"""The benchmark scripts run (tiny shapes) and write the JSON their tables come from."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, tmp_path):
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600,
+                   env={**os.environ, "TRITON_INTERPRET": "0"})
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_kernels_smoke(tmp_path):
+    data = _run("bench_kernels.py", "--smoke", "--repeats", "1", "--budget", "0", tmp_path=tmp_path)
+    ops = {row["op"] for row in data["rows"]}
+    assert ops == {"token_covariance", "spd_solve", "closed_form_edit", "fuse_loras", "lora_apply fwd", "lora_apply fwd+bwd"}
+    assert {row["backend"] for row in data["rows"]} == {"torch", "cpp"}
+    assert all(row["ms"] > 0 and row["speedup"] > 0 for row in data["rows"])
+
+
+@pytest.mark.slow
+def test_bench_closed_form_smoke(tmp_path):
+    data = _run("bench_closed_form.py", "--smoke", "--concepts", "1,3", tmp_path=tmp_path)
+    fast_vs_ref = [r for r in data["rows"] if r["dtype"] == "float32"]
+    assert len(fast_vs_ref) == 4 and all(r["speedup"] > 0 for r in fast_vs_ref)
+    assert all(r["fast"]["peak_rss_mb"] > 0 for r in data["rows"])
