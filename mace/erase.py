@@ -107,6 +107,11 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    if "prepare" in stages and config.mask_method != "attention":
+        raise NotImplementedError(
+            f"mask_method {config.mask_method!r} is not implemented yet; use 'attention' (the model's own "
+            "cross-attention maps) or prepare the '<concept> mask' folders yourself"
+        )
     summary = ErasureSummary(concepts=[name for name, _ in config.concepts])
     output_dir = Path(config.output_dir)
     input_dir = Path(config.input_data_dir or output_dir / "data")

@@ -90,6 +90,13 @@ def test_config_errors_are_reported_by_the_cli(tmp_path, capsys):
     assert "did you mean 'lamb'" in capsys.readouterr().err
 
 
+def test_unimplemented_mask_method_fails_before_work(tmp_path):
+    config = load_config(_config(tmp_path, mask_method="grounded_sam"))
+    with pytest.raises(NotImplementedError, match="grounded_sam"):
+        erase(config, progress=False)
+    assert not (tmp_path / "data").exists()
+
+
 def test_failed_fuse_leaves_the_previous_model_intact(tmp_path):
     from mace.erase import save_pipeline_atomically
 
