@@ -171,3 +171,21 @@ def test_lam_zero_with_jitter_reports_it_and_stays_finite(tiny_pipe):
         report = mace.refine(tiny_pipe, [("a photo of Emma Stone", "a photo of a person")], lam=0.0, jitter=1e-6)
     assert report.jitter > 0
     assert all(torch.isfinite(w).all() for w in _weights(tiny_pipe))
+
+
+def test_sdxl_refine_and_fuse_fast_equal_reference():
+    """SDXL: 2048-wide-style context from two encoders (64 here); same factorisation."""
+    results = {}
+    for method in ("fast", "reference"):
+        pipe = mace.load_pipeline("builtin:tiny-sdxl").to(torch.float64)
+        mace.refine(pipe, _pairs(), lam=0.5, method=method)
+        names = [(n, lin.weight.shape) for n, lin in mace.cross_attention_projections(pipe.unet)]
+        g = torch.Generator().manual_seed(3)
+        loras = {c: {n: (torch.randn(1, s[1], generator=g, dtype=torch.float64) * 0.1,
+                         torch.randn(s[0], 1, generator=g, dtype=torch.float64) * 0.1) for n, s in names}
+                 for c in ("ship", "Van Gogh")}
+        prompts = {c: [f"a photo of {c}", f"a painting of {c}"] for c in loras}
+        mace.fuse(pipe, loras, prompts, lam=0.3, method=method)
+        results[method] = _weights(pipe)
+    assert all(w.shape[1] == 64 for w in results["fast"])
+    assert _rel(results["fast"], results["reference"]) <= 1e-6
