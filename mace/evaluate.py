@@ -8,7 +8,7 @@ import torch
 
 from .attention import ProcessorSwap
 from .models import encode_prompts
-from .prepare import _AttentionMapRecorder
+from .prepare import AttentionMapRecorder
 from .prompts import concept_token_positions
 
 
@@ -25,7 +25,7 @@ def concept_attention_mass(pipe, prompts: Sequence[str], concept: str, mapping: 
             raise ValueError(f"prompt {p!r} does not contain the concept {concept!r}")
         positions[b, pos] = True
     side = pipe.unet.config.sample_size
-    recorder = _AttentionMapRecorder(positions, 0, side)
+    recorder = AttentionMapRecorder(positions, 0, side)
     emb = encode_prompts(pipe, prompts)
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(len(prompts), pipe.unet.config.in_channels, side, side, generator=g)

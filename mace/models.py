@@ -86,13 +86,6 @@ def text_width(pipe) -> int:
     return cross_attention_projections(pipe.unet)[0][1].in_features
 
 
-def tokenize(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """(B, 77) token ids, padded to the model's length, as the pipeline tokenises prompts."""
-    tok = pipe.tokenizer
-    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
-
-
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """(B, 77, d) text embeddings exactly as the pipeline feeds them to the UNet's attn2.

@@ -36,7 +36,7 @@ class GenerationSettings:
     mask_threshold: float = 0.5  # on the map scaled to [0, 1]
 
 
-class _AttentionMapRecorder:
+class AttentionMapRecorder:
     """attn2 processor that also sums the concept tokens' attention maps, per sample."""
 
     def __init__(self, positions: torch.Tensor, cond_offset: int, side: int):
@@ -110,7 +110,7 @@ def generate_concept_data(
             pos = concept_token_positions(ids_o, ids_n) or list(range(1, len(ids_o) - 1))
             positions[b, pos] = True
         latent_side = size // pipe.vae_scale_factor
-        recorder = _AttentionMapRecorder(positions, len(idx) if settings.guidance_scale > 1 else 0, latent_side)
+        recorder = AttentionMapRecorder(positions, len(idx) if settings.guidance_scale > 1 else 0, latent_side)
         with ProcessorSwap(pipe.unet, lambda _, r=recorder: r):
             generators = [torch.Generator().manual_seed(settings.seed + i) for i in idx]
             images = pipe(batch_prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,

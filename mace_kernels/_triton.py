@@ -27,11 +27,3 @@ except Exception:  # pragma: no cover - depends on the installation
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def next_pow2(n: int, minimum: int = 16) -> int:
-    """The smallest power of two >= max(n, minimum) (tl.dot needs tiles of at least 16)."""
-    p = minimum
-    while p < n:
-        p *= 2
-    return p
