@@ -1,0 +1,284 @@
+"""Train the glyph world's models: the VAE, the classifier and the text-to-image UNet + text encoder.
+
+    python -m mace.world.train --out mace/world/weights
+
+Everything is seeded; on 2 CPU cores the three stages take about 45 minutes (VAE ~6, classifier
+~3, latent diffusion ~35). ``--stages`` retrains a subset (later stages read earlier outputs from
+``--out``). Weights are written as float16 safetensors (the loaders upcast), each stage into a
+temporary folder that replaces the old one only when the stage has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .classifier import GlyphClassifier
+from .concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONCEPTS, NONE_CLASS, NUM_CONCEPTS, TRAIN_TEMPLATES, fill
+from .render import IMAGE_SIZE, render
+
+STAGES = ("vae", "classifier", "ldm")
+_BACKGROUND_NAMES = list(BACKGROUNDS)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    # Two downsamplings: 32x32x3 images <-> 8x8x4 latents.
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=16, sample_size=IMAGE_SIZE,
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+    )
+
+
+def build_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        hidden_act="quick_gelu",
+    )
+    return CLIPTextModel(config)
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def _save_stage(out: Path, name: str, save) -> None:
+    """Write one stage's folder atomically: into a temporary sibling, then swap it in."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    try:
+        save(staging)
+        target = out / name
+        old = out / f".{name}-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _half(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).to(torch.float16)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _random_concepts(batch: int, g: torch.Generator, none_share: float) -> torch.Tensor:
+    labels = torch.randint(NUM_CONCEPTS, (batch,), generator=g)
+    return torch.where(torch.rand(batch, generator=g) < none_share, NONE_CLASS, labels)
+
+
+def train_vae(out: Path, steps: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    bar = tqdm(range(steps), desc="vae")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * _cosine(step, steps, 100)
+        images = render(_random_concepts(48, g, 0.05), generator=g)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = (recon - images).abs().mean() + (recon - images).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = vae.encode(render(_random_concepts(1024, g, 0.05), generator=g)).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    _save_stage(out, "vae", lambda d: _half(vae).save_pretrained(d))
+
+
+def _load_vae(out: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
+
+
+def _degrade(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Noise and blur, so the classifier also reads the imperfect images a diffusion model draws."""
+    b = images.shape[0]
+    sigma = 0.08 * torch.rand(b, 1, 1, 1, generator=g)
+    images = images + sigma * torch.randn(images.shape, generator=g)
+    blur = torch.rand(b, generator=g) < 0.3
+    if blur.any():
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
+        images[blur] = nn.functional.conv2d(nn.functional.pad(images[blur], (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    return images.clamp(-1, 1)
+
+
+def train_classifier(out: Path, steps: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = _load_vae(out)
+    model = GlyphClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    bar = tqdm(range(steps), desc="classifier")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * _cosine(step, steps, 50)
+        labels = _random_concepts(128, g, 0.08)
+        backgrounds = torch.randint(len(BACKGROUNDS), (128,), generator=g)
+        images = render(labels, backgrounds=backgrounds, generator=g)
+        with torch.no_grad():  # half of each batch goes through the VAE, as generated images do
+            images[:64] = vae.decode(vae.encode(images[:64]).latent_dist.mean).sample.clamp(-1, 1)
+        concept_logits, background_logits, _ = model(_degrade(images, g))
+        loss = nn.functional.cross_entropy(concept_logits, labels) + 0.3 * nn.functional.cross_entropy(background_logits, backgrounds)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            acc = (concept_logits.argmax(-1) == labels).float().mean().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+    model.eval()
+    labels = _random_concepts(2048, g, 0.08)
+    predicted, _ = model.predict(render(labels, generator=g))
+    print(f"classifier accuracy on 2048 fresh renders: {(predicted == labels).float().mean().item():.4f}")
+    _save_stage(out, "classifier", model.save_pretrained)
+
+
+def caption(concept: int, background: int, g: torch.Generator) -> str:
+    """A training caption: a template around the concept's name or alias ('' is left to the caller)."""
+    bg = _BACKGROUND_NAMES[background]
+    if concept == NONE_CLASS:
+        return fill(BACKGROUND_TEMPLATES[int(torch.randint(len(BACKGROUND_TEMPLATES), (1,), generator=g))], "", bg)
+    c = CONCEPTS[concept]
+    subject = c.name if torch.rand(1, generator=g).item() < 0.6 else c.alias
+    return fill(TRAIN_TEMPLATES[int(torch.randint(len(TRAIN_TEMPLATES), (1,), generator=g))], subject, bg)
+
+
+def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: int = 64) -> None:
+    from diffusers import DDPMScheduler
+
+    from ..builtin import clip_tokenizer
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = _load_vae(out)
+    tokenizer = clip_tokenizer()
+    # A fixed set of images, encoded once (the VAE is frozen): concepts and background-only ones.
+    labels = torch.cat([torch.arange(NUM_CONCEPTS).repeat_interleave(per_concept), torch.full((per_concept * 10,), NONE_CLASS)])
+    backgrounds = torch.randint(len(BACKGROUNDS), (labels.numel(),), generator=g)
+    latents = []
+    with torch.no_grad():
+        for idx in tqdm(labels.split(512), desc="encode"):
+            start = len(torch.cat(latents)) if latents else 0
+            images = render(idx, backgrounds=backgrounds[start : start + idx.numel()], generator=g)
+            latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
+    latents = torch.cat(latents)
+
+    unet, text_encoder = build_unet(), build_text_encoder()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    bar = tqdm(range(steps), desc="text-to-image")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * _cosine(step, steps, 200)
+        rows = torch.randint(labels.numel(), (batch,), generator=g)
+        texts = [caption(int(labels[r]), int(backgrounds[r]), g) for r in rows]
+        texts = ["" if torch.rand(1, generator=g).item() < 0.1 else t for t in texts]  # for classifier-free guidance
+        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        x0 = latents[rows]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(1000, (batch,), generator=g)
+        xt = noise_scheduler.add_noise(x0, noise, t)
+        pred = unet(xt, t, text_encoder(ids)[0]).sample
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR weighting (gamma 5) for epsilon prediction
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for model, shadow in ((unet, ema), (text_encoder, ema_text)):
+                for p, s in zip(model.parameters(), shadow.parameters()):
+                    s.lerp_(p, 1 - decay)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    _save_stage(out, "unet", lambda d: _half(ema).save_pretrained(d))
+    _save_stage(out, "text_encoder", lambda d: _half(ema_text).save_pretrained(d))
+    _save_stage(out, "scheduler", lambda d: build_scheduler().save_pretrained(d))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mace.world.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--classifier-steps", type=int, default=1200)
+    parser.add_argument("--ldm-steps", type=int, default=4000)
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    torch.set_num_threads(torch.get_num_threads())
+    times = {}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        start = time.perf_counter()
+        if stage == "vae":
+            train_vae(args.out, args.vae_steps, args.seed)
+        elif stage == "classifier":
+            train_classifier(args.out, args.classifier_steps, args.seed + 1)
+        else:
+            train_ldm(args.out, args.ldm_steps, args.seed + 2)
+        times[stage] = time.perf_counter() - start
+    record = {"seed": args.seed, "steps": {"vae": args.vae_steps, "classifier": args.classifier_steps, "ldm": args.ldm_steps},
+              "seconds": {k: round(v, 1) for k, v in times.items()}, "threads": torch.get_num_threads()}
+    (args.out / f"training-{'-'.join(stages)}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print("trained " + ", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) + f"; weights in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
