@@ -1,8 +1,10 @@
 """Built-in small Stable Diffusion models, made from configs in this repository (no downloads).
 
-``builtin:tiny`` is SD-1.x shaped (one CLIP text encoder, 7 cross-attention layers) and
-``builtin:tiny-sdxl`` SDXL shaped (two text encoders whose hidden states are concatenated,
-added time/text embeddings). Weights are random with a fixed seed; the tokenizer is the real
+``builtin:world`` is a small text-to-image model trained on the glyph world (:mod:`mace.world`),
+the model erasure quality is measured on. ``builtin:tiny`` is SD-1.x shaped (one CLIP text
+encoder, 7 cross-attention layers) and ``builtin:tiny-sdxl`` SDXL shaped (two text encoders
+whose hidden states are concatenated, added time/text embeddings); their weights are random
+with a fixed seed. The tokenizer is always the real
 CLIP BPE tokenizer, made from the vocabulary file that open-clip-torch ships in its wheel, so
 names tokenise exactly as they do for Stable Diffusion. Each is saved once as an ordinary
 diffusers folder under the cache directory and loaded from there afterwards.
@@ -152,7 +154,27 @@ def build_tiny_sdxl(seed: int = 0):
     )
 
 
-BUILTIN_MODELS = {"tiny": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl}
+def build_world():
+    """The trained glyph-world model (mace.world): weights shipped in the package, real tokenizer."""
+    from diffusers import StableDiffusionPipeline
+
+    from .world import load_world_components
+
+    return StableDiffusionPipeline(
+        **load_world_components(), tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+BUILTIN_MODELS = {"tiny": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "world": build_world}
+
+
+def _version(key: str) -> str:
+    if key == "world":  # retrained weights get a fresh cache folder
+        from .world import weights_fingerprint
+
+        return f"{_VERSION}-{weights_fingerprint()}"
+    return _VERSION
 
 
 def builtin_model_path(name: str) -> Path:
@@ -160,7 +182,7 @@ def builtin_model_path(name: str) -> Path:
     key = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else name
     if key not in BUILTIN_MODELS:
         raise ValueError(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)}")
-    target = cache_dir() / "builtin" / f"{key}-{_VERSION}"
+    target = cache_dir() / "builtin" / f"{key}-{_version(key)}"
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

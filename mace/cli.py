@@ -81,6 +81,51 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _split(names: str | None) -> list[str]:
+    return [n.strip() for n in (names or "").split(",") if n.strip()]
+
+
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .atomic import write_json_atomically
+    from .models import load_pipeline
+
+    model, original, erased = args.model, args.original, _split(args.erased)
+    if args.config:
+        from .config import load_config
+
+        config = load_config(args.config, args.set)
+        model = model or config.final_save_path
+        original = original or config.pretrained_model_name_or_path
+        erased = erased or [name for name, _ in config.concepts]
+    if not model:
+        raise ValueError("give --model (or --config, whose final_save_path is evaluated)")
+    out = Path(args.out)
+    pipe = load_pipeline(model, device=args.device)
+    before = load_pipeline(original, device=args.device) if original else None
+    if args.clip:
+        from .evaluate import clip_evaluation
+        from .metrics import load_clip
+
+        result = clip_evaluation(pipe, erased, _split(args.kept), load_clip(args.clip), original=before,
+                                 images_per_concept=args.images_per_concept, steps=args.steps,
+                                 guidance_scale=args.guidance, progress=not args.quiet)
+        line = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+    else:
+        from .world.evaluate import evaluate_world
+
+        scores = evaluate_world(pipe, erased, _split(args.kept) or None, original=before,
+                                images_per_concept=args.images_per_concept, background_images=args.background_images,
+                                steps=args.steps, guidance_scale=args.guidance, csv_path=out / "prompts.csv",
+                                progress=not args.quiet)
+        result, line = scores.to_dict(), scores.line()
+    result.update(model=str(model), original=str(original) if original else None)
+    write_json_atomically(out / "scores.json", result)
+    print(f"{line}\nscores: {out / 'scores.json'}" + ("" if args.clip else f", prompts and seeds: {out / 'prompts.csv'}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mace", description="MACE: mass concept erasure in diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=func)
 
+    ev = sub.add_parser("eval", help="measure an erasure: Acc_e/Acc_g/Acc_s/H_o on the glyph world, or CLIP metrics")
+    ev.add_argument("--model", default=None, help="the edited pipeline (default: the config's final_save_path)")
+    ev.add_argument("--config", default=None, help="a MACE config: its model, original and erased concepts")
+    ev.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    ev.add_argument("--original", default=None, help="the unedited pipeline (for the shift score / FID)")
+    ev.add_argument("--erased", default=None, help="comma-separated erased concept names")
+    ev.add_argument("--kept", default=None, help="comma-separated kept concepts (glyph world default: all others)")
+    ev.add_argument("--clip", default=None, help="CLIP model folder or hub id: CLIP metrics for real models")
+    ev.add_argument("--images-per-concept", type=int, default=5)
+    ev.add_argument("--background-images", type=int, default=4, help="per background and template (shift score)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float, default=4.0)
+    ev.add_argument("--out", required=True, help="folder for scores.json (and prompts.csv)")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
     sample = sub.add_parser("sample", help="generate images from a prompt or a CSV of prompts and seeds")
     sample.add_argument("--model", required=True)
     sample.add_argument("--prompt", default=None)
@@ -120,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, NotImplementedError) as exc:
         print(f"mace {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,92 @@
+"""The glyph world: a procedurally rendered image domain with 120 named concepts, a small
+text-to-image model trained on it (``builtin:world``) and a classifier, so that erasure
+efficacy, generality and specificity can be measured on generated images without a real
+Stable Diffusion. Train everything with ``python -m mace.world.train``; the weights ship with
+the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .classifier import GlyphClassifier
+from .concepts import (
+    BACKGROUND_TEMPLATES,
+    BACKGROUNDS,
+    CONCEPTS,
+    EVAL_BACKGROUND_TEMPLATES,
+    EVAL_TEMPLATES,
+    GENERIC_CONCEPT,
+    NONE_CLASS,
+    NUM_CONCEPTS,
+    TRAIN_TEMPLATES,
+    Concept,
+    concept_by_name,
+)
+from .render import render
+
+WORLD_MODEL = "builtin:world"
+
+
+def weights_dir() -> Path:
+    """Where the trained weights live (one folder per component)."""
+    return Path(__file__).parent / "weights"
+
+
+def _require_weights(component: str) -> Path:
+    path = weights_dir() / component
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the glyph world's {component} weights are missing from {path}; train them with python -m mace.world.train"
+        )
+    return path
+
+
+def weights_fingerprint() -> str:
+    """A short hash of the shipped UNet, text encoder and VAE weights."""
+    h = hashlib.sha256()
+    for component in ("unet", "text_encoder", "vae"):
+        for f in sorted(_require_weights(component).glob("*.safetensors")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def load_world_components() -> dict:
+    """unet, vae, text_encoder and scheduler of the trained world model, in float32."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(_require_weights("unet"), torch_dtype=torch.float32),
+        "vae": AutoencoderKL.from_pretrained(_require_weights("vae"), torch_dtype=torch.float32),
+        "text_encoder": CLIPTextModel.from_pretrained(_require_weights("text_encoder"), dtype=torch.float32),
+        "scheduler": DDIMScheduler.from_pretrained(_require_weights("scheduler")),
+    }
+
+
+def load_classifier() -> GlyphClassifier:
+    """The shipped glyph classifier, in eval mode."""
+    return GlyphClassifier.from_pretrained(_require_weights("classifier"))
+
+
+__all__ = [
+    "BACKGROUNDS",
+    "BACKGROUND_TEMPLATES",
+    "CONCEPTS",
+    "EVAL_BACKGROUND_TEMPLATES",
+    "EVAL_TEMPLATES",
+    "GENERIC_CONCEPT",
+    "NONE_CLASS",
+    "NUM_CONCEPTS",
+    "TRAIN_TEMPLATES",
+    "WORLD_MODEL",
+    "Concept",
+    "GlyphClassifier",
+    "concept_by_name",
+    "load_classifier",
+    "load_world_components",
+    "render",
+    "weights_dir",
+]

@@ -20,7 +20,8 @@ from .concepts import BACKGROUNDS, NUM_CONCEPTS
 class GlyphClassifier(nn.Module):
     """Concept logits (NUM_CONCEPTS + 1 classes, the last one "no concept") and background logits."""
 
-    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: int = NUM_CONCEPTS + 1, num_backgrounds: int = len(BACKGROUNDS)):
+    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: int = NUM_CONCEPTS + 1,
+                 num_backgrounds: int = len(BACKGROUNDS)):
         super().__init__()
         self.config = {"width": width, "feature_dim": feature_dim, "num_classes": num_classes, "num_backgrounds": num_backgrounds}
 

@@ -27,7 +27,7 @@ from .classifier import GlyphClassifier
 from .concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONCEPTS, NONE_CLASS, NUM_CONCEPTS, TRAIN_TEMPLATES, fill
 from .render import IMAGE_SIZE, render
 
-STAGES = ("vae", "classifier", "ldm")
+STAGES = ("vae", "classifier", "ldm", "check")
 _BACKGROUND_NAMES = list(BACKGROUNDS)
 
 
@@ -248,6 +248,34 @@ def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: i
     _save_stage(out, "scheduler", lambda d: build_scheduler().save_pretrained(d))
 
 
+def check_model(out: Path, images_per_concept: int = 5) -> dict:
+    """What the trained model draws for every concept's name and alias, on held-out templates,
+    read by the classifier: the quality bar the erasure measurements rest on."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ..builtin import clip_tokenizer
+    from .classifier import GlyphClassifier
+    from .evaluate import evaluate_world
+
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
+        text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32), tokenizer=clip_tokenizer(),
+        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    scores = evaluate_world(pipe, list(range(NUM_CONCEPTS)), [], classifier=GlyphClassifier.from_pretrained(out / "classifier"),
+                            images_per_concept=images_per_concept, background_images=0)
+    worst = sorted(scores.per_concept.items(), key=lambda kv: kv[1]["erased"])[:5]
+    record = {"name_accuracy": scores.acc_e, "alias_accuracy": scores.acc_g, "images": scores.images,
+              "images_per_concept": images_per_concept, "seconds": round(scores.seconds, 1),
+              "worst_names": {k: v["erased"] for k, v in worst}}
+    print(f"world model: classifier finds the requested concept in {scores.acc_e:.3f} of images prompted by name, "
+          f"{scores.acc_g:.3f} by alias ({scores.images} images, held-out templates)")
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mace.world.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
@@ -271,8 +299,11 @@ def main(argv: list[str] | None = None) -> None:
             train_vae(args.out, args.vae_steps, args.seed)
         elif stage == "classifier":
             train_classifier(args.out, args.classifier_steps, args.seed + 1)
-        else:
+        elif stage == "ldm":
             train_ldm(args.out, args.ldm_steps, args.seed + 2)
+        else:
+            quality = check_model(args.out)
+            (args.out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
         times[stage] = time.perf_counter() - start
     record = {"seed": args.seed, "steps": {"vae": args.vae_steps, "classifier": args.classifier_steps, "ldm": args.ldm_steps},
               "seconds": {k: round(v, 1) for k, v in times.items()}, "threads": torch.get_num_threads()}

@@ -1,0 +1,142 @@
+"""The glyph world: concepts, renderer, the shipped classifier and text-to-image model, and the
+evaluation protocol before and after an erasure."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import mace
+from mace.builtin import clip_tokenizer
+from mace.world import (
+    CONCEPTS,
+    EVAL_TEMPLATES,
+    NONE_CLASS,
+    TRAIN_TEMPLATES,
+    WORLD_MODEL,
+    concept_by_name,
+    load_classifier,
+    render,
+)
+from mace.world.evaluate import evaluate_world, evaluation_prompts, frechet_distance, generate_images
+
+# A handful of concepts with neighbours among them: red disc / red ring (colour), blue star /
+# purple star (shape), and unrelated ones.
+ERASED = "Qedark Draerba"  # red disc
+KEPT = ["Nyfaes Laendlothzhu", "Granny Vixsengrourk", "Dorkpyx Zuthmyrk", "Laengrur Zarourknourk"]
+
+
+def test_concepts_are_many_named_and_tokenise_into_several_pieces():
+    tok = clip_tokenizer()
+    assert len(CONCEPTS) >= 120
+    words = [c.name.lower() for c in CONCEPTS] + [c.alias.lower() for c in CONCEPTS]
+    assert len(set(words)) == len(words)  # every name and alias is unique
+    for c in CONCEPTS:
+        assert len(tok(c.name).input_ids) - 2 >= 3, c
+        assert len(tok(c.alias).input_ids) - 2 >= 2, c
+        assert set(c.alias.lower().split()).isdisjoint(c.name.lower().split())
+        assert concept_by_name(c.alias.upper()) is c
+    assert len({c.description for c in CONCEPTS}) == len(CONCEPTS)
+    # Neighbours exist: every colour and every shape is shared by several concepts.
+    assert min(sum(c.colour == x.colour for x in CONCEPTS) for c in CONCEPTS) >= 10
+    assert set(EVAL_TEMPLATES).isdisjoint(TRAIN_TEMPLATES)
+    with pytest.raises(KeyError, match="no concept"):
+        concept_by_name("Emma Stone")
+
+
+def test_render_is_seeded_and_checks_indices():
+    a = render(torch.arange(5), generator=torch.Generator().manual_seed(3))
+    b = render(torch.arange(5), generator=torch.Generator().manual_seed(3))
+    assert a.shape == (5, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    blank = render(torch.tensor([NONE_CLASS]), generator=torch.Generator().manual_seed(0))
+    assert blank.std(dim=(2, 3)).max() < 1e-6  # background only: one flat colour
+    with pytest.raises(ValueError, match="concept indices"):
+        render(torch.tensor([NONE_CLASS + 1]))
+
+
+def test_shipped_classifier_reads_fresh_renders():
+    classifier = load_classifier()
+    g = torch.Generator().manual_seed(123)
+    labels = torch.cat([torch.arange(len(CONCEPTS)).repeat(4), torch.full((40,), NONE_CLASS)])
+    predicted, features = classifier.predict(render(labels, generator=g))
+    assert features.shape == (labels.numel(), classifier.config["feature_dim"])
+    assert (predicted == labels).float().mean() >= 0.98
+
+
+@pytest.fixture(scope="module")
+def world_pipe():
+    return mace.load_pipeline(WORLD_MODEL)
+
+
+def test_world_model_is_a_stable_diffusion_folder(world_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    from mace.builtin import builtin_model_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(builtin_model_path(WORLD_MODEL), safety_checker=None)
+    assert pipe.unet.config.cross_attention_dim == 64
+    assert pipe.tokenizer("a photo of Emma Stone").input_ids == [49406, 320, 1125, 539, 7445, 2441, 49407]
+    assert len(mace.cross_attention_projections(pipe.unet)) == 14  # 7 attn2 layers x (to_k, to_v)
+
+
+def test_images_depend_only_on_their_own_seed(world_pipe):
+    prompts = [f"a photo of {CONCEPTS[i].name}" for i in (0, 5, 9)]
+    batch = generate_images(world_pipe, prompts, [11, 12, 13], steps=4, progress=False)
+    alone = generate_images(world_pipe, prompts[1:2], [12], steps=4, progress=False)
+    torch.testing.assert_close(batch[1:2], alone, atol=2e-4, rtol=0)
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_difference():
+    classifier = load_classifier()
+    g = torch.Generator().manual_seed(0)
+    a = render(torch.arange(40) % 12, generator=g)
+    b = render(torch.arange(40) % 12, generator=g)
+    c = render(torch.arange(40) % 12 + 60, generator=g)
+    assert frechet_distance(classifier, a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(classifier, a, b) < frechet_distance(classifier, a, c)
+
+
+def test_evaluation_prompts_have_stable_seeds():
+    p1 = evaluation_prompts([0, 3], [7], images_per_concept=2, background_images=1)
+    p2 = evaluation_prompts([3], [7, 9], images_per_concept=2, background_images=1)
+    seeds1 = {(p.prompt, p.kind): p.seed for p in p1}
+    shared = [(p.prompt, p.kind) for p in p2 if (p.prompt, p.kind) in seeds1]
+    assert shared and all(seeds1[k] == next(p.seed for p in p2 if (p.prompt, p.kind) == k) for k in shared)
+    assert {p.kind for p in p1} == {"erased", "alias", "kept", "background"}
+    assert len({p.seed for p in p1}) == len(p1)
+
+
+def test_world_model_draws_what_it_is_asked_and_uce_erases_it(world_pipe, tmp_path):
+    """Before erasure the classifier finds the requested concept (held-out templates, primary
+    names and aliases); after UCE of one concept it is gone and its neighbours stay."""
+    before = evaluate_world(world_pipe, [ERASED], KEPT, images_per_concept=5, background_images=1,
+                            csv_path=tmp_path / "before.csv", progress=False)
+    # Measured (seeds fixed): Acc_e = Acc_g = 1.0 and Acc_s = 1.0 before erasure; the
+    # issue's bar is 0.9 / 0.8 averaged over all 120 concepts, so these margins are loose.
+    assert before.acc_e >= 0.8 and before.acc_g >= 0.8 and before.acc_s >= 0.85
+    from mace.uce import uce
+
+    uce(world_pipe, [ERASED], "a glyph", lam=0.1)
+    after = evaluate_world(world_pipe, [ERASED], KEPT, images_per_concept=5, background_images=1, progress=False)
+    assert after.acc_e <= 0.2
+    assert after.acc_s >= 0.75
+    with open(tmp_path / "before.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0].keys() >= {"prompt", "evaluation_seed", "case_number", "kind", "predicted"}
+    assert len(rows) == before.images
+
+
+@pytest.mark.slow
+def test_mace_eval_cli_on_the_world(tmp_path, capsys):
+    from mace.cli import main
+
+    code = main(["eval", "--model", WORLD_MODEL, "--original", WORLD_MODEL, "--erased", ERASED, "--kept", ",".join(KEPT),
+                 "--images-per-concept", "2", "--background-images", "2", "--steps", "10", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["shift"] == pytest.approx(0.0, abs=1e-6)  # the same model: no shift at all
+    assert scores["acc_e"] >= 0.5 and scores["acc_s"] >= 0.75
+    assert "Acc_e" in capsys.readouterr().out
+    assert main(["eval", "--model", WORLD_MODEL, "--erased", "Nobody Atall", "--out", str(tmp_path)]) == 2
