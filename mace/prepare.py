@@ -5,13 +5,14 @@ that use masks, ``<input_data_dir>/<concept> mask/<i>.png`` (L mode, 255 inside)
 exist are kept (a run resumes). Masks come, by default, from the model's own cross-attention
 maps of the concept's tokens, aggregated over attn2 layers and denoising steps while the
 image is generated, upsampled and thresholded; no extra model is needed. Styles get no mask.
+With a ``masker`` (e.g. :class:`mace.grounded_sam.GroundedSamMasker`), masks come from it instead.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +85,13 @@ def generate_concept_data(
     settings: GenerationSettings,
     prompts: Sequence[str] | None = None,
     progress: bool = True,
+    masker: Callable[[list[Image.Image], str], list[Image.Image]] | None = None,
 ) -> int:
-    """Generate the missing images (and masks) of one concept; returns how many were made."""
+    """Generate the missing images (and masks) of one concept; returns how many were made.
+
+    ``masker(images, text)``, when given, makes the masks instead of the attention maps; its
+    text is the mapping concept (the concept's name if the mapping is empty).
+    """
     image_dir, mask_dir = concept_folders(input_data_dir, concept)
     use_mask = concept_type != "style"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +121,14 @@ def generate_concept_data(
             generators = [torch.Generator().manual_seed(settings.seed + i) for i in idx]
             images = pipe(batch_prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                           generator=generators, height=size, width=size).images
-        masks = attention_masks(recorder.maps, size, settings.mask_threshold) if use_mask else [None] * len(idx)
+        if not use_mask:
+            masks = [None] * len(idx)
+        elif masker is not None:
+            masks = masker(images, mapping.strip() or concept)
+            if len(masks) != len(images):
+                raise ValueError(f"the masker returned {len(masks)} masks for {len(images)} images")
+        else:
+            masks = attention_masks(recorder.maps, size, settings.mask_threshold)
         for i, image, mask in zip(idx, images, masks):
             _save_png(image, image_dir / f"{i}.png")
             if mask is not None:
