@@ -107,11 +107,11 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    if "prepare" in stages and config.mask_method != "attention":
-        raise NotImplementedError(
-            f"mask_method {config.mask_method!r} is not implemented yet; use 'attention' (the model's own "
-            "cross-attention maps) or prepare the '<concept> mask' folders yourself"
-        )
+    masker = None  # mask_method grounded_sam: masks from Grounding DINO boxes and SAM; loaded before any work
+    if "prepare" in stages and config.mask_method == "grounded_sam" and any(kind != "style" for _, kind in config.concepts):
+        from .grounded_sam import GroundedSamMasker
+
+        masker = GroundedSamMasker.from_pretrained(config.grounding_model, config.sam_model, device=config.device)
     summary = ErasureSummary(concepts=[name for name, _ in config.concepts])
     output_dir = Path(config.output_dir)
     input_dir = Path(config.input_data_dir or output_dir / "data")
@@ -130,7 +130,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
         made = 0
         for (name, kind), mapping in zip(config.concepts, config.mapping_concept):
             made += generate_concept_data(original, name, mapping, kind, input_dir, settings,
-                                          prompts=[p.old for p in pairs[name]], progress=progress)
+                                          prompts=[p.old for p in pairs[name]], progress=progress, masker=masker)
         if made == 0:
             summary.skipped.append("prepare")
         summary.seconds["prepare"] = time.perf_counter() - start

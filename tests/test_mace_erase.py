@@ -90,9 +90,9 @@ def test_config_errors_are_reported_by_the_cli(tmp_path, capsys):
     assert "did you mean 'lamb'" in capsys.readouterr().err
 
 
-def test_unimplemented_mask_method_fails_before_work(tmp_path):
-    config = load_config(_config(tmp_path, mask_method="grounded_sam"))
-    with pytest.raises(NotImplementedError, match="grounded_sam"):
+def test_missing_grounded_sam_model_fails_before_work(tmp_path):
+    config = load_config(_config(tmp_path, mask_method="grounded_sam", grounding_model=str(tmp_path / "no-dino")))
+    with pytest.raises(FileNotFoundError, match="grounding_model.*no-dino"):
         erase(config, progress=False)
     assert not (tmp_path / "data").exists()
 
