@@ -11,6 +11,12 @@ attn2 layer computes its keys and values with ``mace_kernels.lora_apply``, which
 segment k's own LoRA, so k LoRAs train in one pass instead of k runs. Concepts do not interact
 (per-sample UNet, per-concept parameters and losses), so a batched step gives each LoRA the
 gradient its own single-concept step would.
+
+Prior preservation (optional, as in the original training script): each concept's segment is
+followed by preservation samples (kept images captioned with a preservation prompt) that go
+through that concept's LoRA too. The attention loss ignores them; they add
+``prior_loss_weight * MSE(noise prediction, target)`` per concept, the mean over that
+concept's preservation samples, so the batched step still equals k single-concept steps.
 """
 
 from __future__ import annotations
@@ -44,12 +50,40 @@ def sample_timesteps(n: int, num_timesteps: int, importance: bool, generator: to
 
 @dataclass
 class AttentionTargets:
-    """What the loss looks at, per sample of the batch."""
+    """What the loss looks at, per sample of the batch.
 
-    token_positions: torch.Tensor  # (B, 77) bool: the concept's tokens (+ end-of-text)
-    masks: torch.Tensor | None  # (B, 1, H, W) in [0, 1], or None: every pixel
-    group_sizes: list[int]  # samples per concept, consecutive
+    Batch layout: for each concept in turn, its ``group_sizes[k]`` samples, then (with
+    ``prior_sizes``) its ``prior_sizes[k]`` preservation samples. ``token_positions`` and
+    ``masks`` describe the concept samples only, in batch order.
+    """
+
+    token_positions: torch.Tensor  # (B_concept, 77) bool: the concept's tokens (+ end-of-text)
+    masks: torch.Tensor | None  # (B_concept, 1, H, W) in [0, 1], or None: every pixel
+    group_sizes: list[int]  # concept samples per concept, consecutive
+    prior_sizes: list[int] | None = None  # preservation samples per concept, right after its own samples
     layer_norms: list[torch.Tensor] = field(default_factory=list)  # per layer, (num concepts,)
+
+    @property
+    def segment_sizes(self) -> list[int]:
+        """Rows of the UNet batch per concept: the segment that goes through that concept's LoRA."""
+        if self.prior_sizes is None:
+            return list(self.group_sizes)
+        return [g + p for g, p in zip(self.group_sizes, self.prior_sizes, strict=True)]
+
+    def _rows(self, prior: bool) -> torch.Tensor:
+        rows, start = [], 0
+        for g, p in zip(self.group_sizes, self.prior_sizes or [0] * len(self.group_sizes), strict=True):
+            rows.extend(range(start + g, start + g + p) if prior else range(start, start + g))
+            start += g + p
+        return torch.tensor(rows, dtype=torch.long)
+
+    def concept_rows(self) -> torch.Tensor:
+        """Batch indices of the concept samples (those the attention loss looks at)."""
+        return self._rows(prior=False)
+
+    def prior_rows(self) -> torch.Tensor:
+        """Batch indices of the preservation samples, concept by concept."""
+        return self._rows(prior=True)
 
 
 class MultiConceptLoRA(nn.Module):
@@ -83,7 +117,7 @@ class _MultiLoraAttnProcessor:
     def _key_value(self, attn, context: torch.Tensor):
         batch, tokens, width = context.shape
         ctx = context.reshape(batch * tokens, width)
-        seg_lens = [g * tokens for g in self.owner.targets.group_sizes]
+        seg_lens = [g * tokens for g in self.owner.targets.segment_sizes]
         lora = self.owner.lora
         key = mk.lora_apply(ctx, attn.to_k.weight, lora.A[self.k_index], lora.B[self.k_index], seg_lens,
                             bias=attn.to_k.bias)
@@ -119,6 +153,9 @@ class LoraTrainingHooks:
         heads = probs.shape[0] // batch
         pixels = probs.shape[1]
         p = probs.view(batch, heads, pixels, -1)
+        if t.prior_sizes is not None:  # the attention loss looks at the concept samples only
+            p = p[t.concept_rows().to(p.device)]
+            batch = p.shape[0]
         picked = p * t.token_positions[:, None, None, :].to(p.dtype)
         if t.masks is not None:
             side = int(round(math.sqrt(pixels)))
@@ -133,6 +170,24 @@ class LoraTrainingHooks:
         return torch.stack(self.targets.layer_norms).sum()
 
 
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v_prediction)."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prior preservation: unsupported scheduler prediction_type {kind!r} (use epsilon or v_prediction)")
+
+
+def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, targets: AttentionTargets) -> torch.Tensor:
+    """sum over concepts of MSE(prediction, target) over that concept's preservation samples."""
+    rows = targets.prior_rows().to(prediction.device)
+    sizes = [p for p in targets.prior_sizes if p > 0]
+    per_row = (prediction[rows].float() - target[rows].float()).pow(2).flatten(1).mean(1)
+    return torch.stack([chunk.mean() for chunk in torch.split(per_row, sizes)]).sum()
+
+
 def train_step(
     unet: nn.Module,
     hooks: LoraTrainingHooks,
@@ -142,13 +197,23 @@ def train_step(
     targets: AttentionTargets,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
+    prior_loss_weight: float = 1.0,
 ) -> torch.Tensor:
-    """One forward/backward pass over a batch of k concepts' samples; returns the loss."""
+    """One forward/backward pass over a batch of k concepts' samples; returns the loss.
+
+    Without ``targets.prior_sizes`` the loss is the attention loss. With it, the batch holds
+    each concept's preservation samples after its own (see AttentionTargets) and the loss is
+    attention loss + prior_loss_weight * sum over concepts of the MSE of the noise prediction
+    on that concept's preservation samples.
+    """
     hooks.targets = targets
     targets.layer_norms.clear()
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample  # noqa: B018 - the loss is on attention
+    prediction = unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample
     loss = hooks.loss()
+    if targets.prior_sizes is not None and sum(targets.prior_sizes) > 0:
+        target = prediction_target(scheduler, latents, noise, timesteps)
+        loss = loss + prior_loss_weight * prior_preservation_loss(prediction, target, targets)
     loss.backward()
     return loss.detach()
 
@@ -170,6 +235,8 @@ __all__ = [
     "MultiConceptLoRA",
     "concept_token_mask",
     "importance_weights",
+    "prediction_target",
+    "prior_preservation_loss",
     "sample_timesteps",
     "train_step",
 ]
