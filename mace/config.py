@@ -134,6 +134,39 @@ class MACEConfig:
 
 KNOWN_KEYS = tuple(f.name for f in fields(MACEConfig))
 _PATH_KEYS = ("prior_preservation_cache_path", "domain_preservation_cache_path", "concept_prompts_file")
+PRESERVE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def preservation_image_files(preserve_data_dir: str | os.PathLike | None, max_images: int | None = None) -> list[Path]:
+    """The PNG/JPG images of ``preserve_data_dir`` (sorted, at most ``max_images``); ConfigError if none."""
+    if preserve_data_dir is None:
+        raise ConfigError("with_prior_preservation needs preserve_data_dir, a folder of PNG/JPG images to preserve")
+    folder = Path(preserve_data_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"preserve_data_dir: {folder} is not a folder (with_prior_preservation needs PNG/JPG images there)")
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in PRESERVE_IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"preserve_data_dir: {folder} holds no PNG/JPG images (with_prior_preservation needs some)")
+    return files[:max_images] if max_images is not None else files
+
+
+def check_prior_preservation(
+    with_prior_preservation: bool,
+    preserve_prompt: str | None,
+    preserve_data_dir: str | os.PathLike | None,
+    prior_loss_weight: float,
+    *,
+    check_paths: bool = True,
+) -> None:
+    """Raise ConfigError when prior preservation is asked for but cannot run."""
+    if prior_loss_weight < 0:
+        raise ConfigError(f"prior_loss_weight must be >= 0, got {prior_loss_weight}")
+    if not with_prior_preservation:
+        return
+    if preserve_prompt is None or not str(preserve_prompt).strip():
+        raise ConfigError("with_prior_preservation needs preserve_prompt, the caption of the images in preserve_data_dir")
+    if check_paths:
+        preservation_image_files(preserve_data_dir)
 
 
 def _normalise_concepts(raw) -> list[list[str]]:
@@ -166,7 +199,7 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
             msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown config key(s): {', '.join(msgs)}")
     values = dict(values)
-    for key in _PATH_KEYS:
+    for key in _PATH_KEYS + ("preserve_data_dir", "preserve_prompt"):
         if values.get(key) in (False, "", "none", "None"):
             values[key] = None
     config = MACEConfig(**values)
@@ -198,6 +231,8 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_prior_preservation(config.with_prior_preservation, config.preserve_prompt, config.preserve_data_dir,
+                             config.prior_loss_weight, check_paths=check_paths)
     if check_paths:
         for key in _PATH_KEYS:
             value = getattr(config, key)
