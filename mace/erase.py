@@ -167,7 +167,9 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
             max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
             importance_sampling=config.importance_sampling, use_pooler=config.use_pooler,
             concepts_per_batch=config.concepts_per_batch, resolution=_resolution(pipe, config), seed=config.seed,
-            progress=progress,
+            progress=progress, with_prior_preservation=config.with_prior_preservation,
+            preserve_prompt=config.preserve_prompt, preserve_data_dir=config.preserve_data_dir,
+            prior_loss_weight=config.prior_loss_weight, num_class_images=config.num_class_images,
         )
         if before == len(config.concepts):
             summary.skipped.append("train")

@@ -8,9 +8,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import check_prior_preservation, preservation_image_files
 from .lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, concept_token_mask, sample_timesteps, train_step
 from .lora_io import LORA_WEIGHT_NAME, save_lora
 from .prepare import load_concept_data
@@ -26,8 +29,25 @@ class ConceptData:
     masks: torch.Tensor | None  # (N, 1, H, W) or None (styles)
 
 
+@dataclass
+class PreservationData:
+    """Prior preservation: kept images and the one prompt that captions them."""
+
+    images: torch.Tensor  # (N, 3, H, W) in [-1, 1]
+    embedding: torch.Tensor  # (1, 77, d): the preservation prompt's text embedding
+
+
 def lora_dir(output_dir: str | os.PathLike, concept: str) -> Path:
     return Path(output_dir) / "lora" / concept.replace(" ", "-")
+
+
+def load_preservation_images(preserve_data_dir: str | os.PathLike, resolution: int, max_images: int | None = None) -> torch.Tensor:
+    """(N, 3, resolution, resolution) in [-1, 1]: the PNG/JPG images of ``preserve_data_dir``, resized."""
+    images = []
+    for f in preservation_image_files(preserve_data_dir, max_images):
+        img = Image.open(f).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(images)
 
 
 def train_concept_loras(
@@ -46,10 +66,30 @@ def train_concept_loras(
     resolution: int,
     seed: int,
     progress: bool = True,
+    with_prior_preservation: bool = False,
+    preserve_prompt: str | None = None,
+    preserve_data_dir: str | os.PathLike | None = None,
+    prior_loss_weight: float = 1.0,
+    num_class_images: int | None = None,
 ) -> list[Path]:
-    """Train one LoRA per concept (skipping those already saved) and save each as safetensors."""
+    """Train one LoRA per concept (skipping those already saved) and save each as safetensors.
+
+    With ``with_prior_preservation``, every step adds ``train_batch_size`` images of
+    ``preserve_data_dir`` (the first ``num_class_images`` PNG/JPG files, resized to
+    ``resolution``) captioned with ``preserve_prompt`` per concept; they go through that
+    concept's LoRA and add ``prior_loss_weight`` times the MSE of their noise prediction to the
+    loss (see mace.lora.train_step). A weight of 0 adds nothing and skips them.
+    """
     todo = [c for c in concepts if not (lora_dir(output_dir, c[0]) / LORA_WEIGHT_NAME).exists()]
+    check_prior_preservation(with_prior_preservation, preserve_prompt, preserve_data_dir, prior_loss_weight)
     unet, vae, sched = pipe.unet, pipe.vae, pipe.scheduler
+    prior = None
+    if todo and with_prior_preservation and prior_loss_weight > 0:
+        from .models import encode_prompts
+
+        with torch.no_grad():
+            prior = PreservationData(load_preservation_images(preserve_data_dir, resolution, num_class_images),
+                                     encode_prompts(pipe, [preserve_prompt]))
     for p in list(unet.parameters()) + list(vae.parameters()) + list(pipe.text_encoder.parameters()):
         p.requires_grad_(False)
     saved = []
@@ -65,12 +105,14 @@ def train_concept_loras(
         gen = torch.Generator().manual_seed(seed + g_index)
         try:
             for _ in range(max_train_steps):
-                batch = _sample_batch(pipe, data, train_batch_size, use_pooler, rng, gen)
+                batch = _sample_batch(pipe, data, train_batch_size, use_pooler, rng, gen, prior)
                 latents = vae.encode(batch["images"]).latent_dist.sample(gen) * vae.config.scaling_factor
                 noise = torch.randn(latents.shape, generator=gen)
                 t = sample_timesteps(latents.shape[0], sched.config.num_train_timesteps, importance_sampling, gen)
-                targets = AttentionTargets(batch["tokens"], batch["masks"], [train_batch_size] * len(group))
-                loss = train_step(unet, hooks, sched, latents, batch["embeddings"], targets, noise, t)
+                targets = AttentionTargets(batch["tokens"], batch["masks"], [train_batch_size] * len(group),
+                                           prior_sizes=[train_batch_size] * len(group) if prior is not None else None)
+                loss = train_step(unet, hooks, sched, latents, batch["embeddings"], targets, noise, t,
+                                  prior_loss_weight=prior_loss_weight)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 bar.update(len(group))
@@ -83,10 +125,14 @@ def train_concept_loras(
     return saved
 
 
-def _sample_batch(pipe, data: list[ConceptData], per_concept: int, use_pooler: bool, rng, gen):
+def _sample_batch(pipe, data: list[ConceptData], per_concept: int, use_pooler: bool, rng, gen,
+                  prior: PreservationData | None = None):
+    """per_concept samples of each concept in turn; with ``prior``, each concept's samples are
+    followed by per_concept preservation samples (the batch layout AttentionTargets describes)."""
     from .models import encode_prompts
 
     prompts, positions, images, masks = [], [], [], []
+    prior_images = []
     any_mask = any(d.masks is not None for d in data)
     for d in data:
         for _ in range(per_concept):
@@ -99,9 +145,22 @@ def _sample_batch(pipe, data: list[ConceptData], per_concept: int, use_pooler: b
             images.append(d.images[i])
             if any_mask:
                 masks.append(d.masks[i] if d.masks is not None else torch.ones(1, *d.images.shape[-2:]))
+        if prior is not None:
+            picks = torch.randint(0, prior.images.shape[0], (per_concept,), generator=gen)
+            prior_images.append(prior.images[picks])
+    embeddings = encode_prompts(pipe, prompts)
+    if prior is not None:
+        # Interleave: concept k's samples, then its preservation samples.
+        concept_images = torch.stack(images).split(per_concept)
+        concept_embeddings = embeddings.split(per_concept)
+        prior_embedding = prior.embedding.to(embeddings).expand(per_concept, -1, -1)
+        batch_images = torch.cat([x for pair in zip(concept_images, prior_images) for x in pair])
+        embeddings = torch.cat([x for e in concept_embeddings for x in (e, prior_embedding)])
+    else:
+        batch_images = torch.stack(images)
     return {
-        "images": torch.stack(images),
+        "images": batch_images,
         "masks": torch.stack(masks) if any_mask else None,
         "tokens": concept_token_mask(pipe.tokenizer, prompts, positions, use_pooler),
-        "embeddings": encode_prompts(pipe, prompts),
+        "embeddings": embeddings,
     }
