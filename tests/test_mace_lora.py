@@ -92,3 +92,251 @@ def test_hooks_remove_restores_the_model(tiny_pipe):
     hooks = LoraTrainingHooks(unet, MultiConceptLoRA(unet, 2, rank=1))
     hooks.remove()
     assert {n: type(m.processor) for n, m in unet.named_modules() if n.endswith("attn2")} == before
+
+
+# --- prior preservation -------------------------------------------------------------------------
+
+PRESERVE_PROMPT = "a photo of a dog"
+
+
+def _with_prior(pipe, emb, latents, noise, t, num_concepts, per, seed=7):
+    """The batch with per preservation samples after each concept's per samples."""
+    g = torch.Generator().manual_seed(seed)
+    n = num_concepts * per
+    p_emb = mace.encode_prompts(pipe, [PRESERVE_PROMPT]).expand(n, -1, -1)
+    p_latents = torch.randn(n, *latents.shape[1:], generator=g)
+    p_noise = torch.randn(n, *latents.shape[1:], generator=g)
+    p_t = sample_timesteps(n, 1000, True, g)
+
+    def mix(a, b):
+        return torch.cat([x for k in range(num_concepts) for x in (a[k * per:(k + 1) * per], b[k * per:(k + 1) * per])])
+
+    return mix(emb, p_emb), mix(latents, p_latents), mix(noise, p_noise), mix(t, p_t)
+
+
+def _grads(lora):
+    return [None if p.grad is None else p.grad.clone() for p in list(lora.A) + list(lora.B)]
+
+
+def test_targets_layout():
+    targets = AttentionTargets(torch.zeros(3, 77, dtype=torch.bool), None, [1, 2], prior_sizes=[2, 1])
+    assert targets.segment_sizes == [3, 3]
+    assert targets.concept_rows().tolist() == [0, 3, 4]
+    assert targets.prior_rows().tolist() == [1, 2, 5]
+    assert AttentionTargets(torch.zeros(3, 77, dtype=torch.bool), None, [1, 2]).segment_sizes == [1, 2]
+
+
+def test_batched_step_with_prior_preservation_equals_separate_steps(tiny_pipe):
+    unet, sched = tiny_pipe.unet, tiny_pipe.scheduler
+    concepts = [("Emma Stone", "a person", "celebrity"), ("Van Gogh", "art", "style"), ("ship", "ground", "object")]
+    per, weight = 1, 0.5
+    emb, latents, noise, t, tokens, masks = _batch(tiny_pipe, concepts, per)
+    emb2, latents2, noise2, t2 = _with_prior(tiny_pipe, emb, latents, noise, t, len(concepts), per)
+
+    lora = MultiConceptLoRA(unet, len(concepts), rank=2)
+    _randomise(lora, 1)
+    hooks = LoraTrainingHooks(unet, lora)
+    targets = AttentionTargets(tokens, masks, [per] * len(concepts), prior_sizes=[per] * len(concepts))
+    batched_loss = train_step(unet, hooks, sched, latents2, emb2, targets, noise2, t2, prior_loss_weight=weight)
+    hooks.remove()
+    # The preservation loss reaches every LoRA, the last value projection's included.
+    assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in list(lora.A) + list(lora.B))
+
+    total = 0.0
+    for k in range(len(concepts)):
+        single = MultiConceptLoRA(unet, 1, rank=2)
+        with torch.no_grad():
+            for dst, src in zip(list(single.A) + list(single.B), list(lora.A) + list(lora.B)):
+                dst.copy_(src[k:k + 1])
+        h = LoraTrainingHooks(unet, single)
+        rows, concept_rows = slice(2 * k * per, 2 * (k + 1) * per), slice(k * per, (k + 1) * per)
+        loss = train_step(unet, h, sched, latents2[rows], emb2[rows],
+                          AttentionTargets(tokens[concept_rows], masks[concept_rows], [per], prior_sizes=[per]),
+                          noise2[rows], t2[rows], prior_loss_weight=weight)
+        h.remove()
+        total += float(loss)
+        for p_batched, p_single in zip(list(lora.A) + list(lora.B), list(single.A) + list(single.B)):
+            torch.testing.assert_close(p_batched.grad[k], p_single.grad[0], rtol=1e-4, atol=1e-6)
+    assert abs(float(batched_loss) - total) < 1e-4 * total
+
+
+def test_prior_loss_is_attention_loss_plus_weighted_mse_of_the_fused_model(tiny_pipe):
+    unet, sched = tiny_pipe.unet, tiny_pipe.scheduler
+    assert sched.config.prediction_type == "epsilon"
+    concepts = [("Emma Stone", "a person", "celebrity"), ("Van Gogh", "art", "style")]
+    per, weight = 2, 3.0
+    emb, latents, noise, t, tokens, masks = _batch(tiny_pipe, concepts, per)
+    emb2, latents2, noise2, t2 = _with_prior(tiny_pipe, emb, latents, noise, t, len(concepts), per)
+    lora = MultiConceptLoRA(unet, len(concepts), rank=2)
+    _randomise(lora, 3)
+
+    hooks = LoraTrainingHooks(unet, lora)
+    with_prior = train_step(unet, hooks, sched, latents2, emb2,
+                            AttentionTargets(tokens, masks, [per] * 2, prior_sizes=[per] * 2), noise2, t2,
+                            prior_loss_weight=weight)
+    attention_only = train_step(unet, hooks, sched, latents, emb, AttentionTargets(tokens, masks, [per] * 2), noise, t)
+    hooks.remove()
+
+    # The preservation half alone, through each concept's LoRA fused into the weights, with the
+    # UNet's own attention processors.
+    modules = dict(unet.named_modules())
+    mse = 0.0
+    for k in range(len(concepts)):
+        rows = slice((2 * k + 1) * per, (2 * k + 2) * per)
+        with torch.no_grad():
+            saved = {}
+            for i, name in enumerate(lora.names):
+                saved[name] = modules[name].weight.clone()
+                modules[name].weight += lora.B[i][k] @ lora.A[i][k]
+            noisy = sched.add_noise(latents2[rows], noise2[rows], t2[rows])
+            prediction = unet(noisy, t2[rows], encoder_hidden_states=emb2[rows]).sample
+            for name, w in saved.items():
+                modules[name].weight.copy_(w)
+        mse += float(((prediction - noise2[rows]) ** 2).mean())
+    expected = float(attention_only) + weight * mse
+    assert weight * mse > 0.1 * float(attention_only)  # both terms matter
+    assert abs(float(with_prior) - expected) < 1e-4 * expected
+
+
+def test_prior_loss_weight_zero_gives_the_gradients_without_preservation(tiny_pipe):
+    unet, sched = tiny_pipe.unet, tiny_pipe.scheduler
+    concepts = [("ship", "ground", "object"), ("Van Gogh", "art", "style")]
+    per = 1
+    emb, latents, noise, t, tokens, masks = _batch(tiny_pipe, concepts, per)
+    emb2, latents2, noise2, t2 = _with_prior(tiny_pipe, emb, latents, noise, t, len(concepts), per)
+    lora = MultiConceptLoRA(unet, len(concepts), rank=2)
+    _randomise(lora, 5)
+    hooks = LoraTrainingHooks(unet, lora)
+    plain = train_step(unet, hooks, sched, latents, emb, AttentionTargets(tokens, masks, [per] * 2), noise, t)
+    expected = _grads(lora)
+    lora.zero_grad(set_to_none=True)
+    zero = train_step(unet, hooks, sched, latents2, emb2, AttentionTargets(tokens, masks, [per] * 2, prior_sizes=[per] * 2),
+                      noise2, t2, prior_loss_weight=0.0)
+    hooks.remove()
+    torch.testing.assert_close(zero, plain, rtol=1e-5, atol=0)
+    for got, want in zip(_grads(lora), expected):
+        if want is None:
+            assert got is None or float(got.abs().max()) == 0
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_prediction_target_follows_the_scheduler():
+    from diffusers import DDIMScheduler
+
+    from mace.lora import prediction_target
+
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    assert prediction_target(DDIMScheduler(), latents, noise, t) is noise
+    v = DDIMScheduler(prediction_type="v_prediction")
+    torch.testing.assert_close(prediction_target(v, latents, noise, t), v.get_velocity(latents, noise, t))
+    with pytest.raises(ValueError, match="prediction_type"):
+        prediction_target(DDIMScheduler(prediction_type="sample"), latents, noise, t)
+
+
+def _image(path, size, color=(200, 30, 30)):
+    from PIL import Image
+
+    Image.new("RGB", (size, size), color).save(path)
+
+
+def test_preservation_images_are_pngs_and_jpgs_resized(tmp_path):
+    from mace.train import load_preservation_images
+
+    _image(tmp_path / "b.png", 40)
+    _image(tmp_path / "a.JPG", 100, (0, 0, 255))
+    _image(tmp_path / "c.jpeg", 64)
+    (tmp_path / "notes.txt").write_text("not an image")
+    images = load_preservation_images(tmp_path, 32)
+    assert images.shape == (3, 3, 32, 32)
+    assert float(images.min()) >= -1 and float(images.max()) <= 1
+    assert torch.allclose(images[0, 2], torch.ones(32, 32), atol=0.02)  # a.JPG first: blue
+    assert load_preservation_images(tmp_path, 16, max_images=2).shape == (2, 3, 16, 16)
+
+
+def _prior_config(**changes):
+    body = dict(multi_concept=[["ship", "object"]], mapping_concept=["ground"], pretrained_model_name_or_path="builtin:tiny",
+                with_prior_preservation=True, preserve_prompt="a photo of a dog")
+    body.update(changes)
+    return body
+
+
+def test_prior_preservation_config_errors(tmp_path):
+    from mace.config import ConfigError, config_from_dict
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    full = tmp_path / "full"
+    full.mkdir()
+    _image(full / "0.png", 64)
+    cases = [
+        (dict(preserve_data_dir=str(full), preserve_prompt=None), "needs preserve_prompt"),
+        (dict(preserve_data_dir=str(full), preserve_prompt="  "), "needs preserve_prompt"),
+        (dict(), "needs preserve_data_dir"),
+        (dict(preserve_data_dir=str(tmp_path / "missing")), "is not a folder"),
+        (dict(preserve_data_dir=str(empty)), "holds no PNG/JPG images"),
+        (dict(preserve_data_dir=str(full), prior_loss_weight=-1.0), "prior_loss_weight must be >= 0"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(_prior_config(**changes))
+    assert config_from_dict(_prior_config(preserve_data_dir=str(full))).preserve_data_dir == str(full)
+    # Off: the original files' preservation keys need not point anywhere.
+    config_from_dict(_prior_config(with_prior_preservation=False, preserve_data_dir="data/a person"))
+
+
+def _prepared(tmp_path, pipe, names):
+    import numpy as np
+    from PIL import Image
+
+    from mace.prepare import concept_folders
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rng = np.random.default_rng(0)
+    concepts = []
+    for name in names:
+        images, masks = concept_folders(tmp_path / "data", name)
+        images.mkdir(parents=True)
+        masks.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(images / "0.png")
+        Image.fromarray((rng.random((size, size)) > 0.5).astype(np.uint8) * 255, mode="L").save(masks / "0.png")
+        concepts.append((name, "object", mace.concept_prompt_pairs(name, "a thing", "object", aug_length=3)))
+    return concepts, size
+
+
+def test_train_concept_loras_with_prior_preservation(tiny_pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from mace.config import ConfigError
+    from mace.train import train_concept_loras
+
+    concepts, size = _prepared(tmp_path, tiny_pipe, ["ship", "tower"])
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    _image(keep / "0.png", size)
+    _image(keep / "1.jpg", size * 2, (20, 160, 40))
+    common = dict(input_data_dir=tmp_path / "data", rank=1, learning_rate=1e-3, max_train_steps=1, train_batch_size=1,
+                  importance_sampling=True, use_pooler=True, concepts_per_batch=2, resolution=size, seed=0, progress=False)
+
+    # Errors come before any training (the concept data folder is not even read).
+    with pytest.raises(ConfigError, match="is not a folder"):
+        train_concept_loras(tiny_pipe, concepts, output_dir=tmp_path / "bad", **{**common, "input_data_dir": tmp_path / "nope"},
+                            with_prior_preservation=True, preserve_prompt="a photo", preserve_data_dir=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="needs preserve_prompt"):
+        train_concept_loras(tiny_pipe, concepts, output_dir=tmp_path / "bad", **common,
+                            with_prior_preservation=True, preserve_data_dir=keep)
+    assert not (tmp_path / "bad").exists()
+
+    plain = train_concept_loras(tiny_pipe, concepts, output_dir=tmp_path / "plain", **common)
+    prior = train_concept_loras(tiny_pipe, concepts, output_dir=tmp_path / "prior", **common, with_prior_preservation=True,
+                                preserve_prompt=PRESERVE_PROMPT, preserve_data_dir=keep, prior_loss_weight=1.0)
+    assert len(prior) == 2
+    for a, b in zip(plain, prior):
+        w_plain, w_prior = load_file(str(a)), load_file(str(b))
+        ups = [k for k in w_prior if "lora_B" in k]
+        assert ups and all(torch.isfinite(w_prior[k]).all() for k in w_prior)
+        # After one step, a LoRA up weight moves iff it has a gradient: the attention loss leaves
+        # the last value projection alone, the preservation loss does not.
+        assert all(float(w_prior[k].abs().max()) > 0 for k in ups)
+        assert any(float(w_plain[k].abs().max()) == 0 for k in ups)
