@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--kept", default=None, help="comma-separated kept concepts (glyph world default: all others)")
     ev.add_argument("--clip", default=None, help="CLIP model folder or hub id: CLIP metrics for real models")
     ev.add_argument("--images-per-concept", type=int, default=5)
-    ev.add_argument("--background-images", type=int, default=4, help="per background and template (shift score)")
+    ev.add_argument("--background-images", type=int, default=16, help="per background and template (shift score)")
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--guidance", type=float, default=4.0)
     ev.add_argument("--out", required=True, help="folder for scores.json (and prompts.csv)")
