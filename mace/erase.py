@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from .atomic import write_json_atomically
 from .cache import load_preservation_cache, preservation_matrix, read_prompt_file
 from .cfr import refine
 from .config import MACEConfig
@@ -77,13 +79,9 @@ def _state(config: MACEConfig) -> dict:
 
 
 def _mark_done(config: MACEConfig, stage: str, fingerprint: str) -> None:
-    path = Path(config.output_dir) / _STATE
     state = _state(config)
     state[stage] = fingerprint
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    write_json_atomically(Path(config.output_dir) / _STATE, state)
 
 
 def _fingerprint(config: MACEConfig, keys: tuple[str, ...]) -> str:
@@ -221,6 +219,31 @@ def _preservation(config: MACEConfig, pipe):
     return preservation_matrix(caches)
 
 
+REPORT_IMAGES = 4  # images per prompt and model in report.html, seeds seed..seed+3
+
+
+def _glyph_judge(config: MACEConfig):
+    """For the glyph world: a function telling what the classifier sees in a prompt's images."""
+    from .world import CONCEPTS, NONE_CLASS, WORLD_MODEL, load_classifier
+
+    if config.pretrained_model_name_or_path != WORLD_MODEL:
+        return None
+    import numpy as np
+
+    classifier = load_classifier()
+
+    def judge(prompt: str, images) -> str:
+        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]))
+        labels, _ = classifier.predict(pixels.permute(0, 3, 1, 2) / 127.5 - 1)
+        asked = next((c for c in CONCEPTS if c.name in prompt or c.alias in prompt), None)
+        if asked is not None:
+            hits = int((labels == asked.index).sum())
+            return f"classifier: {hits}/{len(images)} show {asked.description} ({asked.name})"
+        return "classifier: " + ", ".join("nothing" if int(x) == NONE_CLASS else CONCEPTS[int(x)].description for x in labels)
+
+    return judge
+
+
 @torch.no_grad()
 def write_report(config: MACEConfig, summary: ErasureSummary, final_path: Path, progress: bool = True) -> Path:
     """report.html: before/after images with the same seeds for erased and kept prompts."""
@@ -231,16 +254,24 @@ def write_report(config: MACEConfig, summary: ErasureSummary, final_path: Path, 
     models = {"before": load_pipeline(config.pretrained_model_name_or_path, device=config.device),
               "after": load_pipeline(final_path, device=config.device)}
     size = _resolution(models["before"], config)
+    judge = _glyph_judge(config)
+    seeds = [config.seed + i for i in range(REPORT_IMAGES)]
     rows = []
     for group, prompts in (("erased", erased), ("kept", kept)):
         for i, prompt in enumerate(prompts):
             cells = []
             for tag, pipe in models.items():
-                image = pipe(prompt, num_inference_steps=config.generation_steps, guidance_scale=config.guidance_scale,
-                             generator=torch.Generator().manual_seed(config.seed), height=size, width=size).images[0]
+                images = pipe([prompt] * len(seeds), num_inference_steps=config.generation_steps,
+                              guidance_scale=config.guidance_scale, height=size, width=size, output_type="pil",
+                              generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+                strip = Image.new("RGB", (size * len(images), size))
+                for j, image in enumerate(images):
+                    strip.paste(image, (j * size, 0))
                 name = f"{group}-{i}-{tag}.png"
-                image.save(out / name)
-                cells.append(f'<td><img src="report/{name}" alt="{html.escape(prompt)} ({tag})" width="{max(size, 128)}"></td>')
+                strip.save(out / name)
+                verdict = f"<br><small>{html.escape(judge(prompt, images))}</small>" if judge else ""
+                cells.append(f'<td><img src="report/{name}" alt="{html.escape(prompt)} ({tag})" '
+                             f'width="{max(size, 96) * len(images)}">{verdict}</td>')
             rows.append(f"<tr><td>{group}</td><td>{html.escape(prompt)}</td>{''.join(cells)}</tr>")
     times = "".join(f"<li>{k}: {v:.1f} s</li>" for k, v in summary.seconds.items())
     page = f"""<!doctype html>
@@ -248,7 +279,7 @@ def write_report(config: MACEConfig, summary: ErasureSummary, final_path: Path, 
 <style>body{{font-family:sans-serif}} td{{padding:4px;vertical-align:middle}} img{{image-rendering:pixelated}}</style></head>
 <body><h1>MACE erasure report</h1>
 <p>Model {html.escape(str(config.pretrained_model_name_or_path))} &rarr; {html.escape(str(final_path))};
-erased: {html.escape(', '.join(summary.concepts))}. Same seed ({config.seed}) before and after.</p>
+erased: {html.escape(', '.join(summary.concepts))}. The same {REPORT_IMAGES} seeds ({config.seed}..{seeds[-1]}) before and after.</p>
 <table><tr><th>group</th><th>prompt</th><th>before</th><th>after</th></tr>{''.join(rows)}</table>
 <h2>Stage times</h2><ul>{times}</ul>
 <script>
