@@ -118,9 +118,13 @@ def test_world_model_draws_what_it_is_asked_and_uce_erases_it(world_pipe, tmp_pa
     assert before.acc_e >= 0.8 and before.acc_g >= 0.8 and before.acc_s >= 0.85
     from mace.uce import uce
 
-    uce(world_pipe, [ERASED], "a glyph", lam=0.1)
-    after = evaluate_world(world_pipe, [ERASED], KEPT, images_per_concept=5, background_images=1, progress=False)
-    assert after.acc_e <= 0.2
+    edited = mace.load_pipeline(WORLD_MODEL)  # the module's pipeline stays unedited
+    others = [c.name for c in CONCEPTS if c.name != ERASED]
+    uce(edited, [ERASED], "a glyph", others, lam=0.1, preserve_scale=0.1)
+    after = evaluate_world(edited, [ERASED], KEPT, images_per_concept=5, background_images=1, progress=False)
+    # Measured: Acc_e = Acc_g = 0.0 and Acc_s = 1.0 (the red ring, a colour neighbour, included).
+    # Bounds leave room for one or two images to flip on another BLAS or torch version.
+    assert after.acc_e <= 0.2 and after.acc_g <= 0.4
     assert after.acc_s >= 0.75
     with open(tmp_path / "before.csv", newline="") as f:
         rows = list(csv.DictReader(f))
