@@ -6,11 +6,12 @@
 For each size n, the erased concepts are the first n of a fixed random order of the 120 concepts
 and the kept ones the last 20 of that order (never erased at any size), so Acc_s is measured on
 the same concepts throughout. MACE runs the real ``mace erase`` stages with the settings of
-configs/world_erase.yaml; "refine" is its closed-form stage alone; UCE is mace.uce with the same
-guide concept ("a glyph") and lambda. Both preserve the concepts that are not erased, each in its
-own way: MACE through a domain preservation cache of prompts naming them (weight
---mace-preserve-scale in refinement and fusion), UCE through their names' embeddings (weight
---uce-preserve-scale); --no-preserve turns preservation off for both.
+configs/world_erase.yaml except its preservation and LoRA steps (--lora-steps, 40); "refine" is
+its closed-form stage alone; UCE is mace.uce with the same guide concept ("a glyph") and lambda.
+Both preserve the concepts that are not erased, each in its own way: MACE through a domain
+preservation cache of prompts naming them (weight --mace-preserve-scale in refinement and
+fusion), UCE through their names' embeddings (weight --uce-preserve-scale); --no-preserve turns
+preservation off for both.
 Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Prints a table, writes JSON.
 """
 
@@ -41,7 +42,7 @@ def concept_order(seed: int = 0) -> list[int]:
     return order
 
 
-def erase_with(method: str, names: list[str], preserved: list[str], work: Path, scales: dict[str, float]):
+def erase_with(method: str, names: list[str], preserved: list[str], work: Path, scales: dict[str, float], lora_steps: int):
     """The edited pipeline for one method, and the seconds the edit took (preservation included)."""
     import mace
     from mace.config import config_from_dict, load_config
@@ -61,7 +62,8 @@ def erase_with(method: str, names: list[str], preserved: list[str], work: Path, 
     values = base.to_dict()
     values.update(multi_concept=[[n, "object"] for n in names], mapping_concept=[GENERIC_CONCEPT] * len(names),
                   output_dir=str(work), input_data_dir=str(work / "data"), final_save_path=str(work / "final"),
-                  domain_preservation_cache_path=None, train_preserve_scale=0.0, fuse_preserve_scale=0.0)
+                  domain_preservation_cache_path=None, train_preserve_scale=0.0, fuse_preserve_scale=0.0,
+                  max_train_steps=lora_steps)
     if preserved:  # MACE's domain preservation: a cache of prompts naming the concepts to keep
         cache = work / "domain.safetensors"
         prompts = [t.format(n) for n in preserved for t in OBJECT_TEMPLATES[:PRESERVE_TEMPLATES]]
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--background-images", type=int, default=16, help="per background and template (shift score)")
     parser.add_argument("--mace-preserve-scale", type=float, default=3.0, help="MACE: train/fuse_preserve_scale")
     parser.add_argument("--uce-preserve-scale", type=float, default=0.1)
+    parser.add_argument("--lora-steps", type=int, default=40, help="MACE: max_train_steps per concept")
     parser.add_argument("--no-preserve", action="store_true", help="erase without preserving the other concepts")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
             try:
                 torch.manual_seed(0)
                 preserved = [] if args.no_preserve else [CONCEPTS[c].name for c in order[n:]]
-                pipe, seconds = erase_with(method, [CONCEPTS[c].name for c in erased], preserved, work, scales)
+                pipe, seconds = erase_with(method, [CONCEPTS[c].name for c in erased], preserved, work, scales, args.lora_steps)
                 scores = evaluate_world(pipe, erased, kept, classifier=classifier, original_background=original_background,
                                         images_per_concept=args.images_per_concept, background_images=args.background_images,
                                         steps=args.steps, progress=False)
