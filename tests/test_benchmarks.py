@@ -34,3 +34,14 @@ def test_bench_closed_form_smoke(tmp_path):
     fast_vs_ref = [r for r in data["rows"] if r["dtype"] == "float32"]
     assert len(fast_vs_ref) == 4 and all(r["speedup"] > 0 for r in fast_vs_ref)
     assert all(r["fast"]["peak_rss_mb"] > 0 for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_bench_erasure_quality_smoke(tmp_path):
+    data = _run("bench_erasure_quality.py", "--sizes", "1", "--methods", "none,uce,mace", "--images-per-concept", "1",
+                "--background-images", "1", "--steps", "4", "--lora-steps", "2", tmp_path=tmp_path)
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"none", "uce", "mace"} and len(data["kept"]) == 20
+    assert rows["none"]["shift"] == pytest.approx(0.0, abs=1e-6)  # the unedited model against itself
+    assert rows["uce"]["shift"] > 0 and rows["mace"]["edit_seconds"] > 0
+    assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("acc_e", "acc_g", "acc_s", "h_o"))
