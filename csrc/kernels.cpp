@@ -205,74 +205,48 @@ MK_CLONES int64_t cholesky_d(double* a, int64_t d, int64_t ld) { return cholesky
 // Triangular solves for MB right-hand sides held transposed (x[j * MB + i] is column j of
 // row i), each step an axpy over the MB lanes; two accumulators keep two independent FMA
 // chains per lane. Dividing by the pivot (not multiplying by its reciprocal) matches LAPACK's
-// rounding. Forward: Z L^T = B, z_j = (b_j - sum_{k<j} L[j][k] z_k) / L[j][j].
+// rounding. One step: x_j = (x_j - sum_{k0 <= k < k1} row[k] x_k) / row[j].
 template <typename T, int MB>
-MK_INLINE void solve_fwd_impl(const T* __restrict L, int64_t ld, int64_t w, T* __restrict x) {
-  for (int64_t j = 0; j < w; ++j) {
-    T acc0[MB], acc1[MB];
-    T* xj = x + j * MB;
+MK_INLINE void solve_step(const T* __restrict row, int64_t j, int64_t k0, int64_t k1, T* __restrict x) {
+  T acc0[MB], acc1[MB];
+  T* xj = x + j * MB;
+#pragma omp simd
+  for (int i = 0; i < MB; ++i) {
+    acc0[i] = xj[i];
+    acc1[i] = 0;
+  }
+  int64_t k = k0;
+  for (; k + 2 <= k1; k += 2) {
+    const T r0 = row[k], r1 = row[k + 1];
+    const T* x0 = x + k * MB;
+    const T* x1 = x0 + MB;
 #pragma omp simd
     for (int i = 0; i < MB; ++i) {
-      acc0[i] = xj[i];
-      acc1[i] = 0;
+      acc0[i] -= r0 * x0[i];
+      acc1[i] -= r1 * x1[i];
     }
-    const T* lj = L + j * ld;
-    int64_t k = 0;
-    for (; k + 2 <= j; k += 2) {
-      const T l0 = lj[k], l1 = lj[k + 1];
-      const T* x0 = x + k * MB;
-      const T* x1 = x0 + MB;
-#pragma omp simd
-      for (int i = 0; i < MB; ++i) {
-        acc0[i] -= l0 * x0[i];
-        acc1[i] -= l1 * x1[i];
-      }
-    }
-    if (k < j) {
-      const T l0 = lj[k];
-      const T* x0 = x + k * MB;
-#pragma omp simd
-      for (int i = 0; i < MB; ++i) acc0[i] -= l0 * x0[i];
-    }
-    const T djj = lj[j];
-#pragma omp simd
-    for (int i = 0; i < MB; ++i) xj[i] = (acc0[i] + acc1[i]) / djj;
   }
+  if (k < k1) {
+    const T r0 = row[k];
+    const T* x0 = x + k * MB;
+#pragma omp simd
+    for (int i = 0; i < MB; ++i) acc0[i] -= r0 * x0[i];
+  }
+  const T djj = row[j];
+#pragma omp simd
+  for (int i = 0; i < MB; ++i) xj[i] = (acc0[i] + acc1[i]) / djj;
+}
+
+// Forward: Z L^T = B, z_j = (b_j - sum_{k<j} L[j][k] z_k) / L[j][j].
+template <typename T, int MB>
+MK_INLINE void solve_fwd_impl(const T* __restrict L, int64_t ld, int64_t w, T* __restrict x) {
+  for (int64_t j = 0; j < w; ++j) solve_step<T, MB>(L + j * ld, j, 0, j, x);
 }
 
 // Backward: X L = Z with U = L^T row-major, x_j = (z_j - sum_{k>j} U[j][k] x_k) / L[j][j].
 template <typename T, int MB>
 MK_INLINE void solve_bwd_impl(const T* __restrict U, int64_t ld, int64_t w, T* __restrict x) {
-  for (int64_t j = w - 1; j >= 0; --j) {
-    T acc0[MB], acc1[MB];
-    T* xj = x + j * MB;
-#pragma omp simd
-    for (int i = 0; i < MB; ++i) {
-      acc0[i] = xj[i];
-      acc1[i] = 0;
-    }
-    const T* uj = U + j * ld;
-    int64_t k = j + 1;
-    for (; k + 2 <= w; k += 2) {
-      const T u0 = uj[k], u1 = uj[k + 1];
-      const T* x0 = x + k * MB;
-      const T* x1 = x0 + MB;
-#pragma omp simd
-      for (int i = 0; i < MB; ++i) {
-        acc0[i] -= u0 * x0[i];
-        acc1[i] -= u1 * x1[i];
-      }
-    }
-    if (k < w) {
-      const T u0 = uj[k];
-      const T* x0 = x + k * MB;
-#pragma omp simd
-      for (int i = 0; i < MB; ++i) acc0[i] -= u0 * x0[i];
-    }
-    const T djj = uj[j];
-#pragma omp simd
-    for (int i = 0; i < MB; ++i) xj[i] = (acc0[i] + acc1[i]) / djj;
-  }
+  for (int64_t j = w - 1; j >= 0; --j) solve_step<T, MB>(U + j * ld, j, j + 1, w, x);
 }
 
 // mode: 1 forward only, 2 backward only, 3 both.

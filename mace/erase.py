@@ -21,7 +21,7 @@ from .config import MACEConfig
 from .fusion import fuse
 from .lora_io import LORA_WEIGHT_NAME
 from .models import load_pipeline
-from .prepare import GenerationSettings, concept_folders, generate_concept_data
+from .prepare import GenerationSettings, concept_folders, generate_concept_data, image_tensor
 from .prompts import concept_prompt_pairs
 from .train import lora_dir, train_concept_loras
 
@@ -228,13 +228,10 @@ def _glyph_judge(config: MACEConfig):
 
     if config.pretrained_model_name_or_path != WORLD_MODEL:
         return None
-    import numpy as np
-
     classifier = load_classifier()
 
     def judge(prompt: str, images) -> str:
-        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]))
-        labels, _ = classifier.predict(pixels.permute(0, 3, 1, 2) / 127.5 - 1)
+        labels, _ = classifier.predict(torch.stack([image_tensor(im) for im in images]))
         asked = next((c for c in CONCEPTS if c.name in prompt or c.alias in prompt), None)
         if asked is not None:
             hits = int((labels == asked.index).sum())

@@ -1,10 +1,13 @@
-"""Measurements of an erasure that need no classifier: attention mass and noise-prediction change."""
+"""Measurements of an erasure: attention mass, noise-prediction change, image generation with
+per-image seeds, and CLIP-based metrics for real models (the glyph world's classifier-based
+protocol is in mace.world.evaluate)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .attention import ProcessorSwap
 from .models import encode_prompts
@@ -47,6 +50,26 @@ def noise_prediction(pipe, prompts: Sequence[str], timesteps: Sequence[int] = (2
                         for t in timesteps])
 
 
+@torch.no_grad()
+def generate_images(
+    pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20, guidance_scale: float = 4.0,
+    batch_size: int = 128, progress: bool = True,
+) -> torch.Tensor:
+    """Images in [-1, 1], (N, 3, H, W); image i is drawn from the noise of ``seeds[i]`` alone."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
+        images = pipe(list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
+                      generator=generators, output_type="pt").images
+        out.append(images.float() * 2 - 1)
+    if not out:
+        return torch.zeros(0, 3, 32, 32)
+    return torch.cat(out)
+
+
 # Prompts for CLIP-based evaluation of real models; none is one of mace.prompts' refinement templates.
 CLIP_EVAL_TEMPLATES = ("an image capturing {} at an event", "a headshot of {}", "{} in an official photo",
                        "a color picture of {}", "an illustration of {}")
@@ -59,7 +82,6 @@ def clip_evaluation(pipe, erased: Sequence[str], kept: Sequence[str], clip, *, o
     prompts' CLIP score and, with ``original``, CLIP-feature FID of the kept images vs the
     original model's (fixed seeds): the paper's metrics for real models with the user's CLIP."""
     from .metrics import clip_score, clip_zero_shot_accuracy, fid
-    from .world.evaluate import generate_images
 
     names = list(erased) + list(kept)
     if not erased and not kept:

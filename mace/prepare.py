@@ -139,6 +139,11 @@ def generate_concept_data(
     return made
 
 
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) float tensor in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+
+
 def _save_png(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
@@ -155,8 +160,7 @@ def load_concept_data(input_data_dir, concept: str, concept_type: str, resolutio
         raise FileNotFoundError(f"{image_dir} holds no images")
     images, masks = [], []
     for f in files:
-        img = Image.open(f).convert("RGB").resize((resolution, resolution))
-        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        images.append(image_tensor(Image.open(f).convert("RGB").resize((resolution, resolution))))
         if concept_type != "style":
             mf = mask_dir / f.name
             if not mf.exists():

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import check_prior_preservation, preservation_image_files
 from .lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, concept_token_mask, sample_timesteps, train_step
 from .lora_io import LORA_WEIGHT_NAME, save_lora
-from .prepare import load_concept_data
+from .prepare import image_tensor, load_concept_data
 from .prompts import PromptPair, concept_token_positions
 
 
@@ -45,8 +44,7 @@ def load_preservation_images(preserve_data_dir: str | os.PathLike, resolution: i
     """(N, 3, resolution, resolution) in [-1, 1]: the PNG/JPG images of ``preserve_data_dir``, resized."""
     images = []
     for f in preservation_image_files(preserve_data_dir, max_images):
-        img = Image.open(f).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        images.append(image_tensor(Image.open(f).convert("RGB").resize((resolution, resolution), Image.BICUBIC)))
     return torch.stack(images)
 
 

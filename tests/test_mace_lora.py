@@ -43,6 +43,15 @@ def _batch(pipe, concepts, per_concept, seed=0):
     return emb, latents, noise, t, tokens, torch.stack(masks)
 
 
+def _single_concept_copy(unet, lora, k: int) -> MultiConceptLoRA:
+    """A one-concept MultiConceptLoRA holding concept k's weights of ``lora``."""
+    single = MultiConceptLoRA(unet, 1, rank=lora.A[0].shape[1])
+    with torch.no_grad():
+        for dst, src in zip(list(single.A) + list(single.B), list(lora.A) + list(lora.B)):
+            dst.copy_(src[k:k + 1])
+    return single
+
+
 def _randomise(lora, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -67,10 +76,7 @@ def test_batched_step_equals_separate_single_concept_steps(tiny_pipe, backend, m
 
     total = 0.0
     for k in range(len(concepts)):
-        single = MultiConceptLoRA(unet, 1, rank=2)
-        with torch.no_grad():
-            for dst, src in zip(list(single.A) + list(single.B), list(lora.A) + list(lora.B)):
-                dst.copy_(src[k:k + 1])
+        single = _single_concept_copy(unet, lora, k)
         h = LoraTrainingHooks(unet, single)
         rows = slice(k * per, (k + 1) * per)
         loss = train_step(unet, h, sched, latents[rows], emb[rows], AttentionTargets(tokens[rows], masks[rows], [per]),
@@ -144,10 +150,7 @@ def test_batched_step_with_prior_preservation_equals_separate_steps(tiny_pipe):
 
     total = 0.0
     for k in range(len(concepts)):
-        single = MultiConceptLoRA(unet, 1, rank=2)
-        with torch.no_grad():
-            for dst, src in zip(list(single.A) + list(single.B), list(lora.A) + list(lora.B)):
-                dst.copy_(src[k:k + 1])
+        single = _single_concept_copy(unet, lora, k)
         h = LoraTrainingHooks(unet, single)
         rows, concept_rows = slice(2 * k * per, 2 * (k + 1) * per), slice(k * per, (k + 1) * per)
         loss = train_step(unet, h, sched, latents2[rows], emb2[rows],

@@ -9,6 +9,7 @@ import torch
 
 import mace
 from mace.builtin import clip_tokenizer
+from mace.evaluate import generate_images
 from mace.world import (
     CONCEPTS,
     EVAL_TEMPLATES,
@@ -19,7 +20,7 @@ from mace.world import (
     load_classifier,
     render,
 )
-from mace.world.evaluate import evaluate_world, evaluation_prompts, frechet_distance, generate_images
+from mace.world.evaluate import evaluate_world, evaluation_prompts, frechet_distance
 
 # A handful of concepts with neighbours among them: red disc / red ring (colour), blue star /
 # purple star (shape), and unrelated ones.

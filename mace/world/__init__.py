@@ -8,6 +8,7 @@ the package.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 from .classifier import GlyphClassifier
@@ -34,8 +35,8 @@ def weights_dir() -> Path:
     return Path(__file__).parent / "weights"
 
 
-def _require_weights(component: str) -> Path:
-    path = weights_dir() / component
+def _require_weights(component: str, directory: Path | None = None) -> Path:
+    path = (directory or weights_dir()) / component
     if not path.is_dir():
         raise FileNotFoundError(
             f"the glyph world's {component} weights are missing from {path}; train them with python -m mace.world.train"
@@ -43,6 +44,7 @@ def _require_weights(component: str) -> Path:
     return path
 
 
+@lru_cache(maxsize=1)  # every load of builtin:world asks; the shipped files do not change under a process
 def weights_fingerprint() -> str:
     """A short hash of the shipped UNet, text encoder and VAE weights."""
     h = hashlib.sha256()
@@ -52,17 +54,18 @@ def weights_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
-def load_world_components() -> dict:
-    """unet, vae, text_encoder and scheduler of the trained world model, in float32."""
+def load_world_components(directory: Path | None = None) -> dict:
+    """unet, vae, text_encoder and scheduler of the trained world model (the shipped weights, or
+    those in ``directory``), in float32."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     return {
-        "unet": UNet2DConditionModel.from_pretrained(_require_weights("unet"), torch_dtype=torch.float32),
-        "vae": AutoencoderKL.from_pretrained(_require_weights("vae"), torch_dtype=torch.float32),
-        "text_encoder": CLIPTextModel.from_pretrained(_require_weights("text_encoder"), dtype=torch.float32),
-        "scheduler": DDIMScheduler.from_pretrained(_require_weights("scheduler")),
+        "unet": UNet2DConditionModel.from_pretrained(_require_weights("unet", directory), torch_dtype=torch.float32),
+        "vae": AutoencoderKL.from_pretrained(_require_weights("vae", directory), torch_dtype=torch.float32),
+        "text_encoder": CLIPTextModel.from_pretrained(_require_weights("text_encoder", directory), dtype=torch.float32),
+        "scheduler": DDIMScheduler.from_pretrained(_require_weights("scheduler", directory)),
     }
 
 

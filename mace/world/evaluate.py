@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..evaluate import generate_images
 from .classifier import GlyphClassifier
 from .concepts import BACKGROUNDS, CONCEPTS, EVAL_BACKGROUND_TEMPLATES, EVAL_TEMPLATES, NONE_CLASS, concept_by_name, fill
 
@@ -74,26 +74,6 @@ def evaluation_prompts(
             for i in range(background_images):
                 prompts.append(EvalPrompt(fill(template, "", background), 1_000_000 + 1000 * b + 100 * t + i, NONE_CLASS, "background"))
     return prompts
-
-
-@torch.no_grad()
-def generate_images(
-    pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20, guidance_scale: float = 4.0,
-    batch_size: int = 128, progress: bool = True,
-) -> torch.Tensor:
-    """Images in [-1, 1], (N, 3, H, W); image i is drawn from the noise of ``seeds[i]`` alone."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
-        chunk = slice(start, start + batch_size)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
-        images = pipe(list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
-                      generator=generators, output_type="pt").images
-        out.append(images.float() * 2 - 1)
-    if not out:
-        return torch.zeros(0, 3, 32, 32)
-    return torch.cat(out)
 
 
 class _ClassifierFeatures(nn.Module):

@@ -204,9 +204,8 @@ def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: i
     backgrounds = torch.randint(len(BACKGROUNDS), (labels.numel(),), generator=g)
     latents = []
     with torch.no_grad():
-        for idx in tqdm(labels.split(512), desc="encode"):
-            start = len(torch.cat(latents)) if latents else 0
-            images = render(idx, backgrounds=backgrounds[start : start + idx.numel()], generator=g)
+        for idx, bgs in tqdm(zip(labels.split(512), backgrounds.split(512)), total=-(-labels.numel() // 512), desc="encode"):
+            images = render(idx, backgrounds=bgs, generator=g)
             latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
     latents = torch.cat(latents)
 
@@ -252,19 +251,15 @@ def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: i
 def check_model(out: Path, images_per_concept: int = 5) -> dict:
     """What the trained model draws for every concept's name and alias, on held-out templates,
     read by the classifier: the quality bar the erasure measurements rest on."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
     from ..builtin import clip_tokenizer
+    from . import load_world_components
     from .classifier import GlyphClassifier
     from .evaluate import evaluate_world
 
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
-        vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
-        text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32), tokenizer=clip_tokenizer(),
-        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = StableDiffusionPipeline(**load_world_components(out), tokenizer=clip_tokenizer(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     scores = evaluate_world(pipe, list(range(NUM_CONCEPTS)), [], classifier=GlyphClassifier.from_pretrained(out / "classifier"),
                             images_per_concept=images_per_concept, background_images=0)
