@@ -145,3 +145,42 @@ def test_mace_eval_cli_on_the_world(tmp_path, capsys):
     assert scores["acc_e"] >= 0.5 and scores["acc_s"] >= 0.75
     assert "Acc_e" in capsys.readouterr().out
     assert main(["eval", "--model", WORLD_MODEL, "--erased", "Nobody Atall", "--out", str(tmp_path)]) == 2
+
+
+def test_report_judge_reads_glyph_images():
+    """report.html labels each strip with what the classifier sees; on clean renders it must be right."""
+    from PIL import Image
+
+    from mace.config import config_from_dict
+    from mace.erase import _glyph_judge
+
+    config = config_from_dict({"multi_concept": [[ERASED, "object"]], "mapping_concept": ["a glyph"],
+                               "pretrained_model_name_or_path": WORLD_MODEL}, check_paths=False)
+    judge = _glyph_judge(config)
+    red_disc = concept_by_name(ERASED)
+    pixels = ((render(torch.full((4,), red_disc.index), generator=torch.Generator().manual_seed(0)) + 1) * 127.5).round()
+    images = [Image.fromarray(p.permute(1, 2, 0).byte().numpy()) for p in pixels]
+    assert judge(f"a photo of {ERASED}", images) == f"classifier: 4/4 show red disc ({ERASED})"
+    assert judge("a photo of Nyfaes Laendlothzhu", images) == "classifier: 0/4 show red ring (Nyfaes Laendlothzhu)"
+    blank = ((render(torch.full((2,), NONE_CLASS)) + 1) * 127.5).round()
+    assert judge("plain navy", [Image.fromarray(p.permute(1, 2, 0).byte().numpy()) for p in blank]) == "classifier: nothing, nothing"
+    tiny = config_from_dict({"multi_concept": [["ship", "object"]], "mapping_concept": ["ground"],
+                             "pretrained_model_name_or_path": "builtin:tiny"}, check_paths=False)
+    assert _glyph_judge(tiny) is None
+
+
+@pytest.mark.slow
+def test_world_training_script_writes_loadable_weights(tmp_path):
+    """A few steps of each training stage: every component is written and loads back."""
+    from mace.world import load_world_components
+    from mace.world.classifier import GlyphClassifier
+    from mace.world.train import main
+
+    main(["--out", str(tmp_path), "--vae-steps", "2", "--classifier-steps", "2", "--ldm-steps", "2", "--per-concept", "2",
+          "--stages", "vae,classifier,ldm"])
+    components = load_world_components(tmp_path)
+    assert components["unet"].config.cross_attention_dim == 64 and components["vae"].config.latent_channels == 4
+    assert GlyphClassifier.from_pretrained(tmp_path / "classifier").config["num_classes"] == len(CONCEPTS) + 1
+    record = json.loads((tmp_path / "training-vae-classifier-ldm.json").read_text())
+    assert record["steps"] == {"vae": 2, "classifier": 2, "ldm": 2}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left

@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--classifier-steps", type=int, default=1200)
     parser.add_argument("--ldm-steps", type=int, default=4000)
+    parser.add_argument("--per-concept", type=int, default=192, help="rendered images per concept the text-to-image model sees")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "classifier":
             train_classifier(args.out, args.classifier_steps, args.seed + 1)
         elif stage == "ldm":
-            train_ldm(args.out, args.ldm_steps, args.seed + 2)
+            train_ldm(args.out, args.ldm_steps, args.seed + 2, per_concept=args.per_concept)
         else:
             quality = check_model(args.out)
             (args.out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     trained = [s for s in stages if s != "check"]
     if trained:  # how the shipped weights were made
         record = {"seed": args.seed, "steps": {"vae": args.vae_steps, "classifier": args.classifier_steps, "ldm": args.ldm_steps},
-                  "seconds": {k: round(v, 1) for k, v in times.items() if k != "check"}, "threads": torch.get_num_threads()}
+                  "images_per_concept": args.per_concept, "threads": torch.get_num_threads(),
+                  "seconds": {k: round(v, 1) for k, v in times.items() if k != "check"}}
         (args.out / f"training-{'-'.join(trained)}.json").write_text(json.dumps(record, indent=2) + "\n")
     print("trained " + ", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) + f"; weights in {args.out}")
 
