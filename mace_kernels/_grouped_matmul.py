@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import triton_interpret
+from ._tile_configs import tile_config
 from ._triton import cdiv, jit, tl
 
 
@@ -103,16 +103,16 @@ def grouped_matmul(
     a: (M, K) with contiguous rows; b: (G, K, N), any strides (a transposed view is free);
     a2: (M, K2), b2: (K2, N); out: (M, N) float32/float64 with contiguous rows.
     """
-    interp = triton_interpret()
+    cfg = tile_config("grouped_matmul")
     M, K = a.shape
     N = b.shape[2]
     acc_f64 = out.dtype == torch.float64
     native = (
-        not interp and a2 is None and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
+        cfg["native_dot"] and a2 is None and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
     )
-    block_m = 32 if interp else 64
-    block_n = 32 if interp else 64
-    block_k = 16 if K <= 16 else 32
+    block_m = cfg["block_m"]
+    block_n = cfg["block_n"]
+    block_k = 16 if K <= 16 else cfg["block_k"]
     tiles = row_tiles(group_offsets, block_m, a.device)
     n_tiles = tiles.shape[0]
     if n_tiles == 0 or N == 0:

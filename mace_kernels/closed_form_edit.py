@@ -12,6 +12,7 @@ import torch
 
 from ._backend import accumulation_dtype, cpp_ops, resolve_backend
 from ._grouped_matmul import grouped_matmul
+from ._utils import shape_of
 
 
 def closed_form_edit(
@@ -31,7 +32,7 @@ def closed_form_edit(
 
 def _canonical_inputs(weights, transform):
     if not isinstance(transform, torch.Tensor) or transform.dim() != 2 or transform.shape[0] != transform.shape[1]:
-        raise ValueError(f"closed_form_edit: transform must be (d, d), got {_shape(transform)}")
+        raise ValueError(f"closed_form_edit: transform must be (d, d), got {shape_of(transform)}")
     if not transform.is_floating_point():
         raise TypeError(f"closed_form_edit: transform must be floating point, got {transform.dtype}")
     d = transform.shape[0]
@@ -40,16 +41,12 @@ def _canonical_inputs(weights, transform):
         raise ValueError("closed_form_edit: weights is empty")
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != d:
-            raise ValueError(f"closed_form_edit: weights[{i}] must be (out, {d}), got {_shape(w)}")
+            raise ValueError(f"closed_form_edit: weights[{i}] must be (out, {d}), got {shape_of(w)}")
         if not w.is_floating_point():
             raise TypeError(f"closed_form_edit: weights[{i}] must be floating point, got {w.dtype}")
         if w.device != transform.device:
             raise ValueError(f"closed_form_edit: weights[{i}] is on {w.device}, transform on {transform.device}")
     return [w.contiguous() for w in weights], transform, accumulation_dtype(transform.dtype)
-
-
-def _shape(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _edit_torch(weights, T):

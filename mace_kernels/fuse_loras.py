@@ -18,6 +18,7 @@ import torch
 
 from ._backend import accumulation_dtype, cpp_ops, resolve_backend
 from ._grouped_matmul import grouped_matmul
+from ._utils import shape_of
 
 
 def fuse_loras(
@@ -50,7 +51,7 @@ def fuse_loras(
 
 def _canonical_inputs(A, B, C, base, base_transform):
     if not isinstance(C, torch.Tensor) or C.dim() != 3 or C.shape[1] != C.shape[2]:
-        raise ValueError(f"fuse_loras: C must be (n, d, d), got {_shape(C)}")
+        raise ValueError(f"fuse_loras: C must be (n, d, d), got {shape_of(C)}")
     n, d = C.shape[0], C.shape[1]
     A, B = list(A), list(B)
     if not A or len(A) != len(B):
@@ -58,9 +59,9 @@ def _canonical_inputs(A, B, C, base, base_transform):
     r = A[0].shape[1] if isinstance(A[0], torch.Tensor) and A[0].dim() == 3 else None
     for lay, (a, b) in enumerate(zip(A, B)):
         if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[0] != n or a.shape[2] != d or a.shape[1] != r:
-            raise ValueError(f"fuse_loras: A[{lay}] must be ({n}, {r}, {d}) (concepts, rank, d), got {_shape(a)}")
+            raise ValueError(f"fuse_loras: A[{lay}] must be ({n}, {r}, {d}) (concepts, rank, d), got {shape_of(a)}")
         if not isinstance(b, torch.Tensor) or b.dim() != 3 or b.shape[0] != n or b.shape[2] != r:
-            raise ValueError(f"fuse_loras: B[{lay}] must be ({n}, out, {r}) (concepts, out, rank), got {_shape(b)}")
+            raise ValueError(f"fuse_loras: B[{lay}] must be ({n}, out, {r}) (concepts, out, rank), got {shape_of(b)}")
         for name, t in (("A", a), ("B", b)):
             if not t.is_floating_point():
                 raise TypeError(f"fuse_loras: {name}[{lay}] must be floating point, got {t.dtype}")
@@ -74,19 +75,15 @@ def _canonical_inputs(A, B, C, base, base_transform):
         if len(base) != len(A):
             raise ValueError(f"fuse_loras: base has {len(base)} layers, A has {len(A)}")
         if not isinstance(base_transform, torch.Tensor) or base_transform.dim() != 2 or base_transform.shape[1] != d:
-            raise ValueError(f"fuse_loras: base_transform must be (k, {d}), got {_shape(base_transform)}")
+            raise ValueError(f"fuse_loras: base_transform must be (k, {d}), got {shape_of(base_transform)}")
         k = base_transform.shape[0]
         for lay, (w, b) in enumerate(zip(base, B)):
             if not isinstance(w, torch.Tensor) or w.shape != (b.shape[1], k):
-                raise ValueError(f"fuse_loras: base[{lay}] must be ({b.shape[1]}, {k}) to match base_transform, got {_shape(w)}")
+                raise ValueError(f"fuse_loras: base[{lay}] must be ({b.shape[1]}, {k}) to match base_transform, got {shape_of(w)}")
         base = [w.contiguous() for w in base]
         dtypes.append(base_transform.dtype)
     acc = accumulation_dtype(*dtypes)
     return [a.contiguous() for a in A], [b.contiguous() for b in B], C, base, base_transform, acc
-
-
-def _shape(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _fuse_torch(A, B, C, base, T):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ._backend import accumulation_dtype, cpp_ops, resolve_backend
 from ._grouped_matmul import grouped_matmul
-from .token_covariance import segmented_outer
+from ._segmented_outer import segmented_outer
+from ._utils import shape_of
 
 
 def lora_apply(
@@ -52,18 +53,18 @@ def lora_apply(
 
 def _canonical_inputs(x, weight, A, B, seg_lens, bias) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"lora_apply: x must be (T, d_in), got {_shape(x)}")
+        raise ValueError(f"lora_apply: x must be (T, d_in), got {shape_of(x)}")
     T, d_in = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != d_in:
-        raise ValueError(f"lora_apply: weight must be (d_out, {d_in}), got {_shape(weight)}")
+        raise ValueError(f"lora_apply: weight must be (d_out, {d_in}), got {shape_of(weight)}")
     d_out = weight.shape[0]
     if not isinstance(A, torch.Tensor) or A.dim() != 3 or A.shape[2] != d_in:
-        raise ValueError(f"lora_apply: A must be (K, r, {d_in}), got {_shape(A)}")
+        raise ValueError(f"lora_apply: A must be (K, r, {d_in}), got {shape_of(A)}")
     K, r = A.shape[0], A.shape[1]
     if not isinstance(B, torch.Tensor) or B.shape != (K, d_out, r):
-        raise ValueError(f"lora_apply: B must be ({K}, {d_out}, {r}) to match A and weight, got {_shape(B)}")
+        raise ValueError(f"lora_apply: B must be ({K}, {d_out}, {r}) to match A and weight, got {shape_of(B)}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (d_out,)):
-        raise ValueError(f"lora_apply: bias must be ({d_out},), got {_shape(bias)}")
+        raise ValueError(f"lora_apply: bias must be ({d_out},), got {shape_of(bias)}")
     for name, t in (("x", x), ("weight", weight), ("A", A), ("B", B), ("bias", bias)):
         if t is None:
             continue
@@ -75,7 +76,7 @@ def _canonical_inputs(x, weight, A, B, seg_lens, bias) -> torch.Tensor:
         raise TypeError(f"lora_apply: weight and bias must have x's dtype {x.dtype}, got {weight.dtype}")
     lens = torch.as_tensor(seg_lens).to("cpu")
     if lens.dim() != 1 or lens.shape[0] != K or lens.is_floating_point():
-        raise ValueError(f"lora_apply: seg_lens must hold {K} integer lengths (one per adapter), got {_shape(lens)}")
+        raise ValueError(f"lora_apply: seg_lens must hold {K} integer lengths (one per adapter), got {shape_of(lens)}")
     lens = lens.to(torch.int64)
     if bool((lens < 0).any()):
         raise ValueError(f"lora_apply: seg_lens must be >= 0, got {lens.tolist()}")
@@ -84,14 +85,10 @@ def _canonical_inputs(x, weight, A, B, seg_lens, bias) -> torch.Tensor:
     return lens
 
 
-def _shape(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 class _LoraApply(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, A, B, bias, seg_lens, scale, backend):
-        shrink, expand = _PRIMITIVES[backend]
+        shrink, expand, _ = _PRIMITIVES[backend]
         x = x.contiguous()
         acc = accumulation_dtype(x.dtype)
         h = shrink(x, A, seg_lens)  # (T, r)
@@ -105,7 +102,7 @@ class _LoraApply(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, A, B, h, seg_lens = ctx.saved_tensors
         scale, backend = ctx.scale, ctx.backend
-        shrink, expand = _PRIMITIVES[backend]
+        shrink, expand, outer = _PRIMITIVES[backend]
         acc = h.dtype
         g = g.contiguous()
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
@@ -115,13 +112,10 @@ class _LoraApply(torch.autograd.Function):
             dx = (g @ weight).to(acc).contiguous()
             expand(dx, dh, A.transpose(1, 2), seg_lens, scale)  # + scale * dh_k A_k
             dx = dx.to(x.dtype)
-        if need_a or need_b:
-            K = seg_lens.shape[0]
-            seg_ids = torch.repeat_interleave(torch.arange(K), seg_lens).to(x.device)
-            if need_a:
-                da = (segmented_outer(dh, x, seg_ids, K, backend) * scale).to(A.dtype)
-            if need_b:
-                db = (segmented_outer(g, h, seg_ids, K, backend) * scale).to(B.dtype)
+        if need_a:
+            da = (outer(dh, x, seg_lens) * scale).to(A.dtype)
+        if need_b:
+            db = (outer(g, h, seg_lens) * scale).to(B.dtype)
         if need_w:
             dw = (g.to(acc).T @ x.to(acc)).to(weight.dtype)
         if need_bias:
@@ -130,7 +124,8 @@ class _LoraApply(torch.autograd.Function):
 
 
 # Each backend provides shrink(x, A, seg_lens) -> x_k A_k^T (T, r) in the accumulation dtype,
-# and expand(out, h, B, seg_lens, scale): out_k += scale * h_k B_k^T in place.
+# expand(out, h, B, seg_lens, scale): out_k += scale * h_k B_k^T in place, and
+# outer(z, x, seg_lens) -> z_k^T x_k (K, e, d) in x's accumulation dtype.
 
 
 def _shrink_torch(x, A, seg_lens):
@@ -153,12 +148,28 @@ def _expand_torch(out, h, B, seg_lens, scale):
         start += n
 
 
+def _outer_torch(z, x, seg_lens):
+    acc = accumulation_dtype(x.dtype)
+    out = torch.zeros((seg_lens.shape[0], z.shape[1], x.shape[1]), dtype=acc, device=x.device)
+    start = 0
+    for k, n in enumerate(seg_lens.tolist()):
+        if n:
+            out[k] = z[start:start + n].to(acc).T @ x[start:start + n].to(acc)
+        start += n
+    return out
+
+
 def _shrink_cpp(x, A, seg_lens):
     return cpp_ops().sgmv_shrink(x, A, seg_lens)
 
 
 def _expand_cpp(out, h, B, seg_lens, scale):
     cpp_ops().sgmv_expand(out, h, B, seg_lens, scale)
+
+
+def _outer_cpp(z, x, seg_lens):
+    seg_ids = torch.repeat_interleave(torch.arange(seg_lens.shape[0]), seg_lens)
+    return cpp_ops().covariance(x, z, seg_ids, None, seg_lens.shape[0], False)[1]
 
 
 def _offsets(seg_lens):
@@ -177,8 +188,15 @@ def _expand_triton(out, h, B, seg_lens, scale):
     grouped_matmul(h, B.transpose(1, 2), _offsets(seg_lens), out, alpha=scale, accumulate=True)
 
 
+def _outer_triton(z, x, seg_lens):
+    # Segments are consecutive rows: no permutation to read them through.
+    offsets = _offsets(seg_lens).to(x.device)
+    max_len = int(seg_lens.max()) if seg_lens.numel() and x.shape[0] else 0
+    return segmented_outer(z.contiguous(), x.contiguous(), offsets, acc=accumulation_dtype(x.dtype), max_len=max_len)
+
+
 _PRIMITIVES = {
-    "torch": (_shrink_torch, _expand_torch),
-    "cpp": (_shrink_cpp, _expand_cpp),
-    "triton": (_shrink_triton, _expand_triton),
+    "torch": (_shrink_torch, _expand_torch, _outer_torch),
+    "cpp": (_shrink_cpp, _expand_cpp, _outer_cpp),
+    "triton": (_shrink_triton, _expand_triton, _outer_triton),
 }

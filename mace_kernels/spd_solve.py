@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import accumulation_dtype, cpp_ops, resolve_backend, triton_interpret
+from ._backend import accumulation_dtype, cpp_ops, resolve_backend
+from ._tile_configs import tile_config
 from ._triton import cdiv, jit, tl, triton
+from ._utils import shape_of
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -100,10 +102,10 @@ def spd_solve(
 
 def _canonical_inputs(M, R):
     if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2]:
-        raise ValueError(f"spd_solve: M must be (..., d, d), got {_shape(M)}")
+        raise ValueError(f"spd_solve: M must be (..., d, d), got {shape_of(M)}")
     d = M.shape[-1]
     if not isinstance(R, torch.Tensor) or R.dim() < 2 or R.shape[-1] != d:
-        raise ValueError(f"spd_solve: R must be (..., m, {d}) to match M ({d} x {d}), got {_shape(R)}")
+        raise ValueError(f"spd_solve: R must be (..., m, {d}) to match M ({d} x {d}), got {shape_of(R)}")
     if not (M.is_floating_point() and R.is_floating_point()):
         raise TypeError(f"spd_solve: M and R must be floating point, got {M.dtype} and {R.dtype}")
     if M.device != R.device:
@@ -134,10 +136,6 @@ def _canonical_inputs(M, R):
     Mb = Mc.expand(*batch_shape, d, d).reshape(nb, d, d).contiguous()
     Rb = R.to(acc).expand(*batch_shape, m, d).reshape(nb, m, d).contiguous()
     return Mb, Rb, batch_shape, out_dtype
-
-
-def _shape(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _checked_factor(factor, Mb):
@@ -273,7 +271,8 @@ def _factor_triton(M):
 def _solve_triton(L, R):
     assert triton is not None
     B, m, d = R.shape
-    block = 32
+    cfg = tile_config("spd_solve")
+    block = cfg["block"]
     nb = cdiv(d, block)
     dp = nb * block
     # Pad to whole blocks with an identity tail so no load of L needs a mask.
@@ -286,7 +285,7 @@ def _solve_triton(L, R):
     dinv = torch.linalg.solve_triangular(diag_blocks, eye, upper=False).contiguous()
     X = torch.zeros((B, m, dp), dtype=R.dtype, device=R.device)
     X[:, :, :d] = R
-    block_m = 16 if triton_interpret() else 64
+    block_m = cfg["block_m"]
     grid = (B, cdiv(m, block_m))
     _trsm_kernel[grid](Lp, dinv, X, m, dp, ACC_F64=R.dtype == torch.float64, BLOCK_M=block_m, BLOCK=block, NB=nb)
     return X[:, :, :d].contiguous()
