@@ -1,17 +1,77 @@
-"""Writing files atomically: a temporary file in the same folder renamed over the target."""
+"""Writing files and folders atomically: everything is written to a temporary sibling and
+renamed over the target, so a reader (or a rerun after a crash) sees the old version or the
+new one, never half of one. Every writer of the package goes through ``atomic_path``."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
+@contextmanager
+def atomic_path(target: str | os.PathLike, *, directory: bool = False, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target``.
+
+    Write a file (or, with ``directory=True``, fill a folder) at the yielded path. If the
+    block raises, the temporary is removed and ``target`` is left as it was. With
+    ``replace=False`` a ``target`` that appeared meanwhile (another process) is kept.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if not replace and target.exists():
+            return
+        if directory:
+            old = None
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+                old.rmdir()
+                target.rename(old)
+            tmp.rename(target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def write_json_atomically(path: str | os.PathLike, payload: dict) -> Path:
-    """Write payload as JSON (a temporary file renamed over the target: never half written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    return write_text_atomically(path, json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def save_image_atomically(image, path: str | os.PathLike, format: str = "PNG") -> Path:
+    """Save a PIL image to ``path`` atomically (``format`` as PIL names it)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=format)
+    return Path(path)
+
+
+def save_pipeline_atomically(pipe, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` into a temporary folder swapped in at the end: the old model survives a failure."""
+    with atomic_path(path, directory=True) as tmp:
+        pipe.save_pretrained(tmp)
+    return Path(path)

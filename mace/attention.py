@@ -7,9 +7,11 @@ share this one forward pass and differ only in ``key_value`` and ``on_probs``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def cross_attention_forward(
@@ -50,17 +52,48 @@ class ProcessorSwap:
         self.unet, self.processor_for = unet, processor_for
         self.previous: dict[str, object] = {}
 
-    def __enter__(self):
+    def install(self) -> None:
+        """Give each attn2 layer the processor ``processor_for(name)`` (None: leave it)."""
         for name, module in self.unet.named_modules():
             if name.endswith("attn2"):
                 processor = self.processor_for(name)
                 if processor is not None:
                     self.previous[name] = module.processor
                     module.set_processor(processor)
-        return self
 
-    def __exit__(self, *exc):
+    def restore(self) -> None:
+        """Put the previous processors back."""
         modules = dict(self.unet.named_modules())
         for name, processor in self.previous.items():
             modules[name].set_processor(processor)
+        self.previous.clear()
+
+    def __enter__(self) -> ProcessorSwap:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.restore()
         return False
+
+
+class AttentionMapRecorder:
+    """attn2 processor that also sums the concept tokens' attention maps, per sample."""
+
+    def __init__(self, positions: torch.Tensor, cond_offset: int, side: int):
+        self.positions = positions  # (B, 77) bool for the conditional half of the batch
+        self.cond_offset = cond_offset  # index where the conditional samples start
+        self.side = side
+        self.maps = torch.zeros(positions.shape[0], side, side)
+
+    def _record(self, probs: torch.Tensor, batch: int) -> None:
+        pixels = probs.shape[1]
+        p = probs.view(batch, -1, pixels, probs.shape[-1])[self.cond_offset:].mean(1)  # (B, pixels, 77)
+        picked = (p * self.positions[:, None, :].to(p.dtype)).sum(-1)
+        side = int(round(math.sqrt(pixels)))
+        grid = picked.view(-1, 1, side, side).float()
+        self.maps += F.interpolate(grid, size=(self.side, self.side), mode="bilinear", align_corners=False)[:, 0].cpu()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return cross_attention_forward(attn, hidden_states, encoder_hidden_states,
+                                       lambda ctx: (attn.to_k(ctx), attn.to_v(ctx)), self._record)

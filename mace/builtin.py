@@ -12,15 +12,22 @@ diffusers folder under the cache directory and loaded from there afterwards.
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import os
-import shutil
-import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .atomic import atomic_path
+from .tokenizer import clip_tokenizer
+from .world import load_world_components, weights_fingerprint
 
 BUILTIN_PREFIX = "builtin:"
 _VERSION = "v1"  # bump when a builtin config changes, so old caches are not reused
@@ -31,60 +38,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MACE_HOME", Path.home() / ".cache" / "mace"))
 
 
-def clip_bpe_path() -> Path:
-    """The OpenAI CLIP BPE merges file shipped inside the open-clip-torch wheel.
-
-    open_clip itself is not imported (it needs torchvision); only its data file is used.
-    """
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the builtin models need the CLIP vocabulary from open-clip-torch: "
-            "pip install --no-deps open-clip-torch"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.exists():
-        raise RuntimeError(f"open-clip-torch is installed but {path.name} is missing")
-    return path
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins for bytes used by byte-level BPE, in vocabulary order.
-
-    Printable bytes stand for themselves and come first; the other bytes follow, mapped to
-    code points from 256 up.
-    """
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    others = [b for b in range(256) if b not in set(printable)]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
-@lru_cache(maxsize=2)
-def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """CLIP's 49,408-entry vocabulary and its merges, from the BPE file."""
-    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    # Line 0 is a header; CLIP uses the first 49152 - 256 - 2 merges.
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    alphabet = _byte_alphabet()
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """The Stable Diffusion CLIP tokenizer (SDXL's second tokenizer pads with '!')."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = clip_vocab_and_merges()
-    pairs = [tuple(m.split()) for m in merges]
-    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=77, pad_token=pad_token)
-
-
 def _text_encoder(hidden: int, layers: int, with_projection: bool, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     config = CLIPTextConfig(
         vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
@@ -95,8 +49,6 @@ def _text_encoder(hidden: int, layers: int, with_projection: bool, seed: int):
 
 
 def _vae(seed: int):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
@@ -106,8 +58,6 @@ def _vae(seed: int):
 
 
 def _scheduler():
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
@@ -116,8 +66,6 @@ def _scheduler():
 
 def build_tiny_sd(seed: int = 0):
     """SD-1.x shaped: text width 64, UNet (32, 64) with 7 cross-attention layers, 64x64 images."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -134,8 +82,6 @@ def build_tiny_sd(seed: int = 0):
 
 def build_tiny_sdxl(seed: int = 0):
     """SDXL shaped: two text encoders (32 + 32 = 64 wide context), pooled text + time embeddings."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -156,10 +102,6 @@ def build_tiny_sdxl(seed: int = 0):
 
 def build_world():
     """The trained glyph-world model (mace.world): weights shipped in the package, real tokenizer."""
-    from diffusers import StableDiffusionPipeline
-
-    from .world import load_world_components
-
     return StableDiffusionPipeline(
         **load_world_components(), tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
@@ -171,8 +113,6 @@ BUILTIN_MODELS = {"tiny": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "world": 
 
 def _version(key: str) -> str:
     if key == "world":  # retrained weights get a fresh cache folder
-        from .world import weights_fingerprint
-
         return f"{_VERSION}-{weights_fingerprint()}"
     return _VERSION
 
@@ -185,15 +125,6 @@ def builtin_model_path(name: str) -> Path:
     target = cache_dir() / "builtin" / f"{key}-{_version(key)}"
     if (target / "model_index.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
+    with atomic_path(target, directory=True, replace=False) as staging:  # another process may save it first
         BUILTIN_MODELS[key]().save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process saved it first
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,7 +1,7 @@
 """Preservation caches: the d x d statistic C_p = sum e e^T over every token of a prompt set.
 
 The original MACE cached per-layer products (W_l C_p, C_p) as pickles; since every layer only
-needs C_p (DESIGN section 2), a cache here is one d x d float64 matrix (a few MB) in
+needs C_p (docs/design.md, section 3), a cache here is one d x d float64 matrix (a few MB) in
 safetensors, with metadata saying which text encoder made it. Building streams the prompts
 in batches, checkpoints a partial file as it goes, and resumes from it after an interruption.
 """
@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import mace_kernels as mk
 
+from .atomic import atomic_path
+from .fingerprint import files_digest
 from .models import encode_prompts, text_encoder_fingerprint, text_width
 
 CACHE_VERSION = "1"
@@ -50,9 +52,8 @@ class PreservationCache:
             "dtype": str(self.cov.dtype).replace("torch.", ""), "d": str(self.cov.shape[0]),
             "complete": "false" if partial else "true",
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"cov": self.cov.contiguous().cpu()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"cov": self.cov.contiguous().cpu()}, str(tmp), metadata=meta)
 
 
 def load_preservation_cache(path: str | os.PathLike, *, pipe=None, allow_partial: bool = False) -> PreservationCache:
@@ -65,11 +66,16 @@ def load_preservation_cache(path: str | os.PathLike, *, pipe=None, allow_partial
         )
     if not path.exists():
         raise FileNotFoundError(f"preservation cache {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("mace_cache_version") != CACHE_VERSION or "cov" not in f.keys():
-            raise CacheMismatchError(f"{path} is not a MACE preservation cache (version {CACHE_VERSION})")
-        cov = f.get_tensor("cov")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("mace_cache_version") != CACHE_VERSION or "cov" not in f.keys():
+                raise CacheMismatchError(f"{path} is not a MACE preservation cache (version {CACHE_VERSION})")
+            cov = f.get_tensor("cov")
+    except SafetensorError as err:
+        raise CacheMismatchError(f"{path}: not a readable safetensors file ({err}); rebuild it with `mace cache`") from None
+    if cov.dim() != 2 or cov.shape[0] != cov.shape[1] or not all(k in meta for k in ("tokens", "prompts")):
+        raise CacheMismatchError(f"{path}: damaged cache (statistic of shape {tuple(cov.shape)}, metadata {sorted(meta)})")
     if meta.get("complete") != "true" and not allow_partial:
         raise CacheMismatchError(f"{path} is an unfinished cache; run `mace cache` again to complete it")
     cache = PreservationCache(cov.to(torch.float64), int(meta["tokens"]), int(meta["prompts"]), meta.get("model", ""),
@@ -156,6 +162,35 @@ def build_preservation_cache(
     cache.save(out)
     partial.unlink(missing_ok=True)
     return cache
+
+
+@dataclass(frozen=True)
+class PreservationSettings:
+    """Which caches a closed-form stage preserves and how they combine: P = C_prior +
+    preserve_weight * C_domain (either may be absent; the stage's scale multiplies P)."""
+
+    prior_cache: str | None = None
+    domain_cache: str | None = None
+    preserve_weight: float = 0.0
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(p) for p in (self.prior_cache, self.domain_cache) if p]
+
+    def identity(self) -> dict:
+        """The settings plus a hash of each cache file's bytes (for fingerprints)."""
+        return {"prior": files_digest([self.prior_cache]) if self.prior_cache else None,
+                "domain": files_digest([self.domain_cache]) if self.domain_cache else None,
+                "preserve_weight": self.preserve_weight}
+
+    def matrix(self, pipe) -> torch.Tensor | None:
+        """P for ``pipe`` (each cache checked against its text encoder), None without caches."""
+        caches = []
+        if self.prior_cache:
+            caches.append((load_preservation_cache(self.prior_cache, pipe=pipe), 1.0))
+        if self.domain_cache:
+            caches.append((load_preservation_cache(self.domain_cache, pipe=pipe), self.preserve_weight))
+        return preservation_matrix(caches)
 
 
 def preservation_matrix(

@@ -1,4 +1,8 @@
-"""The ``mace`` command (also ``python -m mace``)."""
+"""The ``mace`` command (also ``python -m mace``).
+
+Each command imports what it needs when it runs: importing the diffusers pipelines takes
+seconds, and ``mace --help`` or a config error should not wait for them.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 def _cmd_cache(args) -> int:
     from .cache import build_preservation_cache, read_prompt_file
-    from .models import load_pipeline
+    from .pipelines import load_pipeline
 
     prompts = read_prompt_file(args.prompts)
     start = time.perf_counter()
@@ -31,8 +35,6 @@ def _cmd_erase(args, stages=None) -> int:
     chosen = tuple(stages or (args.stages.split(",") if args.stages else STAGES))
     summary = erase(config, chosen, progress=not args.quiet)
     print(summary.line())
-    if summary.report:
-        print(f"report: {summary.report}")
     return 0
 
 
@@ -46,7 +48,8 @@ def _cmd_sample(args) -> int:
 
     import torch
 
-    from .models import load_pipeline
+    from .atomic import save_image_atomically
+    from .pipelines import load_pipeline
 
     if bool(args.prompt) == bool(args.csv):
         raise ValueError("give exactly one of --prompt or --csv")
@@ -73,9 +76,7 @@ def _cmd_sample(args) -> int:
             continue
         image = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                      generator=torch.Generator().manual_seed(seed)).images[0]
-        tmp = target.with_name(f".{target.name}.tmp")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, target)
+        save_image_atomically(image, target)
         made += 1
     print(f"sampled {made} image(s) ({len(jobs) - made} already there) into {out}")
     return 0
@@ -89,7 +90,7 @@ def _cmd_eval(args) -> int:
     from pathlib import Path
 
     from .atomic import write_json_atomically
-    from .models import load_pipeline
+    from .pipelines import load_pipeline
 
     model, original, erased = args.model, args.original, _split(args.erased)
     if args.config:
@@ -105,7 +106,7 @@ def _cmd_eval(args) -> int:
     pipe = load_pipeline(model, device=args.device)
     before = load_pipeline(original, device=args.device) if original else None
     if args.clip:
-        from .evaluate import clip_evaluation
+        from .clip_eval import clip_evaluation
         from .metrics import load_clip
 
         result = clip_evaluation(pipe, erased, _split(args.kept), load_clip(args.clip), original=before,

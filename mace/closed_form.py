@@ -5,7 +5,7 @@ Both minimise, for every projection W_l (out_l x d) of the cross-attention layer
     sum ||W' e - target(e)||^2 + lam ||W' - W_anchor||^2 + s sum_p ||W' e_p - W0 e_p||^2
 
 and both depend on the text embeddings only through d x d statistics, with a left-hand
-matrix M shared by every layer. The fast path exploits that (DESIGN section 2):
+matrix M shared by every layer. The fast path exploits that (docs/design.md, section 2):
 
     refinement  W'_l = W_l T,   T = (lam I + C_no + s P) M^-1,      M = lam I + C_oo + s P
     fusion      W*_l = [W_l (lam I + sum C_i) + sum_i B_il A_il C_i + s W0_l P] M^-1,

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from .images import image_files
 from .prompts import CONCEPT_TYPES
 
 
@@ -134,20 +137,6 @@ class MACEConfig:
 
 KNOWN_KEYS = tuple(f.name for f in fields(MACEConfig))
 _PATH_KEYS = ("prior_preservation_cache_path", "domain_preservation_cache_path", "concept_prompts_file")
-PRESERVE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def preservation_image_files(preserve_data_dir: str | os.PathLike | None, max_images: int | None = None) -> list[Path]:
-    """The PNG/JPG images of ``preserve_data_dir`` (sorted, at most ``max_images``); ConfigError if none."""
-    if preserve_data_dir is None:
-        raise ConfigError("with_prior_preservation needs preserve_data_dir, a folder of PNG/JPG images to preserve")
-    folder = Path(preserve_data_dir)
-    if not folder.is_dir():
-        raise ConfigError(f"preserve_data_dir: {folder} is not a folder (with_prior_preservation needs PNG/JPG images there)")
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in PRESERVE_IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError(f"preserve_data_dir: {folder} holds no PNG/JPG images (with_prior_preservation needs some)")
-    return files[:max_images] if max_images is not None else files
 
 
 def check_prior_preservation(
@@ -166,7 +155,13 @@ def check_prior_preservation(
     if preserve_prompt is None or not str(preserve_prompt).strip():
         raise ConfigError("with_prior_preservation needs preserve_prompt, the caption of the images in preserve_data_dir")
     if check_paths:
-        preservation_image_files(preserve_data_dir)
+        folder = Path(preserve_data_dir) if preserve_data_dir is not None else None
+        if folder is None:
+            raise ConfigError("with_prior_preservation needs preserve_data_dir, a folder of PNG/JPG images to preserve")
+        if not folder.is_dir():
+            raise ConfigError(f"preserve_data_dir: {folder} is not a folder (with_prior_preservation needs PNG/JPG images there)")
+        if not image_files(folder):
+            raise ConfigError(f"preserve_data_dir: {folder} holds no PNG/JPG images (with_prior_preservation needs some)")
 
 
 def _normalise_concepts(raw) -> list[list[str]]:
@@ -256,12 +251,16 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *, check_paths: bool = True) -> MACEConfig:
     """Read a MACE YAML file; ``overrides`` are dotlist items like ``lamb=0.1``."""
-    from omegaconf import OmegaConf
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    conf = OmegaConf.load(path)
+    try:
+        conf = OmegaConf.load(path)
+    except Exception as err:  # yaml's and OmegaConf's errors: a file that is not a YAML mapping
+        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise ConfigError(f"{path}: not a valid YAML config ({first})") from None
+    if not isinstance(conf, DictConfig):
+        raise ConfigError(f"{path}: a config must be a YAML mapping of keys to values")
     if "MACE" in conf:
         conf = conf.MACE
     if overrides:

@@ -1,18 +1,39 @@
-"""Closed-form multi-LoRA fusion (stage 3 of MACE) on a diffusers pipeline."""
+"""Stage 3 of MACE: closed-form fusion of one LoRA per concept into a pipeline's cross-attention
+projections (the math is in mace.closed_form and docs/design.md, section 2)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from .cache import PreservationCache
+from .cache import PreservationCache, PreservationSettings
 from .closed_form import LoraStack, SolveReport, fuse_weights
+from .config import MACEConfig
 from .lora_io import read_lora
-from .models import cross_attention_projections, encode_prompts
+from .models import cross_attention_projections, edit_projections, encode_prompts, projection_weights
 
 LoraSource = str | os.PathLike | Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """Stage 3's settings, read from a config in one place."""
+
+    lam: float = 0.0
+    preserve: PreservationSettings = field(default_factory=PreservationSettings)
+    preserve_scale: float = 0.0
+    method: str = "fast"
+    jitter: float | None = None
+
+    @classmethod
+    def from_config(cls, config: MACEConfig) -> FusionSettings:
+        return cls(lam=config.lamb, preserve=PreservationSettings(config.prior_preservation_cache_path,
+                                                                  config.domain_preservation_cache_path,
+                                                                  config.preserve_weight),
+                   preserve_scale=config.fuse_preserve_scale, method=config.method, jitter=config.solve_jitter)
 
 
 def stack_loras(loras: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], projections) -> LoraStack:
@@ -83,17 +104,10 @@ def fuse(
               for c in concepts]
     anchor = None
     if original is not None:
-        if hasattr(original, "unet"):
-            anchor = [lin.weight.data.cpu() for _, lin in cross_attention_projections(original.unet)]
-        else:
-            anchor = [t.cpu() for t in original]
-    weights = [lin.weight.data for _, lin in projections]
-    new, report = fuse_weights(
-        [w.cpu() for w in weights], stack, tokens, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
+        anchor = [t.cpu() for t in (projection_weights(original.unet) if hasattr(original, "unet") else original)]
+    report = edit_projections(pipe.unet, lambda weights: fuse_weights(
+        weights, stack, tokens, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
         original=anchor, method=method, dtype=dtype, jitter=jitter,
-    )
-    with torch.no_grad():
-        for w, n in zip(weights, new):
-            w.copy_(n.to(w.device, w.dtype))
+    ))
     report.extra["concepts"] = len(concepts)
     return report

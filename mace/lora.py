@@ -89,16 +89,22 @@ class AttentionTargets:
 class MultiConceptLoRA(nn.Module):
     """The LoRAs of k concepts on every attn2 to_k / to_v, stacked as (k, r, d) and (k, out, r)."""
 
-    def __init__(self, unet: nn.Module, num_concepts: int, rank: int, *, seed: int = 0):
+    def __init__(self, unet: nn.Module, num_concepts: int, rank: int, *, seed: int = 0,
+                 concept_seeds: Sequence[int] | None = None):
         super().__init__()
         self.names = [name for name, _ in cross_attention_projections(unet)]
-        g = torch.Generator().manual_seed(seed)
+        # Concept k's initial weights come from its own generator, so they do not depend on
+        # which other concepts share its batch.
+        seeds = list(concept_seeds) if concept_seeds is not None else [seed + k for k in range(num_concepts)]
+        if len(seeds) != num_concepts:
+            raise ValueError(f"{len(seeds)} concept seeds for {num_concepts} concepts")
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         for _, lin in cross_attention_projections(unet):
             out, d = lin.weight.shape
             # A random (as peft's default), B zero: training starts from the unchanged model.
-            a = torch.randn(num_concepts, rank, d, generator=g) / math.sqrt(d)
+            a = torch.stack([torch.randn(rank, d, generator=g) for g in generators]) / math.sqrt(d)
             self.A.append(nn.Parameter(a))
             self.B.append(nn.Parameter(torch.zeros(num_concepts, out, rank)))
         self.num_concepts, self.rank = num_concepts, rank
@@ -143,10 +149,19 @@ class LoraTrainingHooks:
                 return None
             return _MultiLoraAttnProcessor(self, index[f"{name}.to_k"], index[f"{name}.to_v"])
 
-        self._swap = ProcessorSwap(unet, processor_for).__enter__()
+        self._swap = ProcessorSwap(unet, processor_for)
+        self._swap.install()
 
     def remove(self) -> None:
-        self._swap.__exit__(None, None, None)
+        """Give the attn2 layers back their previous processors."""
+        self._swap.restore()
+
+    def __enter__(self) -> LoraTrainingHooks:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False
 
     def record(self, probs: torch.Tensor, batch: int) -> None:
         t = self.targets

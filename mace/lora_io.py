@@ -18,8 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .atomic import atomic_path
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _FILE_NAMES = (LORA_WEIGHT_NAME, "adapter_model.safetensors")
@@ -49,11 +51,17 @@ def _alpha_config(file: Path, metadata: dict[str, str]) -> dict:
     """lora_alpha / r / patterns from the safetensors metadata or a peft adapter_config.json."""
     raw = metadata.get("lora_adapter_metadata")
     if raw:
-        meta = json.loads(raw)
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise LoraFormatError(f"{file}: its lora_adapter_metadata is not JSON ({err})") from None
         return {k.split(".", 1)[1] if k.startswith("unet.") else k: v for k, v in meta.items()}
     config = file.parent / "adapter_config.json"
     if config.exists():
-        return json.loads(config.read_text())
+        try:
+            return json.loads(config.read_text())
+        except json.JSONDecodeError as err:
+            raise LoraFormatError(f"{config}: not valid JSON ({err})") from None
     return {}
 
 
@@ -78,22 +86,26 @@ def read_lora(path: str | os.PathLike, projection_names: Sequence[str]) -> dict[
     file = _lora_file(Path(path))
     kohya = {name.replace(".", "_"): name for name in projection_names}
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(file), framework="pt") as f:
-        metadata = f.metadata() or {}
-        for key in f.keys():
-            for pattern, kind in _PATTERNS:
-                m = pattern.match(key)
-                if not m:
-                    continue
-                groups = m.groupdict()
-                if "k" in groups:
-                    module = kohya.get(groups["k"], "lora_unet_" + groups["k"])
-                elif "p" in groups:
-                    module = f"{groups['m']}.{groups['p']}"
-                else:
-                    module = groups["m"]
-                parts.setdefault(module, {})[kind] = f.get_tensor(key)
-                break
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise LoraFormatError(f"{file}: not a readable safetensors file ({err})") from None
+    for key in tensors:
+        for pattern, kind in _PATTERNS:
+            m = pattern.match(key)
+            if not m:
+                continue
+            groups = m.groupdict()
+            if "k" in groups:
+                module = kohya.get(groups["k"], "lora_unet_" + groups["k"])
+            elif "p" in groups:
+                module = f"{groups['m']}.{groups['p']}"
+            else:
+                module = groups["m"]
+            parts.setdefault(module, {})[kind] = tensors[key]
+            break
     if not parts:
         raise LoraFormatError(f"{file}: no LoRA weights found (unknown key layout)")
     config = _alpha_config(file, metadata)
@@ -147,7 +159,6 @@ def save_lora(path: str | os.PathLike, loras: dict[str, tuple[torch.Tensor, torc
     targets = sorted({m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in loras})
     meta = {"unet.r": r, "unet.lora_alpha": alpha if alpha is not None else r, "unet.target_modules": targets}
     target = folder / LORA_WEIGHT_NAME
-    tmp = folder / f".{LORA_WEIGHT_NAME}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
     return target

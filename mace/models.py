@@ -1,8 +1,8 @@
-"""Loading Stable Diffusion pipelines and reaching their cross-attention key/value projections.
+"""Reaching a Stable Diffusion pipeline's cross-attention key/value projections and its text encoders.
 
 MACE edits only ``attn2.to_k`` and ``attn2.to_v`` of the UNet: the projections that read the
 text embedding (width d: 768 SD1, 1024 SD2, 2048 SDXL). Everything else in this package talks
-to a model through the helpers here.
+to a model through the helpers here (loading a pipeline is :mod:`mace.pipelines`).
 """
 
 from __future__ import annotations
@@ -10,53 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from safetensors import safe_open
 from torch import nn
-
-from .builtin import BUILTIN_PREFIX, builtin_model_path
 
 
 class NoCrossAttentionError(ValueError):
     """The model has no cross-attention key/value projections to edit."""
-
-
-def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """A builtin name ('builtin:tiny') becomes its cached folder; anything else is passed on."""
-    name = str(name_or_path)
-    if name.startswith(BUILTIN_PREFIX):
-        return str(builtin_model_path(name))
-    return name
-
-
-def load_pipeline(
-    name_or_path: str | os.PathLike,
-    *,
-    torch_dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-):
-    """Load a diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a folder, hub id or builtin.
-
-    ``builtin:tiny`` and ``builtin:tiny-sdxl`` are small models made from configs in this
-    repository (see :mod:`mace.builtin`); nothing is downloaded for them.
-    """
-    from diffusers import DiffusionPipeline
-
-    path = resolve_model_path(name_or_path)
-    if not str(name_or_path).startswith(BUILTIN_PREFIX) and os.sep in path and not Path(path).exists():
-        raise FileNotFoundError(f"model folder {path} does not exist")
-    kwargs = {"dtype": torch_dtype}
-    index = Path(path) / "model_index.json"
-    if index.exists() and "safety_checker" in json.loads(index.read_text()):
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    if device is not None:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    cross_attention_projections(pipe.unet)  # fail early on a model MACE cannot edit
-    return pipe
 
 
 def cross_attention_projections(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -79,6 +43,57 @@ def cross_attention_projections(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
             "MACE edits text-conditioned diffusion models only"
         )
     return found
+
+
+def projection_weights(unet: nn.Module) -> list[torch.Tensor]:
+    """The weight tensors of every cross-attention key/value projection (live, not copies)."""
+    return [lin.weight.data for _, lin in cross_attention_projections(unet)]
+
+
+def set_projection_weights(unet: nn.Module, weights: Sequence[torch.Tensor]) -> None:
+    """Copy ``weights`` (projection order, any device/dtype) into the UNet's projections."""
+    live = projection_weights(unet)
+    if len(live) != len(weights):
+        raise ValueError(f"{len(weights)} weights for {len(live)} cross-attention projections")
+    with torch.no_grad():
+        for w, new in zip(live, weights):
+            if w.shape != new.shape:
+                raise ValueError(f"a projection weight is {tuple(w.shape)}, got {tuple(new.shape)}")
+            w.copy_(new.to(w.device, w.dtype))
+
+
+R = TypeVar("R")
+
+
+def edit_projections(unet: nn.Module, edit: Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], R]]) -> R:
+    """Apply a closed-form edit: ``edit(weights on the CPU) -> (new weights, report)``; the new
+    weights are copied back into the UNet (its device and dtype) and the report returned."""
+    new, report = edit([w.detach().cpu() for w in projection_weights(unet)])
+    set_projection_weights(unet, new)
+    return report
+
+
+def read_projection_weights(model_dir: str | os.PathLike, names: Sequence[str]) -> list[torch.Tensor]:
+    """The named projections' weights from a saved diffusers pipeline's UNet safetensors, without
+    loading the rest of the model (MACE's stages change only these)."""
+    unet_dir = Path(model_dir) / "unet"
+    index = next(iter(sorted(unet_dir.glob("*.safetensors.index.json"))), None)
+    if index is not None:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        files = sorted(unet_dir.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{unet_dir}: expected one UNet .safetensors file, found {len(files)}")
+        weight_map = None
+    out = []
+    for name in names:
+        key = f"{name}.weight"
+        file = unet_dir / weight_map[key] if weight_map is not None else files[0]
+        with safe_open(str(file), framework="pt") as f:
+            if key not in f.keys():
+                raise KeyError(f"{file}: no tensor {key}; is {model_dir} a model of the same architecture?")
+            out.append(f.get_tensor(key))
+    return out
 
 
 def text_width(pipe) -> int:

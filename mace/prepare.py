@@ -10,7 +10,6 @@ With a ``masker`` (e.g. :class:`mace.grounded_sam.GroundedSamMasker`), masks com
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import ProcessorSwap, cross_attention_forward
+from .atomic import save_image_atomically
+from .attention import AttentionMapRecorder, ProcessorSwap
+from .config import MACEConfig
+from .images import image_files, image_tensor, mask_tensor, read_image
 from .prompts import concept_token_positions
 
 
@@ -36,27 +38,11 @@ class GenerationSettings:
     seed: int = 2024
     mask_threshold: float = 0.5  # on the map scaled to [0, 1]
 
-
-class AttentionMapRecorder:
-    """attn2 processor that also sums the concept tokens' attention maps, per sample."""
-
-    def __init__(self, positions: torch.Tensor, cond_offset: int, side: int):
-        self.positions = positions  # (B, 77) bool for the conditional half of the batch
-        self.cond_offset = cond_offset  # index where the conditional samples start
-        self.side = side
-        self.maps = torch.zeros(positions.shape[0], side, side)
-
-    def _record(self, probs: torch.Tensor, batch: int) -> None:
-        pixels = probs.shape[1]
-        p = probs.view(batch, -1, pixels, probs.shape[-1])[self.cond_offset:].mean(1)  # (B, pixels, 77)
-        picked = (p * self.positions[:, None, :].to(p.dtype)).sum(-1)
-        side = int(round(math.sqrt(pixels)))
-        grid = picked.view(-1, 1, side, side).float()
-        self.maps += F.interpolate(grid, size=(self.side, self.side), mode="bilinear", align_corners=False)[:, 0].cpu()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        return cross_attention_forward(attn, hidden_states, encoder_hidden_states,
-                                       lambda ctx: (attn.to_k(ctx), attn.to_v(ctx)), self._record)
+    @classmethod
+    def from_config(cls, config: MACEConfig, resolution: int) -> GenerationSettings:
+        return cls(num_images=config.num_images_per_concept, steps=config.generation_steps,
+                   guidance_scale=config.guidance_scale, batch_size=config.sample_batch_size, resolution=resolution,
+                   seed=config.seed, mask_threshold=config.mask_threshold)
 
 
 def attention_masks(maps: torch.Tensor, size: int, threshold: float) -> list[Image.Image]:
@@ -130,41 +116,40 @@ def generate_concept_data(
         else:
             masks = attention_masks(recorder.maps, size, settings.mask_threshold)
         for i, image, mask in zip(idx, images, masks):
-            _save_png(image, image_dir / f"{i}.png")
+            save_image_atomically(image, image_dir / f"{i}.png")
             if mask is not None:
-                _save_png(mask, mask_dir / f"{i}.png")
+                save_image_atomically(mask, mask_dir / f"{i}.png")
             made += 1
         bar.update(len(idx))
     bar.close()
     return made
 
 
-def image_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a (3, H, W) float tensor in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def concept_data_files(input_data_dir: str | os.PathLike, concept: str, concept_type: str) -> list[Path]:
+    """The image files of a prepared concept and, for concepts with masks, each one's mask, in
+    the order training reads them (FileNotFoundError naming what is missing)."""
+    image_dir, mask_dir = concept_folders(input_data_dir, concept)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"no data folder for {concept!r}: {image_dir} (run `mace prepare` first)")
+    files = [f for f in image_files(image_dir) if f.suffix == ".png"]
+    if not files:
+        raise FileNotFoundError(f"{image_dir} holds no images")
+    if concept_type == "style":
+        return files
+    out = []
+    for f in files:
+        mf = mask_dir / f.name
+        if not mf.exists():
+            raise FileNotFoundError(f"mask {mf} is missing for image {f}")
+        out += [f, mf]
+    return out
 
 
 def load_concept_data(input_data_dir, concept: str, concept_type: str, resolution: int):
     """(images (N, 3, H, W) in [-1, 1], masks (N, 1, H, W) or None) of a prepared concept."""
-    image_dir, mask_dir = concept_folders(input_data_dir, concept)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"no data folder for {concept!r}: {image_dir} (run `mace prepare` first)")
-    files = sorted(image_dir.glob("*.png"), key=lambda p: (len(p.stem), p.stem))
-    if not files:
-        raise FileNotFoundError(f"{image_dir} holds no images")
-    images, masks = [], []
-    for f in files:
-        images.append(image_tensor(Image.open(f).convert("RGB").resize((resolution, resolution))))
-        if concept_type != "style":
-            mf = mask_dir / f.name
-            if not mf.exists():
-                raise FileNotFoundError(f"mask {mf} is missing for image {f}")
-            m = Image.open(mf).convert("L").resize((resolution, resolution), Image.NEAREST)
-            masks.append(torch.from_numpy(np.asarray(m).copy()).float()[None] / 255)
-    return torch.stack(images), (torch.stack(masks) if masks else None)
+    files = concept_data_files(input_data_dir, concept, concept_type)
+    if concept_type == "style":
+        return torch.stack([image_tensor(read_image(f, "RGB", resolution)) for f in files]), None
+    images = [image_tensor(read_image(f, "RGB", resolution)) for f in files[0::2]]
+    masks = [mask_tensor(read_image(m, "L", resolution, Image.NEAREST)) for m in files[1::2]]
+    return torch.stack(images), torch.stack(masks)

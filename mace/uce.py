@@ -22,7 +22,7 @@ import torch
 import mace_kernels as mk
 
 from .closed_form import SolveReport, refine_weights
-from .models import cross_attention_projections, encode_prompts
+from .models import edit_projections, encode_prompts
 
 
 def _last_piece(ids: Sequence[int]) -> int:
@@ -76,14 +76,9 @@ def uce(
     if preserve:
         kept, _ = uce_tokens(pipe, list(preserve))
         P, _ = mk.token_covariance(kept.to(torch.float64))
-    projections = cross_attention_projections(pipe.unet)
-    weights = [lin.weight.data for _, lin in projections]
-    new_weights, report = refine_weights(
-        [w.detach().cpu() for w in weights], old * scale, new * scale, lam=lam, preserve=P,
+    report = edit_projections(pipe.unet, lambda weights: refine_weights(
+        weights, old * scale, new * scale, lam=lam, preserve=P,
         preserve_scale=preserve_scale if P is not None else 0.0, jitter=jitter,
-    )
-    with torch.no_grad():
-        for w, n in zip(weights, new_weights):
-            w.copy_(n.to(w.device, w.dtype))
+    ))
     report.extra.update(erased=len(erase), preserved=len(preserve))
     return report

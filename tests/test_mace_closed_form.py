@@ -45,7 +45,7 @@ def test_refine_fast_equals_reference_on_builtin(tiny_path, preserve, with_prese
 
 
 def test_refinement_maps_old_tokens_onto_new_outputs(tiny_pipe):
-    from mace.cfr import aligned_pair_tokens
+    from mace.refinement import aligned_pair_tokens
 
     pairs = _pairs()
     old, new = aligned_pair_tokens(tiny_pipe, pairs)

@@ -7,7 +7,7 @@ import mace
 from mace.cli import main as mace_main
 from mace.config import load_config
 from mace.erase import erase
-from mace.evaluate import concept_attention_mass, noise_prediction
+from mace.probes import concept_attention_mass, noise_prediction
 
 # Held-out prompts: phrasings that are not among the training templates.
 ERASED = {"Emma Stone": ("a person", ["Emma Stone walking in a park", "Emma Stone laughing with friends"]),
@@ -98,7 +98,7 @@ def test_missing_grounded_sam_model_fails_before_work(tmp_path):
 
 
 def test_failed_fuse_leaves_the_previous_model_intact(tmp_path):
-    from mace.erase import save_pipeline_atomically
+    from mace.atomic import save_pipeline_atomically
 
     pipe = mace.load_pipeline("builtin:tiny")
     target = save_pipeline_atomically(pipe, tmp_path / "model")

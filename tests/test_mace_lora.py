@@ -244,7 +244,7 @@ def _image(path, size, color=(200, 30, 30)):
 
 
 def test_preservation_images_are_pngs_and_jpgs_resized(tmp_path):
-    from mace.train import load_preservation_images
+    from mace.lora_training import load_preservation_images
 
     _image(tmp_path / "b.png", 40)
     _image(tmp_path / "a.JPG", 100, (0, 0, 255))
@@ -312,28 +312,30 @@ def test_train_concept_loras_with_prior_preservation(tiny_pipe, tmp_path):
     from safetensors.torch import load_file
 
     from mace.config import ConfigError
-    from mace.train import train_concept_loras
+    from mace.lora_training import LoraTrainingSettings, train_concept_loras
 
     concepts, size = _prepared(tmp_path, tiny_pipe, ["ship", "tower"])
     keep = tmp_path / "keep"
     keep.mkdir()
     _image(keep / "0.png", size)
     _image(keep / "1.jpg", size * 2, (20, 160, 40))
-    common = dict(input_data_dir=tmp_path / "data", rank=1, learning_rate=1e-3, max_train_steps=1, train_batch_size=1,
-                  importance_sampling=True, use_pooler=True, concepts_per_batch=2, resolution=size, seed=0, progress=False)
+    common = dict(rank=1, learning_rate=1e-3, max_train_steps=1, train_batch_size=1,
+                  importance_sampling=True, use_pooler=True, concepts_per_batch=2, resolution=size, seed=0)
+    where = dict(input_data_dir=tmp_path / "data", progress=False)
 
-    # Errors come before any training (the concept data folder is not even read).
+    # Errors come before any training (the settings refuse them).
     with pytest.raises(ConfigError, match="is not a folder"):
-        train_concept_loras(tiny_pipe, concepts, output_dir=tmp_path / "bad", **{**common, "input_data_dir": tmp_path / "nope"},
-                            with_prior_preservation=True, preserve_prompt="a photo", preserve_data_dir=tmp_path / "missing")
+        LoraTrainingSettings(**common, with_prior_preservation=True, preserve_prompt="a photo",
+                             preserve_data_dir=tmp_path / "missing")
     with pytest.raises(ConfigError, match="needs preserve_prompt"):
-        train_concept_loras(tiny_pipe, concepts, output_dir=tmp_path / "bad", **common,
-                            with_prior_preservation=True, preserve_data_dir=keep)
+        LoraTrainingSettings(**common, with_prior_preservation=True, preserve_data_dir=keep)
     assert not (tmp_path / "bad").exists()
 
-    plain = train_concept_loras(tiny_pipe, concepts, output_dir=tmp_path / "plain", **common)
-    prior = train_concept_loras(tiny_pipe, concepts, output_dir=tmp_path / "prior", **common, with_prior_preservation=True,
-                                preserve_prompt=PRESERVE_PROMPT, preserve_data_dir=keep, prior_loss_weight=1.0)
+    plain = train_concept_loras(tiny_pipe, concepts, LoraTrainingSettings(**common), output_dir=tmp_path / "plain", **where)
+    prior = train_concept_loras(tiny_pipe, concepts, LoraTrainingSettings(**common, with_prior_preservation=True,
+                                preserve_prompt=PRESERVE_PROMPT, preserve_data_dir=keep, prior_loss_weight=1.0),
+                                output_dir=tmp_path / "prior", **where)
+    plain, prior = list(plain.files.values()), list(prior.files.values())
     assert len(prior) == 2
     for a, b in zip(plain, prior):
         w_plain, w_prior = load_file(str(a)), load_file(str(b))

@@ -68,8 +68,8 @@ def test_uce_rejects_bad_input(tiny_pipe):
 def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from mace.builtin import clip_tokenizer
     from mace.metrics import load_clip
+    from mace.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
     text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mace
-from mace.builtin import clip_tokenizer
-from mace.evaluate import generate_images
+from mace.sampling import generate_images
+from mace.tokenizer import clip_tokenizer
 from mace.world import (
     CONCEPTS,
     EVAL_TEMPLATES,
@@ -152,11 +152,11 @@ def test_report_judge_reads_glyph_images():
     from PIL import Image
 
     from mace.config import config_from_dict
-    from mace.erase import _glyph_judge
+    from mace.world import judge_for
 
     config = config_from_dict({"multi_concept": [[ERASED, "object"]], "mapping_concept": ["a glyph"],
                                "pretrained_model_name_or_path": WORLD_MODEL}, check_paths=False)
-    judge = _glyph_judge(config)
+    judge = judge_for(config.pretrained_model_name_or_path)
     red_disc = concept_by_name(ERASED)
     pixels = ((render(torch.full((4,), red_disc.index), generator=torch.Generator().manual_seed(0)) + 1) * 127.5).round()
     images = [Image.fromarray(p.permute(1, 2, 0).byte().numpy()) for p in pixels]
@@ -166,7 +166,7 @@ def test_report_judge_reads_glyph_images():
     assert judge("plain navy", [Image.fromarray(p.permute(1, 2, 0).byte().numpy()) for p in blank]) == "classifier: nothing, nothing"
     tiny = config_from_dict({"multi_concept": [["ship", "object"]], "mapping_concept": ["ground"],
                              "pretrained_model_name_or_path": "builtin:tiny"}, check_paths=False)
-    assert _glyph_judge(tiny) is None
+    assert judge_for(tiny.pretrained_model_name_or_path) is None
 
 
 @pytest.mark.slow

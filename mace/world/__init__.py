@@ -7,10 +7,6 @@ the package.
 
 from __future__ import annotations
 
-import hashlib
-from functools import lru_cache
-from pathlib import Path
-
 from .classifier import GlyphClassifier
 from .concepts import (
     BACKGROUND_TEMPLATES,
@@ -25,54 +21,9 @@ from .concepts import (
     Concept,
     concept_by_name,
 )
+from .judge import glyph_judge, judge_for
+from .model import WORLD_MODEL, load_classifier, load_world_components, weights_dir, weights_fingerprint
 from .render import render
-
-WORLD_MODEL = "builtin:world"
-
-
-def weights_dir() -> Path:
-    """Where the trained weights live (one folder per component)."""
-    return Path(__file__).parent / "weights"
-
-
-def _require_weights(component: str, directory: Path | None = None) -> Path:
-    path = (directory or weights_dir()) / component
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"the glyph world's {component} weights are missing from {path}; train them with python -m mace.world.train"
-        )
-    return path
-
-
-@lru_cache(maxsize=1)  # every load of builtin:world asks; the shipped files do not change under a process
-def weights_fingerprint() -> str:
-    """A short hash of the shipped UNet, text encoder and VAE weights."""
-    h = hashlib.sha256()
-    for component in ("unet", "text_encoder", "vae"):
-        for f in sorted(_require_weights(component).glob("*.safetensors")):
-            h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def load_world_components(directory: Path | None = None) -> dict:
-    """unet, vae, text_encoder and scheduler of the trained world model (the shipped weights, or
-    those in ``directory``), in float32."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    return {
-        "unet": UNet2DConditionModel.from_pretrained(_require_weights("unet", directory), torch_dtype=torch.float32),
-        "vae": AutoencoderKL.from_pretrained(_require_weights("vae", directory), torch_dtype=torch.float32),
-        "text_encoder": CLIPTextModel.from_pretrained(_require_weights("text_encoder", directory), dtype=torch.float32),
-        "scheduler": DDIMScheduler.from_pretrained(_require_weights("scheduler", directory)),
-    }
-
-
-def load_classifier() -> GlyphClassifier:
-    """The shipped glyph classifier, in eval mode."""
-    return GlyphClassifier.from_pretrained(_require_weights("classifier"))
-
 
 __all__ = [
     "BACKGROUNDS",
@@ -88,8 +39,11 @@ __all__ = [
     "Concept",
     "GlyphClassifier",
     "concept_by_name",
+    "glyph_judge",
+    "judge_for",
     "load_classifier",
     "load_world_components",
     "render",
     "weights_dir",
+    "weights_fingerprint",
 ]

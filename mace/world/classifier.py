@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .concepts import BACKGROUNDS, NUM_CONCEPTS
@@ -60,8 +61,6 @@ class GlyphClassifier(nn.Module):
         return torch.cat(labels), torch.cat(feats)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(self.config, indent=2))
@@ -70,8 +69,6 @@ class GlyphClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> GlyphClassifier:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         if not (directory / "model.safetensors").exists():
             raise FileNotFoundError(f"no classifier weights in {directory}")

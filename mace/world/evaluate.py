@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,10 +26,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ..evaluate import generate_images
+from ..atomic import atomic_path
+from ..sampling import generate_images
 from .classifier import GlyphClassifier
 from .concepts import BACKGROUNDS, CONCEPTS, EVAL_BACKGROUND_TEMPLATES, EVAL_TEMPLATES, NONE_CLASS, concept_by_name, fill
+from .model import load_classifier
 
 KINDS = ("erased", "alias", "kept", "background")
 
@@ -90,8 +92,6 @@ class _ClassifierFeatures(nn.Module):
 
 def frechet_distance(classifier: GlyphClassifier, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
     """Frechet distance between the classifier features of two image sets in [-1, 1] (torchmetrics FID)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     if len(images_a) < 2 or len(images_b) < 2:
         raise ValueError("the Frechet distance needs at least two images per set")
     metric = FrechetInceptionDistance(feature=_ClassifierFeatures(classifier.eval()), normalize=True)
@@ -131,16 +131,13 @@ class WorldScores:
 
 
 def _write_csv(path: Path, prompts: Sequence[EvalPrompt], predicted: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["case_number", "prompt", "evaluation_seed", "concept", "kind", "predicted", "correct"])
         for i, (p, label) in enumerate(zip(prompts, predicted.tolist())):
             name = CONCEPTS[p.concept].name if p.concept != NONE_CLASS else ""
             guess = CONCEPTS[label].name if label != NONE_CLASS else "none"
             writer.writerow([i, p.prompt, p.seed, name, p.kind, guess, int(label == p.concept)])
-    os.replace(tmp, path)
 
 
 def evaluate_world(
@@ -165,8 +162,6 @@ def evaluate_world(
     of the background prompts: pass ``original`` (a pipeline) or ``original_background`` (its
     images, from :func:`background_images_of`), else it is None.
     """
-    from . import load_classifier
-
     start = time.perf_counter()
     erased_idx = concept_indices(erased)
     kept_idx = [c for c in range(len(CONCEPTS)) if c not in set(erased_idx)] if kept is None else concept_indices(kept)

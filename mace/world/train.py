@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..atomic import atomic_path, write_json_atomically
+from ..tokenizer import clip_tokenizer
 from .classifier import GlyphClassifier
 from .concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONCEPTS, NONE_CLASS, NUM_CONCEPTS, TRAIN_TEMPLATES, fill
+from .evaluate import evaluate_world
+from .model import load_world_components
 from .render import IMAGE_SIZE, render
 
 STAGES = ("vae", "classifier", "ldm", "check")
@@ -33,8 +36,6 @@ _BACKGROUND_NAMES = list(BACKGROUNDS)
 
 
 def build_vae():
-    from diffusers import AutoencoderKL
-
     # Two downsamplings: 32x32x3 images <-> 8x8x4 latents.
     return AutoencoderKL(
         block_out_channels=(16, 32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
@@ -44,8 +45,6 @@ def build_vae():
 
 
 def build_unet():
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -55,8 +54,6 @@ def build_unet():
 
 
 def build_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     config = CLIPTextConfig(
         vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
         max_position_embeddings=77, projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
@@ -66,8 +63,6 @@ def build_text_encoder():
 
 
 def build_scheduler():
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
@@ -75,20 +70,9 @@ def build_scheduler():
 
 
 def _save_stage(out: Path, name: str, save) -> None:
-    """Write one stage's folder atomically: into a temporary sibling, then swap it in."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
-    try:
+    """Write one stage's folder atomically (a finished stage is never half replaced)."""
+    with atomic_path(out / name, directory=True) as staging:
         save(staging)
-        target = out / name
-        old = out / f".{name}-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _half(module: nn.Module) -> nn.Module:
@@ -132,8 +116,6 @@ def train_vae(out: Path, steps: int, seed: int) -> None:
 
 
 def _load_vae(out: Path):
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
 
 
@@ -191,10 +173,6 @@ def caption(concept: int, background: int, g: torch.Generator) -> str:
 
 
 def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: int = 64) -> None:
-    from diffusers import DDPMScheduler
-
-    from ..builtin import clip_tokenizer
-
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = _load_vae(out)
@@ -251,13 +229,6 @@ def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: i
 def check_model(out: Path, images_per_concept: int = 5) -> dict:
     """What the trained model draws for every concept's name and alias, on held-out templates,
     read by the classifier: the quality bar the erasure measurements rest on."""
-    from diffusers import StableDiffusionPipeline
-
-    from ..builtin import clip_tokenizer
-    from . import load_world_components
-    from .classifier import GlyphClassifier
-    from .evaluate import evaluate_world
-
     pipe = StableDiffusionPipeline(**load_world_components(out), tokenizer=clip_tokenizer(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -300,14 +271,14 @@ def main(argv: list[str] | None = None) -> None:
             train_ldm(args.out, args.ldm_steps, args.seed + 2, per_concept=args.per_concept)
         else:
             quality = check_model(args.out)
-            (args.out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+            write_json_atomically(args.out / "quality.json", quality)
         times[stage] = time.perf_counter() - start
     trained = [s for s in stages if s != "check"]
     if trained:  # how the shipped weights were made
         record = {"seed": args.seed, "steps": {"vae": args.vae_steps, "classifier": args.classifier_steps, "ldm": args.ldm_steps},
                   "images_per_concept": args.per_concept, "threads": torch.get_num_threads(),
                   "seconds": {k: round(v, 1) for k, v in times.items() if k != "check"}}
-        (args.out / f"training-{'-'.join(trained)}.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomically(args.out / f"training-{'-'.join(trained)}.json", record)
     print("trained " + ", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) + f"; weights in {args.out}")
 
 

@@ -1,15 +1,38 @@
-"""Closed-form refinement (stage 1 of MACE) on a diffusers pipeline."""
+"""Stage 1 of MACE: closed-form refinement of the cross-attention projections of a pipeline
+(the math is in mace.closed_form and docs/design.md, section 2)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from .cache import PreservationCache
+from .cache import PreservationCache, PreservationSettings
 from .closed_form import SolveReport, refine_weights
-from .models import cross_attention_projections, encode_prompts
+from .config import MACEConfig
+from .models import edit_projections, encode_prompts
 from .prompts import PromptPair, align_tokens
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """Stage 1's settings, read from a config in one place."""
+
+    lam: float = 0.0
+    preserve: PreservationSettings = field(default_factory=PreservationSettings)
+    preserve_scale: float = 0.0
+    all_words: bool = False
+    method: str = "fast"
+    jitter: float | None = None
+
+    @classmethod
+    def from_config(cls, config: MACEConfig) -> RefinementSettings:
+        return cls(lam=config.lamb, preserve=PreservationSettings(config.prior_preservation_cache_path,
+                                                                  config.domain_preservation_cache_path,
+                                                                  config.preserve_weight),
+                   preserve_scale=config.train_preserve_scale, all_words=config.all_words, method=config.method,
+                   jitter=config.solve_jitter)
 
 
 def aligned_pair_tokens(pipe, pairs: Sequence[tuple[str, str]], *, all_words: bool = False, batch_size: int = 64):
@@ -78,14 +101,9 @@ def refine(
     if isinstance(preserve, PreservationCache):
         preserve = preserve.cov
     old_tokens, new_tokens = aligned_pair_tokens(pipe, pairs, all_words=all_words, batch_size=batch_size)
-    projections = cross_attention_projections(pipe.unet)
-    weights = [lin.weight.data for _, lin in projections]
-    new, report = refine_weights(
-        [w.cpu() for w in weights], old_tokens, new_tokens, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
+    report = edit_projections(pipe.unet, lambda weights: refine_weights(
+        weights, old_tokens, new_tokens, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
         method=method, dtype=dtype, jitter=jitter,
-    )
-    with torch.no_grad():
-        for w, n in zip(weights, new):
-            w.copy_(n.to(w.device, w.dtype))
+    ))
     report.extra["pairs"] = len(pairs)
     return report

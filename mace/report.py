@@ -1,0 +1,82 @@
+"""report.html: the same seeds before and after an erasure, for the erased concepts' prompts and
+for kept prompts, each strip optionally labelled by a judge (on the glyph world, the
+classifier: mace.world.glyph_judge)."""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .atomic import save_image_atomically, write_text_atomically
+
+REPORT_IMAGES = 4  # images per prompt and model, seeds seed .. seed + 3
+Judge = Callable[[str, Sequence[Image.Image]], str]
+
+
+def erased_prompts(concepts: Sequence[tuple[str, str]]) -> list[str]:
+    """One prompt per erased concept, worded for its type."""
+    return [f"a painting in the style of {name}" if kind == "style" else f"a photo of {name}" for name, kind in concepts]
+
+
+@torch.no_grad()
+def strips(pipe, prompts: Sequence[str], seeds: Sequence[int], *, size: int, steps: int,
+           guidance_scale: float) -> list[list[Image.Image]]:
+    """For each prompt, one image per seed."""
+    return [pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance_scale, height=size,
+                 width=size, output_type="pil", generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+            for prompt in prompts]
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    *,
+    title: str,
+    groups: dict[str, list[str]],
+    images: dict[str, dict[str, list[list[Image.Image]]]],
+    seeds: Sequence[int],
+    stage_seconds: dict[str, float],
+    judge: Judge | None = None,
+) -> Path:
+    """Write ``out_dir/report.html`` and its strips under ``out_dir/report/``.
+
+    groups: group name -> prompts. images: "before"/"after" -> group -> per prompt its images.
+    """
+    out_dir = Path(out_dir)
+    rows = []
+    for group, prompts in groups.items():
+        for i, prompt in enumerate(prompts):
+            cells = []
+            for tag in ("before", "after"):
+                row = images[tag][group][i]
+                size = row[0].width
+                strip = Image.new("RGB", (size * len(row), size))
+                for j, image in enumerate(row):
+                    strip.paste(image, (j * size, 0))
+                name = f"{group}-{i}-{tag}.png"
+                save_image_atomically(strip, out_dir / "report" / name)
+                verdict = f"<br><small>{html.escape(judge(prompt, row))}</small>" if judge else ""
+                cells.append(f'<td><img src="report/{name}" alt="{html.escape(prompt)} ({tag})" '
+                             f'width="{max(size, 96) * len(row)}">{verdict}</td>')
+            rows.append(f"<tr><td>{group}</td><td>{html.escape(prompt)}</td>{''.join(cells)}</tr>")
+    times = "".join(f"<li>{k}: {v:.1f} s</li>" for k, v in stage_seconds.items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>MACE erasure report</title>
+<style>body{{font-family:sans-serif}} td{{padding:4px;vertical-align:middle}} img{{image-rendering:pixelated}}</style></head>
+<body><h1>MACE erasure report</h1>
+<p>{html.escape(title)}. The same {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}) before and after.</p>
+<table><tr><th>group</th><th>prompt</th><th>before</th><th>after</th></tr>{''.join(rows)}</table>
+<h2>Stage times</h2><ul>{times}</ul>
+<script>
+// Marks how many images loaded, so a headless browser can check the report.
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+}});
+</script></body></html>"""
+    return write_text_atomically(out_dir / "report.html", page)
