@@ -31,6 +31,7 @@ def test_matches_oracle(backend, dtype, cdtype, n, r, d, outs):
     A, B, C = _problem(n, r, d, outs, dtype, cdtype)
     got = fuse_loras(A, B, C, backend=backend)
     ref = _oracle(A, B, C)
+    assert len(got) == len(ref) == len(outs)
     for g, e in zip(got, ref):
         assert g.dtype == cdtype
         assert_close_scaled(g.double(), e, cdtype)
@@ -44,6 +45,7 @@ def test_with_base_term(backend, cdtype):
     base = [torch.randn(o, d) for o in outs]
     T = torch.randn(d, d, dtype=cdtype)
     got = fuse_loras(A, B, C, base=base, base_transform=T, backend=backend)
+    assert len(got) == len(outs)
     for g, e in zip(got, _oracle(A, B, C, base, T)):
         assert_close_scaled(g.double(), e, cdtype)
 
@@ -58,6 +60,7 @@ def test_rectangular_base_stacks_two_terms(backend):
     T, T0 = torch.randn(d, d, dtype=torch.float64), torch.randn(d, d, dtype=torch.float64)
     got = fuse_loras(A, B, C, base=[torch.cat([w, w0], 1) for w, w0 in zip(W, W0)],
                      base_transform=torch.cat([T, T0]), backend=backend)
+    assert len(got) == len(outs)
     for g, e, w0 in zip(got, _oracle(A, B, C, W, T), W0):
         assert_close_scaled(g, e + w0 @ T0, torch.float64)
 

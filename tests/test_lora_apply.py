@@ -44,7 +44,7 @@ def test_forward_and_grads_match_dense_reference(backend, dtype, seg_lens, d_in,
     assert_close_scaled(y, y_ref.detach().to(dtype), dtype)
     for name, leaf, ref in zip("x W bias A B".split(), leaves, ref_leaves):
         # Gradients are accumulated in float32 and cast to the parameter's dtype once.
-        assert_close_scaled(leaf.grad, ref.grad.to(dtype), dtype), name
+        assert_close_scaled(leaf.grad, ref.grad.to(dtype), dtype, name=f"d{name}")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
