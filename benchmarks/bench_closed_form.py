@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from _results import RESULTS, write_json
+from _results import RESULTS
+
+from mace.atomic import write_json_atomically
 
 SD14_OUT = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
 
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
                       f"{fmt(speed, '.1f') + 'x' if speed else '-'} | {fmt(fast['peak_rss_mb'], '.0f')} | "
                       f"{fmt(ref['peak_rss_mb'], '.0f')} |", flush=True)
     out = args.out or RESULTS / f"closed_form-cpu-{os.cpu_count()}cores{'-smoke' if args.smoke else ''}.json"
-    write_json(out, {"platform": platform.platform(), "cpus": os.cpu_count(), "rows": rows})
+    write_json_atomically(out, {"platform": platform.platform(), "cpus": os.cpu_count(), "rows": rows})
     print(f"wrote {out}")
     return 0
 

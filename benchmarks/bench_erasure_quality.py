@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import RESULTS, write_json
+from _results import RESULTS
+
+from mace.atomic import write_json_atomically
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         print(f"| {r['concepts']} | {r['method']} | {r['acc_e']:.3f} | {r['acc_g']:.3f} | {r['acc_s']:.3f} | {r['h_o']:.3f} | "
               f"{r['h_g']:.3f} | {r['shift']:.3f} | {r['edit_seconds']:.1f} |")
     out = args.out or RESULTS / f"erasure_quality-cpu-{os.cpu_count()}cores.json"
-    write_json(out, {"model": WORLD_MODEL, "images_per_concept": args.images_per_concept, "steps": args.steps,
+    write_json_atomically(out, {"model": WORLD_MODEL, "images_per_concept": args.images_per_concept, "steps": args.steps,
                      "preserve_scales": None if args.no_preserve else scales,
                      "kept": [CONCEPTS[c].name for c in kept], "rows": rows})
     print(f"wrote {out}")

@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from _results import RESULTS, write_json
+from _results import RESULTS
 
 import mace_kernels as mk
+from mace.atomic import write_json_atomically
 
 # SD 1.4: 16 cross-attention layers (down 320 x2, 640 x2, 1280 x2; mid 1280; up 1280 x3,
 # 640 x3, 320 x3); each has to_k and to_v of out size = the block width, in = 768.
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
         "device": name, "torch": torch.__version__, "platform": platform.platform(),
         "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows], "covariance_memory_mb": memory,
     }
-    write_json(out, payload)
+    write_json_atomically(out, payload)
     print(f"wrote {out} ({len(rows)} rows)")
     return 0
 

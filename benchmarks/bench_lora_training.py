@@ -17,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import RESULTS, write_json
+from _results import RESULTS
+
+from mace.atomic import write_json_atomically
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         print(f"| {label} | {r['seconds']:.1f} | {r['concept_steps_per_s']:.2f} |")
     print(f"batched / one at a time: {speedup:.2f}x")
     out = args.out or RESULTS / f"lora_training-cpu-{os.cpu_count()}cores.json"
-    write_json(out, {"model": args.model, "concepts": args.concepts, "steps": args.steps, "results": results,
+    write_json_atomically(out, {"model": args.model, "concepts": args.concepts, "steps": args.steps, "results": results,
                      "speedup": speedup})
     print(f"wrote {out}")
     return 0

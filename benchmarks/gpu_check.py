@@ -9,6 +9,7 @@ shapes and several dtypes.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -21,12 +22,19 @@ TOL = {torch.float32: 2e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.flo
 def check(name, got, ref, dtype):
     got = [got] if isinstance(got, torch.Tensor) else list(got)
     ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-    worst = 0.0
+    # Outputs must pair up: a missing or extra result (or None for a tensor) is a mismatch.
+    worst = 0.0 if got and len(got) == len(ref) else float("inf")
     for g, r in zip(got, ref):
-        if g is None:
+        if g is None or r is None:
+            if (g is None) != (r is None):
+                worst = float("inf")
             continue
-        scale = max(float(r.abs().max()), 1.0)
-        worst = max(worst, float((g.double() - r.double()).abs().max()) / scale)
+        if g.shape != r.shape:
+            worst = float("inf")
+            continue
+        scale = max(float(r.abs().max()) if r.numel() else 0.0, 1.0)
+        diff = float((g.double() - r.double()).abs().max()) if r.numel() else 0.0
+        worst = max(worst, diff / scale if math.isfinite(diff) else float("inf"))  # NaN fails too
     ok = worst <= TOL[dtype]
     print(f"{'ok ' if ok else 'BAD'} {name:<60} {str(dtype):<15} max rel err {worst:.2e}")
     return ok
