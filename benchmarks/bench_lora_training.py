@@ -2,7 +2,7 @@
 
     python benchmarks/bench_lora_training.py            # k = 8 concepts, builtin:tiny, CPU
 
-Runs the real training code (mace.train.train_concept_loras) twice on the same synthetic
+Runs the real training code (mace.lora_training.train_concept_loras) twice on the same synthetic
 prepared data (random images and masks in the original folder layout): once with all k
 concepts in one batch, once with concepts_per_batch = 1. Prints concept-steps per second and
 writes JSON.
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     from PIL import Image
 
     import mace
+    from mace.lora_training import LoraTrainingSettings, train_concept_loras
     from mace.prepare import concept_folders
-    from mace.train import train_concept_loras
 
     pipe = mace.load_pipeline(args.model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -55,14 +55,15 @@ def main(argv=None) -> int:
             Image.fromarray((rng.random((size, size)) > 0.5).astype(np.uint8) * 255, mode="L").save(masks / f"{j}.png")
         concepts.append((name, "object", mace.concept_prompt_pairs(name, "a thing", "object", aug_length=5)))
 
-    common = dict(input_data_dir=work / "data", rank=1, learning_rate=1e-3, max_train_steps=args.steps,
-                  train_batch_size=1, importance_sampling=True, use_pooler=True, resolution=size, seed=0,
-                  progress=False)
+    common = dict(rank=1, learning_rate=1e-3, max_train_steps=args.steps, train_batch_size=1, importance_sampling=True,
+                  use_pooler=True, resolution=size, seed=0)
     results = {}
     for label, per_batch in (("batched", args.concepts), ("one at a time", 1)):
         torch.manual_seed(0)
         start = time.perf_counter()
-        train_concept_loras(pipe, concepts, output_dir=work / label.replace(" ", "_"), concepts_per_batch=per_batch, **common)
+        settings = LoraTrainingSettings(**common, concepts_per_batch=per_batch)
+        train_concept_loras(pipe, concepts, settings, input_data_dir=work / "data", output_dir=work / label.replace(" ", "_"),
+                            progress=False)
         seconds = time.perf_counter() - start
         results[label] = {"seconds": seconds, "concept_steps_per_s": args.concepts * args.steps / seconds}
     speedup = results["batched"]["concept_steps_per_s"] / results["one at a time"]["concept_steps_per_s"]
