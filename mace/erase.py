@@ -49,6 +49,7 @@ class ErasureSummary:
     skipped: list[str] = field(default_factory=list)
     concepts: list[str] = field(default_factory=list)
     wrote: list[str] = field(default_factory=list)  # what this run wrote, in words
+    trained: dict[str, str] = field(default_factory=dict)  # concept -> why its LoRA was (re)trained
     refined_model: str = ""
     final_model: str = ""
     report: str = ""
@@ -155,6 +156,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
             _require_data(input_dir, config)
             result = train_concept_loras(pipe, concepts, LoraTrainingSettings.from_config(config, resolution(pipe, config)),
                                          input_data_dir=input_dir, output_dir=output_dir, progress=progress)
+            summary.trained = dict(result.trained)
             if result.trained:
                 changed = [n for n, why in result.trained.items() if why != "new"]
                 note = f" (retrained, inputs changed: {', '.join(changed)})" if changed else ""

@@ -257,7 +257,6 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    torch.set_num_threads(torch.get_num_threads())
     times = {}
     for stage in STAGES:
         if stage not in stages:
