@@ -97,14 +97,19 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "prompt" not in reader.fieldnames:
-                raise ValueError(f"{path}: a CSV prompt file needs a 'prompt' column, has {reader.fieldnames}")
-            prompts = [row["prompt"].strip() for row in reader]
-    else:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "prompt" not in reader.fieldnames:
+                    raise ValueError(f"{path}: a CSV prompt file needs a 'prompt' column, has {reader.fieldnames}")
+                prompts = [(row["prompt"] or "").strip() for row in reader]
+        else:
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {err.start}); a prompt file is text, one prompt per line") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: not a readable CSV file ({err})") from None
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")

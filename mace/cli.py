@@ -179,12 +179,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip()) or type(exc).__name__
+
+
+def _quiet_loading() -> None:
+    """No progress bars for loading and saving model files: the commands show their own progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _quiet_loading()
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, NotImplementedError) as exc:
-        print(f"mace {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as exc:
+        print(f"mace {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,101 @@
+"""Damaged files a user names end in one line naming the file and the problem, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+import mace
+from mace.cache import CacheMismatchError, read_prompt_file
+from mace.cli import main as mace_main
+from mace.images import ImageFileError
+from mace.lora_io import LoraFormatError, read_lora
+from mace.prepare import load_concept_data
+
+GARBAGE = b"\x00\x01not what it claims to be\xff" * 10
+
+
+def _cli_error(capsys, argv) -> str:
+    assert mace_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _config(tmp_path, **changes):
+    body = {"multi_concept": [[["ship", "object"]]], "mapping_concept": ["ground"],
+            "pretrained_model_name_or_path": "builtin:tiny", "lamb": 0.1, "aug_length": 2,
+            "output_dir": str(tmp_path / "out"), "final_save_path": str(tmp_path / "final")}
+    body.update(changes)
+    path = tmp_path / "erase.yaml"
+    path.write_text(yaml.safe_dump({"MACE": body}))
+    return path
+
+
+def test_config_that_is_not_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MACE:\n  lamb: [0.1\n  rank: 1\n")
+    assert f"{bad}: not a valid YAML config" in _cli_error(capsys, ["erase", str(bad), "--quiet"])
+    bad.write_text("- just\n- a list\n")
+    assert "must be a YAML mapping" in _cli_error(capsys, ["erase", str(bad), "--quiet"])
+
+
+def test_truncated_cache(tmp_path, capsys, tiny_pipe):
+    cache = tmp_path / "prior.safetensors"
+    mace.build_preservation_cache(tiny_pipe, ["a photo of a dog"], cache, progress=False)
+    cache.write_bytes(cache.read_bytes()[:100])
+    with pytest.raises(CacheMismatchError, match="not a readable safetensors file"):
+        mace.load_preservation_cache(cache)
+    err = _cli_error(capsys, ["erase", str(_config(tmp_path, prior_preservation_cache_path=str(cache),
+                                                  train_preserve_scale=1.0)), "--stages", "refine", "--quiet"])
+    assert str(cache) in err and "not a readable safetensors file" in err
+    assert not (tmp_path / "out" / "refined").exists()
+
+
+def test_damaged_lora(tmp_path, capsys):
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(GARBAGE)
+    with pytest.raises(LoraFormatError, match=f"{lora}: not a readable safetensors file"):
+        read_lora(lora, ["down.attn2.to_k"])
+
+
+def test_damaged_image_and_mask(tmp_path):
+    images, masks = tmp_path / "ship", tmp_path / "ship mask"
+    images.mkdir()
+    masks.mkdir()
+    Image.new("RGB", (16, 16)).save(images / "0.png")
+    (masks / "0.png").write_bytes(GARBAGE)
+    with pytest.raises(ImageFileError, match=r"ship mask/0.png: not a readable image"):
+        load_concept_data(tmp_path, "ship", "object", 16)
+    (images / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + GARBAGE)  # a PNG header, then nothing valid
+    with pytest.raises(ImageFileError, match=r"ship/0.png: not a readable image"):
+        load_concept_data(tmp_path, "ship", "style", 16)
+
+
+def test_prompt_file_that_is_not_text(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(GARBAGE)
+    with pytest.raises(ValueError, match="not a UTF-8 text file"):
+        read_prompt_file(prompts)
+    err = _cli_error(capsys, ["cache", "--model", "builtin:tiny", "--prompts", str(prompts),
+                              "--out", str(tmp_path / "c.safetensors")])
+    assert str(prompts) in err
+
+
+def test_multi_line_errors_reach_the_cli_as_one_line(capsys, monkeypatch):
+    import mace.cli
+
+    def boom(args):
+        raise ValueError("first line\nsecond line")
+
+    monkeypatch.setattr(mace.cli, "_cmd_cache", boom)
+    assert _cli_error(capsys, ["cache", "--model", "m", "--prompts", "p", "--out", "o"]).endswith("first line second line")
+
+
+def test_commands_print_no_torchvision_notice():
+    out = subprocess.run([sys.executable, "-c", "import mace, mace.erase; print('ok')"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert "torchvision" not in out.stderr, out.stderr
