@@ -11,4 +11,3 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mace cache --model builtin:world --prompts configs/world_keep_prompts.txt --out outputs/world/keep.safetensors
 mace erase configs/world_erase.yaml "$@"
 mace eval --config configs/world_erase.yaml --out outputs/world/eval --images-per-concept 5 --quiet
-echo "report: $(pwd)/outputs/world/report.html"
