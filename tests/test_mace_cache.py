@@ -32,9 +32,19 @@ def test_interrupted_build_resumes_from_partial(tiny_pipe, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         mace.build_preservation_cache(tiny_pipe, PROMPTS, out, batch_size=5, checkpoint_every=1, progress=False)
     assert not out.exists() and out.with_name(out.name + ".partial").exists()
+    # Three batches of five finished (and were checkpointed) before the fourth was interrupted.
+    partial = mace.load_preservation_cache(out.with_name(out.name + ".partial"), allow_partial=True)
+    assert (partial.prompts, partial.tokens) == (15, 15 * 77)
     calls.clear()
-    monkeypatch.setattr(cache_mod, "encode_prompts", real)
+
+    def counting(pipe, prompts, batch_size=64):
+        calls.append(len(prompts))
+        return real(pipe, prompts, batch_size)
+
+    monkeypatch.setattr(cache_mod, "encode_prompts", counting)
     resumed = mace.build_preservation_cache(tiny_pipe, PROMPTS, out, batch_size=5, checkpoint_every=1, progress=False)
+    assert calls == [5, 3]  # only the 8 prompts after the checkpoint are encoded again
+    monkeypatch.setattr(cache_mod, "encode_prompts", real)
     fresh = mace.build_preservation_cache(tiny_pipe, PROMPTS, tmp_path / "fresh.safetensors", batch_size=5, progress=False)
     torch.testing.assert_close(resumed.cov, fresh.cov, rtol=1e-12, atol=1e-9)
     assert resumed.tokens == fresh.tokens
@@ -43,6 +53,7 @@ def test_interrupted_build_resumes_from_partial(tiny_pipe, tmp_path, monkeypatch
 
 def test_cache_from_another_text_encoder_is_refused(tiny_pipe, tmp_path):
     mace.build_preservation_cache(tiny_pipe, PROMPTS[:4], tmp_path / "c.safetensors", progress=False)
+    assert mace.load_preservation_cache(tmp_path / "c.safetensors", pipe=tiny_pipe).prompts == 4  # its own encoder: fine
     with torch.no_grad():
         for p in tiny_pipe.text_encoder.parameters():  # e.g. a fine-tuned text encoder
             p.mul_(1.01)
@@ -54,7 +65,12 @@ def test_fingerprint_survives_a_save_and_reload(tiny_pipe, tmp_path):
     from mace.models import text_encoder_fingerprint
 
     tiny_pipe.save_pretrained(tmp_path / "copy")
-    assert text_encoder_fingerprint(mace.load_pipeline(tmp_path / "copy")) == text_encoder_fingerprint(tiny_pipe)
+    copy = mace.load_pipeline(tmp_path / "copy")
+    assert text_encoder_fingerprint(copy) == text_encoder_fingerprint(tiny_pipe)
+    # ... and it does tell text encoders apart: one changed weight of the copy changes it.
+    with torch.no_grad():
+        copy.text_encoder.get_input_embeddings().weight[0, 0] += 1.0
+    assert text_encoder_fingerprint(copy) != text_encoder_fingerprint(tiny_pipe)
 
 
 def test_pickles_are_never_loaded(tmp_path):
@@ -68,7 +84,13 @@ def test_cli_cache_command(tmp_path, capsys):
     out = tmp_path / "coco.safetensors"
     assert mace_main(["cache", "--model", "builtin:tiny", "--prompts", str(prompts), "--out", str(out)]) == 0
     assert "7 prompts, 539 tokens" in capsys.readouterr().out
-    assert mace.load_preservation_cache(out).prompts == 7
+    loaded = mace.load_preservation_cache(out)
+    assert loaded.prompts == 7 and loaded.tokens == 7 * 77
+    # The statistic of the CSV's prompt column, computed directly from the text encoder.
+    pipe = mace.load_pipeline("builtin:tiny")
+    assert mace.load_preservation_cache(out, pipe=pipe).prompts == 7
+    emb = mace.encode_prompts(pipe, [f"a dog on a beach {i}" for i in range(7)]).reshape(-1, 64).double()
+    torch.testing.assert_close(loaded.cov, emb.T @ emb, rtol=1e-5, atol=1e-3)
     assert mace_main(["cache", "--model", "builtin:tiny", "--prompts", str(tmp_path / "missing.txt"),
                       "--out", str(out)]) == 2
     assert "prompt file" in capsys.readouterr().err
@@ -79,3 +101,7 @@ def test_preservation_matrix_combines_weights(tiny_pipe, tmp_path):
     b = mace.build_preservation_cache(tiny_pipe, PROMPTS[3:6], tmp_path / "b.safetensors", progress=False)
     torch.testing.assert_close(mace.preservation_matrix([(a, 1.0), (b, 8e4)]), a.cov + 8e4 * b.cov)
     assert mace.preservation_matrix([(None, 1.0)]) is None
+    # Raw tensors count like caches, absent caches are skipped, float32 is widened to float64.
+    mixed = mace.preservation_matrix([(None, 5.0), (a.cov.float(), 2.0), (b, 0.5)])
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, 2.0 * a.cov.float().double() + 0.5 * b.cov)
