@@ -19,10 +19,18 @@ def test_builtin_tiny_is_an_ordinary_diffusers_folder(tiny_path):
     names = [n for n, _ in mace.cross_attention_projections(pipe.unet)]
     assert len(names) == 14 and names[0].endswith("attn2.to_k") and names[1].endswith("attn2.to_v")
     again = mace.load_pipeline("builtin:tiny")
+    assert [n for n, _ in mace.cross_attention_projections(again.unet)] == names
     for (_, a), (_, b) in zip(mace.cross_attention_projections(pipe.unet), mace.cross_attention_projections(again.unet)):
         assert torch.equal(a.weight, b.weight)
     emb = mace.encode_prompts(pipe, ["a photo of Emma Stone", "x"])
     assert emb.shape == (2, 77, 64)
+    # SD 1.x: the text encoder's last hidden state over the 77 padded positions.
+    ids = pipe.tokenizer(["a photo of Emma Stone", "x"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        direct = pipe.text_encoder(ids).last_hidden_state
+    torch.testing.assert_close(emb, direct.float())
+    # Batching does not change a prompt's embedding.
+    torch.testing.assert_close(mace.encode_prompts(pipe, ["a photo of Emma Stone", "x"], batch_size=1), emb)
 
 
 def test_builtin_sdxl_concatenates_both_text_encoders():
@@ -34,6 +42,11 @@ def test_builtin_sdxl_concatenates_both_text_encoders():
     ids = pipe.tokenizer(["a photo of a ship"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(emb[..., :32], first.float())
+    # ... and the second encoder's penultimate hidden state fills the other half.
+    assert emb.shape == (1, 77, 64)
+    ids2 = pipe.tokenizer_2(["a photo of a ship"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    second = pipe.text_encoder_2(ids2, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(emb[..., 32:], second.float())
 
 
 def test_model_without_cross_attention_is_refused():
