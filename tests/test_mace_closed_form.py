@@ -11,7 +11,30 @@ SD14_OUT = [320] * 2 + [640] * 2 + [1280] * 3 + [1280] * 3 + [640] * 3 + [320] *
 
 
 def _rel(a, b):
+    assert len(a) == len(b) > 0, (len(a), len(b))  # zip would silently compare fewer layers
     return max(float((x.double() - y.double()).norm() / y.double().norm()) for x, y in zip(a, b))
+
+
+def _refine_residual(W2, W, old, new, lam, P=None, s=0.0):
+    """Relative gradient of sum ||W2 e_o - W e_n||^2 + lam ||W2 - W||^2 + s sum_p ||(W2 - W) e_p||^2
+    at W2: zero at the minimiser (the normal equations), written out here, not by mace."""
+    grad = (old @ W2.T - new @ W.T).T @ old + lam * (W2 - W)
+    if P is not None:
+        grad = grad + s * (W2 - W) @ P
+    return float(grad.norm() / ((new @ W.T).T @ old).norm())
+
+
+def _fuse_residual(W2, W, deltas, covs, lam, P=None, s=0.0, W0=None):
+    """Relative gradient of sum_i sum_e ||W2 e - (W + dW_i) e||^2 + lam ||W2 - W||^2
+    + s sum_p ||W2 e_p - W0 e_p||^2 at W2 (C_i = sum e e^T of concept i's tokens)."""
+    grad = lam * (W2 - W)
+    scale = 0.0
+    for dW, C in zip(deltas, covs, strict=True):
+        grad = grad + (W2 - W - dW) @ C
+        scale = scale + float((dW @ C).norm())
+    if P is not None:
+        grad = grad + s * (W2 - (W if W0 is None else W0)) @ P
+    return float(grad.norm()) / scale
 
 
 def _pairs():
@@ -42,6 +65,14 @@ def test_refine_fast_equals_reference_on_builtin(tiny_path, preserve, with_prese
         results[method] = _weights(pipe)
     assert _rel(results["fast"], results["reference"]) <= tol
     assert _rel(results["fast"], before) > 1e-3  # the edit did something
+    if dtype == torch.float64:
+        # Both methods against the objective itself: its gradient vanishes at the result.
+        from mace.refinement import aligned_pair_tokens
+
+        old, new = (t.double() for t in aligned_pair_tokens(pipe, _pairs()))
+        P, s = (preserve.cov, 1e-2) if with_preserve else (None, 0.0)
+        for w2, w in zip(results["fast"], before):
+            assert _refine_residual(w2, w, old, new, 0.5, P, s) < 1e-8
 
 
 def test_refinement_maps_old_tokens_onto_new_outputs(tiny_pipe):
@@ -52,6 +83,7 @@ def test_refinement_maps_old_tokens_onto_new_outputs(tiny_pipe):
     W = _weights(tiny_pipe)
     mace.refine(tiny_pipe, pairs, lam=1e-3)
     W2 = _weights(tiny_pipe)
+    assert len(W) == len(W2) == 14
     old, new = old.double(), new.double()
     for w, w2 in zip(W, W2):
         before = (old @ w.T - new @ w.T).norm()
@@ -81,10 +113,17 @@ def test_sd14_shaped_refine_and_fuse_fast_equal_reference(with_preserve):
     fast, _ = refine_weights(weights, old, new, lam=0.1, method="fast", **kw)
     ref, _ = refine_weights(weights, old, new, lam=0.1, method="reference", **kw)
     assert _rel(fast, ref) <= 1e-6
+    for i in (0, len(weights) - 1):  # the normal equations, on the first and last layer
+        assert _refine_residual(fast[i], weights[i], old, new, 0.1, P if with_preserve else None, 1e-3) < 1e-8
     original = [w + 0.01 for w in weights] if with_preserve else None
     fast, _ = fuse_weights(weights, loras, tokens, lam=0.1, original=original, method="fast", **kw)
     ref, _ = fuse_weights(weights, loras, tokens, lam=0.1, original=original, method="reference", **kw)
     assert _rel(fast, ref) <= 1e-6
+    covs = [t.T @ t for t in tokens]
+    for i in (0, len(weights) - 1):
+        deltas = [loras.B[i][k] @ loras.A[i][k] for k in range(3)]
+        W0 = original[i] if original is not None else None
+        assert _fuse_residual(fast[i], weights[i], deltas, covs, 0.1, P if with_preserve else None, 1e-3, W0) < 1e-8
     fast32, _ = fuse_weights(weights, loras, tokens, lam=0.1, original=original, method="fast", dtype=torch.float32, **kw)
     assert _rel(fast32, ref) <= 1e-3
 
@@ -95,9 +134,10 @@ def test_fuse_on_builtin_reads_diffusers_loras_and_saves_a_loadable_pipeline(tin
     pipe = mace.load_pipeline(tiny_path).to(torch.float64)
     names = [(n, lin.weight.shape) for n, lin in mace.cross_attention_projections(pipe.unet)]
     g = torch.Generator().manual_seed(1)
-    loras, prompts = {}, {}
+    loras, prompts, raw = {}, {}, {}
     for i, concept in enumerate(["Emma Stone", "Van Gogh", "ship"]):
         lora = {n: (torch.randn(2, s[1], generator=g) * 0.1, torch.randn(s[0], 2, generator=g) * 0.1) for n, s in names}
+        raw[concept] = lora
         mace.save_lora(tmp_path / f"lora{i}", lora, alpha=4.0)  # scale alpha / r = 2
         loras[concept] = tmp_path / f"lora{i}"
         prompts[concept] = [p.old for p in mace.concept_prompt_pairs(concept, "a person", "celebrity", aug_length=3)]
@@ -107,10 +147,18 @@ def test_fuse_on_builtin_reads_diffusers_loras_and_saves_a_loadable_pipeline(tin
         mace.fuse(p, loras, prompts, lam=0.3, preserve=preserve, preserve_scale=1e-2, method=method)
         results[method] = (p, _weights(p))
     assert _rel(results["fast"][1], results["reference"][1]) <= 1e-6
-    # One LoRA alone, with lam -> 0 and no preservation, is reproduced on its own prompts' span.
+    # The fusion objective, written out here with each file's LoRA at its scale alpha / r = 2:
+    # its gradient vanishes at the result (with scale 1 it would not: the files' alpha is read).
+    base = _weights(mace.load_pipeline(tiny_path))
+    covs = [e.T @ e for e in (mace.encode_prompts(pipe, prompts[c]).reshape(-1, 64).double() for c in loras)]
+    for (name, _), w2, w in zip(names, results["fast"][1], base, strict=True):
+        deltas = [2.0 * (raw[c][name][1] @ raw[c][name][0]).double() for c in loras]
+        assert _fuse_residual(w2, w, deltas, covs, 0.3, preserve.cov, 1e-2) < 1e-6  # measured 1.4e-8; scale 1: 0.29
+    # The fused pipeline saves as an ordinary diffusers folder that loads back with these weights.
     fused = results["fast"][0]
     fused.to(torch.float32).save_pretrained(tmp_path / "fused")
     back = StableDiffusionPipeline.from_pretrained(tmp_path / "fused")
+    assert len(mace.cross_attention_projections(back.unet)) == len(results["fast"][1]) == 14
     for (_, a), b in zip(mace.cross_attention_projections(back.unet), results["fast"][1]):
         torch.testing.assert_close(a.weight.double(), b, rtol=1e-6, atol=1e-6)
 
@@ -124,6 +172,7 @@ def test_single_lora_is_reproduced_on_its_prompts(tiny_pipe, tmp_path):
     W = _weights(tiny_pipe)
     mace.fuse(tiny_pipe, {"ship": lora}, prompts, lam=1e-6)
     e = mace.encode_prompts(tiny_pipe, prompts["ship"]).reshape(-1, 64).double()
+    assert len(W) == len(lora) == 14
     for (name, lin), w in zip(mace.cross_attention_projections(tiny_pipe.unet), W):
         A, B = lora[name]
         target = e @ (w + B.double() @ A.double()).T
@@ -154,6 +203,7 @@ def test_external_peft_lora_scale_matches_diffusers_fuse(tiny_path, tmp_path):
     ref = mace.load_pipeline(tiny_path)
     ref.load_lora_weights(tmp_path / "ext")
     ref.fuse_lora(lora_scale=1.0)
+    assert sorted(read) == sorted(names) and len(base) == 14  # every attn2 to_k / to_v, nothing else
     for (name, lin), w in zip(mace.cross_attention_projections(ref.unet), base):
         A, B = read[name]
         torch.testing.assert_close((lin.weight.double() - w), (B @ A).double(), rtol=1e-4, atol=1e-5)
