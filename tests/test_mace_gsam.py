@@ -114,10 +114,12 @@ def test_real_models_give_binary_masks_of_each_image_size(model_dirs):
     assert [m.size for m in masks] == [im.size for im in images]
     assert all(m.mode == "L" and set(np.unique(_pixels(m))) <= {0, 255} for m in masks)
     assert masker.images_seen == 3
+    assert masker.fallbacks == 0  # SAM found something in every image: the masks below are unions, not fallbacks
     # Each mask is the union of SAM's masks of that image's boxes (a full mask where it is empty).
     for mask, per_box, image in zip(masks, masker.segment(images, boxes), images):
         assert per_box.shape == (QUERIES, image.height, image.width)
         union = union_mask(per_box, image.size)
+        assert union is not None
         assert np.array_equal(_pixels(mask), _pixels(union) if union is not None else np.full_like(_pixels(mask), 255))
 
 
@@ -244,6 +246,15 @@ def test_erase_prepare_stage_uses_grounded_sam(model_dirs, tmp_path, monkeypatch
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(grounded_sam.GroundedSamMasker, "from_pretrained", classmethod(counting))
+    asked = []
+    real_call = GroundedSamMasker.__call__
+
+    def recording(self, images, text):
+        masks = real_call(self, images, text)
+        asked.append((text, [_pixels(m) for m in masks]))
+        return masks
+
+    monkeypatch.setattr(grounded_sam.GroundedSamMasker, "__call__", recording)
     config = config_from_dict({
         "multi_concept": [["ship", "object"], ["emma-stone", "celebrity"]], "mapping_concept": ["ground", "a person"],
         "pretrained_model_name_or_path": "builtin:tiny", "mask_method": "grounded_sam", "grounding_model": str(model_dirs[0]),
@@ -256,3 +267,12 @@ def test_erase_prepare_stage_uses_grounded_sam(model_dirs, tmp_path, monkeypatch
     for name in ("ship", "emma stone"):
         mask = Image.open(tmp_path / "data" / f"{name} mask" / "0.png")
         assert mask.mode == "L" and mask.size == (SIZE, SIZE)
+    # The masker was asked once per concept, and its masks are the ones saved.
+    assert len(asked) == 2
+    fresh = GroundedSamMasker.from_pretrained(*model_dirs, device="cpu")
+    for name, (text, (made,)) in zip(("ship", "emma stone"), asked):
+        saved = _pixels(Image.open(tmp_path / "data" / f"{name} mask" / "0.png"))
+        assert np.array_equal(saved, made)
+        # ... and Grounded-SAM run afresh on the saved image gives that mask again.
+        (again,) = fresh([Image.open(tmp_path / "data" / name / "0.png")], text)
+        assert np.array_equal(saved, _pixels(again))
