@@ -21,6 +21,21 @@ def test_importance_weights_favour_200_to_400():
     assert inside > 0.8  # most of the mass
     t = sample_timesteps(4000, 1000, True, torch.Generator().manual_seed(0))
     assert 0.75 < float(((t >= 200) & (t <= 400)).float().mean()) < 0.9
+    # The paper's f(t) = sigmoid(0.05 (t - 200)) - sigmoid(0.05 (t - 400)), normalised.
+    steps = torch.arange(1000, dtype=torch.float64)
+    f = torch.sigmoid(0.05 * (steps - 200)) - torch.sigmoid(0.05 * (steps - 400))
+    torch.testing.assert_close(w, f / f.sum(), rtol=1e-12, atol=1e-15)
+    assert int(w.argmax()) in (299, 300) and float(w[0]) < 1e-3 * float(w.max())
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < 1000
+    # Without importance sampling: uniform over [0, 1000), about 20% in [200, 400].
+    u = sample_timesteps(4000, 1000, False, torch.Generator().manual_seed(0))
+    assert 0 <= int(u.min()) and int(u.max()) < 1000
+    assert 0.17 < float(((u >= 200) & (u <= 400)).float().mean()) < 0.23
+
+
+# The value projection of the last attn2 layer the tiny UNet runs (the up blocks run after the
+# mid block, whatever the order of the module list): no attention map depends on it.
+LAST_VALUE = "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v"
 
 
 def _batch(pipe, concepts, per_concept, seed=0):
@@ -90,14 +105,25 @@ def test_batched_step_equals_separate_single_concept_steps(tiny_pipe, backend, m
                 torch.testing.assert_close(p_batched.grad[k], p_single.grad[0], rtol=1e-4, atol=1e-6)
     assert abs(float(batched_loss) - total) < 1e-4 * total
     assert any(float(p.grad.abs().max()) > 0 for p in lora.A)
+    # Exactly the last attn2 layer's value LoRA has no gradient; every other one has a nonzero one.
+    last_value = lora.names.index(LAST_VALUE)
+    for params in (lora.A, lora.B):
+        assert [i for i, p in enumerate(params) if p.grad is None] == [last_value]
+        assert all(float(p.grad.abs().max()) > 0 for i, p in enumerate(params) if i != last_value)
 
 
 def test_hooks_remove_restores_the_model(tiny_pipe):
     unet = tiny_pipe.unet
     before = {n: type(m.processor) for n, m in unet.named_modules() if n.endswith("attn2")}
+    originals = {n: m.processor for n, m in unet.named_modules() if n.endswith("attn2")}
+    assert len(originals) == 7
     hooks = LoraTrainingHooks(unet, MultiConceptLoRA(unet, 2, rank=1))
+    # While installed, every attn2 layer runs another processor ...
+    assert all(m.processor is not originals[n] for n, m in unet.named_modules() if n.endswith("attn2"))
     hooks.remove()
     assert {n: type(m.processor) for n, m in unet.named_modules() if n.endswith("attn2")} == before
+    # ... and removing them gives each layer back its own processor object.
+    assert all(m.processor is originals[n] for n, m in unet.named_modules() if n.endswith("attn2"))
 
 
 # --- prior preservation -------------------------------------------------------------------------
@@ -255,6 +281,12 @@ def test_preservation_images_are_pngs_and_jpgs_resized(tmp_path):
     assert float(images.min()) >= -1 and float(images.max()) <= 1
     assert torch.allclose(images[0, 2], torch.ones(32, 32), atol=0.02)  # a.JPG first: blue
     assert load_preservation_images(tmp_path, 16, max_images=2).shape == (2, 3, 16, 16)
+    # Sorted by name (a.JPG, b.png, c.jpeg), each filled with its own colour scaled to [-1, 1].
+    for image, rgb in zip(images, [(0, 0, 255), (200, 30, 30), (200, 30, 30)], strict=True):
+        expected = torch.tensor(rgb, dtype=torch.float32)[:, None, None].expand(3, 32, 32) / 127.5 - 1
+        assert torch.allclose(image, expected, atol=0.03), rgb
+    torch.testing.assert_close(load_preservation_images(tmp_path, 16, max_images=2)[:, :, 0, 0], images[:2, :, 0, 0],
+                               atol=0.03, rtol=0)  # the first two
 
 
 def _prior_config(**changes):
@@ -335,13 +367,17 @@ def test_train_concept_loras_with_prior_preservation(tiny_pipe, tmp_path):
     prior = train_concept_loras(tiny_pipe, concepts, LoraTrainingSettings(**common, with_prior_preservation=True,
                                 preserve_prompt=PRESERVE_PROMPT, preserve_data_dir=keep, prior_loss_weight=1.0),
                                 output_dir=tmp_path / "prior", **where)
-    plain, prior = list(plain.files.values()), list(prior.files.values())
+    assert sorted(plain.files) == sorted(prior.files) == ["ship", "tower"]
+    plain, prior = [plain.files[c] for c in ("ship", "tower")], [prior.files[c] for c in ("ship", "tower")]
     assert len(prior) == 2
+    last_value = f"unet.{LAST_VALUE}.lora_B.weight"
     for a, b in zip(plain, prior):
         w_plain, w_prior = load_file(str(a)), load_file(str(b))
         ups = [k for k in w_prior if "lora_B" in k]
         assert ups and all(torch.isfinite(w_prior[k]).all() for k in w_prior)
+        assert len(ups) == 14 and sorted(w_plain) == sorted(w_prior)
         # After one step, a LoRA up weight moves iff it has a gradient: the attention loss leaves
         # the last value projection alone, the preservation loss does not.
         assert all(float(w_prior[k].abs().max()) > 0 for k in ups)
         assert any(float(w_plain[k].abs().max()) == 0 for k in ups)
+        assert [k for k in ups if float(w_plain[k].abs().max()) == 0] == [last_value]
