@@ -44,6 +44,13 @@ def test_original_file_layout_loads(tmp_path):
     assert config.prior_preservation_cache_path is None
     flat = load_config(_write(tmp_path, _original_style(), wrap=False), ["lamb=0.5"])
     assert flat.lamb == 0.5
+    assert flat.concepts == config.concepts  # the flat layout is read, not only the override
+    # Values in the file are read (not the defaults), and an override beats the file.
+    default = MACEConfig()
+    assert default.lamb != 0.25 and default.aug_length != 7
+    changed = load_config(_write(tmp_path, _original_style(lamb=0.25, aug_length=7)))
+    assert (changed.lamb, changed.aug_length) == (0.25, 7)
+    assert load_config(_write(tmp_path, _original_style(lamb=0.25)), ["lamb=0.5"]).lamb == 0.5
 
 
 def test_typo_suggests_the_closest_key(tmp_path):
