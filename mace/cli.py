@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -195,12 +196,21 @@ def _quiet_loading() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"mace {args.command}: warning: {_one_line(message) if isinstance(message, Warning) else message}",
+              file=sys.stderr)
+
+    shown = warnings.showwarning
+    warnings.showwarning = one_line_warning
     try:
         _quiet_loading()
         return args.func(args)
     except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as exc:
         print(f"mace {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from .prompts import CONCEPT_TYPES
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the problem."""
+
+
+class ConfigWarning(UserWarning):
+    """A key this implementation accepts but does not act on, set to a value that would matter."""
 
 
 @dataclass
@@ -76,6 +81,7 @@ class MACEConfig:
     grounded_config: str | None = None
     grounded_checkpoint: str | None = None
     sam_hq_checkpoint: str | None = None
+    sam_checkpoint: str | None = None
     revision: str | None = None
     tokenizer_name: str | None = None
     instance_prompt: str | None = None
@@ -106,7 +112,7 @@ class MACEConfig:
     hub_model_id: str | None = None
     logging_dir: str = "logs"
     allow_tf32: bool = False
-    report_to: str | None = "tensorboard"
+    report_to: str | None = None
     prior_generation_precision: str | None = None
     local_rank: int = -1
     enable_xformers_memory_efficient_attention: bool = False
@@ -130,6 +136,22 @@ class MACEConfig:
     def concepts(self) -> list[tuple[str, str]]:
         """(name, type) per concept, names with '-' read as spaces as the original tools do."""
         return [(name, kind) for name, kind in self.multi_concept]
+
+    @property
+    def effective_refine_preserve_scale(self) -> float:
+        """s of refinement's solve: train_preserve_scale ** 2, as the original computes it (its
+        caches are scaled by train_preserve_scale and the solve scales them again); with more
+        than max_memory concepts the original scales once."""
+        if len(self.multi_concept) > self.max_memory:
+            return self.train_preserve_scale
+        return self.train_preserve_scale**2
+
+    @property
+    def effective_fuse_preserve_scale(self) -> float:
+        """s of fusion's solve: fuse_preserve_scale (train_preserve_scale beyond max_memory concepts)."""
+        if len(self.multi_concept) > self.max_memory:
+            return self.train_preserve_scale
+        return self.fuse_preserve_scale
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,7 +263,61 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
         looks_local = model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
         if not model.startswith("builtin:") and looks_local and not Path(model).expanduser().exists():
             raise ConfigError(f"pretrained_model_name_or_path: {model} does not exist")
+    for key, message in config_warnings(config):
+        warnings.warn(ConfigWarning(f"{key}={getattr(config, key)!r} {message}"), stacklevel=2)
     return config
+
+
+# Keys of the original files that this implementation does not act on, with the values at which
+# that changes nothing (the original's defaults or values that have no effect there either), and
+# what to do instead. Every other key is honoured; see the README's table of differences.
+_NO_EFFECT: dict[str, tuple[tuple, str]] = {
+    "lora": ((True,), "MACE always trains one LoRA per concept (the original never reads this key)"),
+    "train_text_encoder": ((False,), "the text encoder is never trained (the original never optimises it either)"),
+    "with_uncond_loss": ((False,), "the original never reads the unconditional-loss keys"),
+    "use_gpt": ((False,), "prompts come from templates or concept_prompts_file"),
+    "test_erased_model": ((False,), "the report stage and `mace eval` show the erased model"),
+    "use_8bit_adam": ((False,), "the optimiser is torch's AdamW"),
+    "dataloader_num_workers": ((0,), "data is loaded in-process, once per concept"),
+    "enable_xformers_memory_efficient_attention": ((False,), "training installs its own attention processors "
+                                                   "(as the original's LoRA processors do)"),
+    "tokenizer_name": ((None,), "the pipeline's own tokenizer is used"),
+    "checkpointing_steps": ((), "each LoRA is saved whole when trained; a rerun resumes concept by concept"),
+    "resume_from_checkpoint": ((None,), "resuming is automatic: results whose inputs did not change are reused"),
+    "num_train_epochs": ((1,), "max_train_steps sets the length of training (as in the original)"),
+    "push_to_hub": ((False,), "nothing is uploaded"),
+    "hub_token": ((None,), "nothing is uploaded"),
+    "hub_model_id": ((None,), "nothing is uploaded"),
+    "report_to": ((None, "none"), "training shows a progress bar with the loss; nothing is logged to a tracker"),
+    "prior_generation_precision": ((None,), "there is no class-image generation step"),
+    "local_rank": ((-1,), "one process runs the whole erasure"),
+    "instance_prompt": ((None,), "prompts come from templates or concept_prompts_file"),
+    "concept_keyword": ((None,), "the concept names of multi_concept are used"),
+    "center_crop": ((False,), "images are resized to the resolution, not cropped"),
+    "grounded_config": ((None,), "Grounded-SAM models are named by grounding_model and sam_model"),
+    "grounded_checkpoint": ((None,), "Grounded-SAM models are named by grounding_model and sam_model"),
+    "sam_hq_checkpoint": ((None,), "Grounded-SAM models are named by grounding_model and sam_model"),
+    "sam_checkpoint": ((None,), "Grounded-SAM models are named by grounding_model and sam_model"),
+}
+
+
+def config_warnings(config: MACEConfig) -> list[tuple[str, str]]:
+    """(key, why) for every key set to a value that this implementation does not act on."""
+    out = []
+    for key, (no_op, message) in _NO_EFFECT.items():
+        value = getattr(config, key)
+        matters = value < config.max_train_steps if key == "checkpointing_steps" else value not in no_op
+        if matters:
+            out.append((key, f"has no effect here: {message}"))
+    for key in ("negative_guidance", "uncond_loss_weight"):
+        if getattr(config, key) != 1.0:
+            out.append((key, "has no effect here: the original never reads the unconditional-loss keys"))
+    if config.mask_method == "grounded_sam" and config.use_sam_hq:
+        out.append(("use_sam_hq", "has no effect here: transformers has no SAM-HQ; the model named by sam_model is used"))
+    if len(config.multi_concept) > config.max_memory:
+        out.append(("max_memory", f"is below the {len(config.multi_concept)} concepts: as the original does then, "
+                                  f"both solves weight the caches by train_preserve_scale once"))
+    return out
 
 
 def _looks_like_hub_id(name: str) -> bool:

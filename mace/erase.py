@@ -29,7 +29,7 @@ from .fusion import FusionSettings, fuse
 from .grounded_sam import GroundedSamMasker
 from .lora_training import LoraTrainingSettings, expected_fingerprints, lora_dir, stored_fingerprint, train_concept_loras
 from .prepare import GenerationSettings, concept_data_files, generate_concept_data
-from .prompts import PromptPair, concept_prompt_pairs
+from .prompts import PromptPair, concept_prompt_pairs, templates_for
 from .refinement import RefinementSettings, refine
 from .report import REPORT_IMAGES, erased_prompts, strips, write_report
 from .run_state import RunModels, RunState
@@ -63,13 +63,18 @@ class ErasureSummary:
 
 
 def concept_pairs(config: MACEConfig) -> dict[str, list[PromptPair]]:
-    """Each concept's (old, new) prompt pairs, as refinement, training and fusion use them."""
+    """Each concept's (old, new) prompt pairs, as refinement, training and fusion use them.
+
+    ``augment: false`` (as in the original): one prompt per concept, the first template.
+    """
     templates = read_prompt_file(config.concept_prompts_file) if config.concept_prompts_file else None
-    return {
-        name: concept_prompt_pairs(name, mapping, kind, aug_length=config.aug_length, prompt_len=config.prompt_len,
-                                   seed=config.seed, templates=templates)
-        for (name, kind), mapping in zip(config.concepts, config.mapping_concept)
-    }
+    out = {}
+    for (name, kind), mapping in zip(config.concepts, config.mapping_concept):
+        pool = templates or templates_for(kind)
+        length, prompt_len = (config.aug_length, config.prompt_len) if config.augment else (1, 1)
+        out[name] = concept_prompt_pairs(name, mapping, kind, aug_length=length, prompt_len=prompt_len,
+                                         seed=config.seed, templates=pool)
+    return out
 
 
 def resolution(pipe, config: MACEConfig) -> int:
@@ -83,6 +88,12 @@ def _timed(summary: ErasureSummary, stage: str):
     start = time.perf_counter()
     yield
     summary.seconds[stage] = time.perf_counter() - start
+
+
+def _precision(config: MACEConfig):
+    """mixed_precision fp16/bf16: image generation under autocast (the weights stay float32)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision or "no")
+    return torch.autocast(torch.device(config.device).type, dtype=dtype, enabled=dtype is not None)
 
 
 @contextmanager
@@ -107,19 +118,27 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
     summary = ErasureSummary(concepts=[name for name, _ in config.concepts], refined_model=str(refined_path),
                              final_model=str(final_path))
     state = RunState(output_dir)
-    models = RunModels(config.pretrained_model_name_or_path, config.device)
+    models = RunModels(config.pretrained_model_name_or_path, config.device, config.revision)
     models.saved_in("refined", refined_path)
     models.saved_in("final", final_path)
     pairs = concept_pairs(config)
     torch.manual_seed(config.seed)
+    if config.allow_tf32:  # as the original script: TF32 matmuls on Ampere+ GPUs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
-    if "prepare" in stages:
+    if "prepare" in stages and not config.generate_data:
+        _require_data(input_dir, config)  # generate_data: false, as the original: the data must be there
+        summary.skipped.append("prepare")
+    elif "prepare" in stages:
         with _timed(summary, "prepare"):
             pipe = models.use("original")
             settings = GenerationSettings.from_config(config, resolution(pipe, config))
-            made = sum(generate_concept_data(pipe, name, mapping, kind, input_dir, settings,
-                                             prompts=[p.old for p in pairs[name]], progress=progress, masker=masker)
-                       for (name, kind), mapping in zip(config.concepts, config.mapping_concept))
+            with _precision(config):
+                made = sum(generate_concept_data(pipe, name, mapping, kind, input_dir, settings,
+                                                 prompts=[p.old for p in pairs[name]], progress=progress,
+                                                 masker=masker, with_masks=config.use_gsam_mask)
+                           for (name, kind), mapping in zip(config.concepts, config.mapping_concept))
             if made:
                 summary.wrote.append(f"{made} image(s) in {input_dir}")
             else:
@@ -194,7 +213,8 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
 
 def _masker(config: MACEConfig):
     """The Grounded-SAM masker when the config asks for it and a concept needs masks."""
-    if config.mask_method != "grounded_sam" or all(kind == "style" for _, kind in config.concepts):
+    if (config.mask_method != "grounded_sam" or not config.use_gsam_mask or not config.generate_data
+            or all(kind == "style" for _, kind in config.concepts)):
         return None
     return GroundedSamMasker.from_pretrained(config.grounding_model, config.sam_model, device=config.device)
 
@@ -202,7 +222,7 @@ def _masker(config: MACEConfig):
 def _require_data(input_dir: Path, config: MACEConfig) -> None:
     for name, kind in config.concepts:
         try:
-            concept_data_files(input_dir, name, kind)
+            concept_data_files(input_dir, name, kind, config.use_gsam_mask)
         except FileNotFoundError as err:
             raise StageError(f"{err}; run the prepare stage") from None
 
@@ -228,9 +248,10 @@ def _report(config: MACEConfig, models: RunModels, summary: ErasureSummary) -> P
     groups = {"erased": erased_prompts(config.concepts), "kept": list(config.report_prompts or DEFAULT_REPORT_PROMPTS)}
     seeds = [config.seed + i for i in range(REPORT_IMAGES)]
     size = resolution(models.pipe, config)
-    images = {tag: {group: strips(models.use(version), prompts, seeds, size=size, steps=config.generation_steps,
-                                  guidance_scale=config.guidance_scale) for group, prompts in groups.items()}
-              for tag, version in (("before", "original"), ("after", "final"))}
+    with _precision(config):
+        images = {tag: {group: strips(models.use(version), prompts, seeds, size=size, steps=config.generation_steps,
+                                      guidance_scale=config.guidance_scale) for group, prompts in groups.items()}
+                  for tag, version in (("before", "original"), ("after", "final"))}
     title = (f"Model {config.pretrained_model_name_or_path} -> {config.final_save_path}; "
              f"erased: {', '.join(summary.concepts)}")
     return write_report(config.output_dir, title=title, groups=groups, images=images, seeds=seeds,

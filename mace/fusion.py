@@ -30,10 +30,12 @@ class FusionSettings:
 
     @classmethod
     def from_config(cls, config: MACEConfig) -> FusionSettings:
+        """The original code's effective weight: fuse_preserve_scale once (train_preserve_scale
+        with more than max_memory concepts, as its other branch does)."""
         return cls(lam=config.lamb, preserve=PreservationSettings(config.prior_preservation_cache_path,
                                                                   config.domain_preservation_cache_path,
                                                                   config.preserve_weight),
-                   preserve_scale=config.fuse_preserve_scale, method=config.method, jitter=config.solve_jitter)
+                   preserve_scale=config.effective_fuse_preserve_scale, method=config.method, jitter=config.solve_jitter)
 
 
 def stack_loras(loras: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], projections) -> LoraStack:

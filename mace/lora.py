@@ -103,8 +103,9 @@ class MultiConceptLoRA(nn.Module):
         self.B = nn.ParameterList()
         for _, lin in cross_attention_projections(unet):
             out, d = lin.weight.shape
-            # A random (as peft's default), B zero: training starts from the unchanged model.
-            a = torch.stack([torch.randn(rank, d, generator=g) for g in generators]) / math.sqrt(d)
+            # As diffusers' LoRA layer, which the original MACE trains: A ~ N(0, (1/rank)^2),
+            # B = 0, scale 1, so training starts from the unchanged model.
+            a = torch.stack([torch.randn(rank, d, generator=g) for g in generators]) / rank
             self.A.append(nn.Parameter(a))
             self.B.append(nn.Parameter(torch.zeros(num_concepts, out, rank)))
         self.num_concepts, self.rank = num_concepts, rank
@@ -213,39 +214,79 @@ def train_step(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     prior_loss_weight: float = 1.0,
+    *,
+    loss_scale: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One forward/backward pass over a batch of k concepts' samples; returns the loss.
 
     Without ``targets.prior_sizes`` the loss is the attention loss. With it, the batch holds
     each concept's preservation samples after its own (see AttentionTargets) and the loss is
     attention loss + prior_loss_weight * sum over concepts of the MSE of the noise prediction
-    on that concept's preservation samples.
+    on that concept's preservation samples. Gradients of ``loss_scale * loss`` accumulate
+    (gradient accumulation passes 1 / steps); ``autocast_dtype`` runs the UNet in float16 or
+    bfloat16 (mixed precision) while the LoRA parameters and the loss stay float32.
     """
     hooks.targets = targets
     targets.layer_norms.clear()
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample
-    loss = hooks.loss()
+    device_type = latents.device.type
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample
+    loss = hooks.loss().float()
     if targets.prior_sizes is not None and sum(targets.prior_sizes) > 0:
         target = prediction_target(scheduler, latents, noise, timesteps)
         loss = loss + prior_loss_weight * prior_preservation_loss(prediction, target, targets)
-    loss.backward()
+    (loss * loss_scale).backward()
     return loss.detach()
 
 
-def concept_token_mask(tokenizer, prompts: Sequence[str], concept_positions: Sequence[Sequence[int]], use_pooler: bool) -> torch.Tensor:
-    """(B, 77) bool: each prompt's concept tokens, plus its end-of-text token with use_pooler."""
-    ids = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length).input_ids
-    mask = torch.zeros(len(prompts), tokenizer.model_max_length, dtype=torch.bool)
-    for b, (pos, seq) in enumerate(zip(concept_positions, ids)):
-        mask[b, list(pos)] = True
+@torch.no_grad()
+def clip_grad_norm_per_concept(lora: MultiConceptLoRA, max_norm: float) -> torch.Tensor:
+    """Clip each concept's gradient (all its A and B slices together) to ``max_norm``, as a
+    single-concept run's ``clip_grad_norm_`` would; returns the norms before clipping, (k,).
+
+    A global clip over the stacked parameters would couple the concepts; this keeps a batched
+    step equal to k single-concept steps.
+    """
+    params = [p for p in list(lora.A) + list(lora.B) if p.grad is not None]
+    if not params:
+        return torch.zeros(lora.num_concepts)
+    norms = torch.stack([p.grad.float().pow(2).flatten(1).sum(1) for p in params]).sum(0).sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype).view(-1, *[1] * (p.grad.dim() - 1)))
+    return norms
+
+
+def concept_token_mask(tokenizer, prompts: Sequence[str], concepts: Sequence[str], use_pooler: bool) -> torch.Tensor:
+    """(B, 77) bool: the positions whose attention the loss suppresses, as the original MACE marks them.
+
+    Each prompt is tokenised padded to ``model_max_length``. Marked: every occurrence of the
+    concept name's token ids (``concepts[b]``, the text the prompt templates insert), and with
+    ``use_pooler`` every position holding the end-of-text id. SD 1.x's tokenizer pads with
+    end-of-text, so that is the end token and all the padding after it (73 of 77 positions of
+    "A photo of adam driver" in all); SD 2.x's pads with "!", so there only the end token is.
+    SDXL: the first tokenizer decides (it pads with end-of-text); each marked position carries
+    both encoders' embeddings.
+    """
+    length = tokenizer.model_max_length
+    ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length).input_ids
+    eos = tokenizer.eos_token_id
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for b, (seq, concept) in enumerate(zip(ids, concepts, strict=True)):
+        name = tokenizer(concept, add_special_tokens=False).input_ids
+        for i in range(len(seq) - len(name) + 1):
+            if name and seq[i:i + len(name)] == name:
+                mask[b, i:i + len(name)] = True
         if use_pooler:
-            mask[b, len(seq) - 1] = True
+            mask[b] |= torch.tensor(seq) == eos
     return mask
 
 
 __all__ = [
     "AttentionTargets",
+    "clip_grad_norm_per_concept",
     "LoraTrainingHooks",
     "MultiConceptLoRA",
     "concept_token_mask",

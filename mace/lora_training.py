@@ -23,19 +23,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .atomic import write_json_atomically
-from .config import MACEConfig, check_prior_preservation
+from .config import ConfigError, MACEConfig, check_prior_preservation
 from .fingerprint import digest, files_digest, seed_for, tensors_digest
 from .images import image_files, image_tensor, read_image
-from .lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, concept_token_mask, sample_timesteps, train_step
+from .lora import (
+    AttentionTargets,
+    LoraTrainingHooks,
+    MultiConceptLoRA,
+    clip_grad_norm_per_concept,
+    concept_token_mask,
+    sample_timesteps,
+    train_step,
+)
 from .lora_io import LORA_WEIGHT_NAME, save_lora
 from .models import encode_prompts, projection_weights
 from .prepare import concept_data_files, load_concept_data
-from .prompts import PromptPair, concept_token_positions
+from .prompts import PromptPair
 
 FINGERPRINT_FILE = "mace_fingerprint.json"
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass(frozen=True)
@@ -55,12 +65,46 @@ class LoraTrainingSettings:
     preserve_data_dir: str | None = None
     prior_loss_weight: float = 1.0
     num_class_images: int | None = None
+    # The original script's optimiser and schedule (diffusers' training-script defaults).
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01
+    adam_epsilon: float = 1.0e-08
+    max_grad_norm: float = 1.0  # clipped per concept: each LoRA as if trained alone
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    scale_lr: bool = False  # learning rate x gradient_accumulation_steps x train_batch_size
+    gradient_accumulation_steps: int = 1  # batches per optimiser step; max_train_steps counts optimiser steps
+    use_masks: bool = True  # use_gsam_mask: restrict the loss to the concept's mask (never for styles)
+    separate: bool = True  # train_seperate: one LoRA per concept; False: one LoRA shared by all concepts
+    no_real_image: bool = False  # the original's option: noisy latents from zeros instead of the images
+    mixed_precision: str | None = None  # "fp16" / "bf16": the UNet runs under autocast; LoRAs stay float32
     # How many concepts share one UNet batch: speed only, the LoRAs do not depend on it.
     concepts_per_batch: int = field(default=8, compare=False)
+    gradient_checkpointing: bool = field(default=False, compare=False)  # memory, not results
 
     def __post_init__(self) -> None:
         check_prior_preservation(self.with_prior_preservation, self.preserve_prompt, self.preserve_data_dir,
                                  self.prior_loss_weight)
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError("gradient_accumulation_steps must be >= 1")
+        if self.max_grad_norm <= 0:
+            raise ConfigError("max_grad_norm must be > 0")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"lr_scheduler: unknown schedule {self.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision or "no")
+
+    @property
+    def optimiser_learning_rate(self) -> float:
+        scale = self.gradient_accumulation_steps * self.train_batch_size if self.scale_lr else 1
+        return self.learning_rate * scale
 
     @classmethod
     def from_config(cls, config: MACEConfig, resolution: int) -> LoraTrainingSettings:
@@ -70,7 +114,13 @@ class LoraTrainingSettings:
             use_pooler=config.use_pooler, resolution=resolution, seed=config.seed,
             with_prior_preservation=config.with_prior_preservation, preserve_prompt=config.preserve_prompt,
             preserve_data_dir=config.preserve_data_dir, prior_loss_weight=config.prior_loss_weight,
-            num_class_images=config.num_class_images, concepts_per_batch=config.concepts_per_batch,
+            num_class_images=config.num_class_images, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+            adam_weight_decay=config.adam_weight_decay, adam_epsilon=config.adam_epsilon,
+            max_grad_norm=config.max_grad_norm, lr_scheduler=config.lr_scheduler, lr_warmup_steps=config.lr_warmup_steps,
+            lr_num_cycles=config.lr_num_cycles, lr_power=config.lr_power, scale_lr=config.scale_lr,
+            gradient_accumulation_steps=config.gradient_accumulation_steps, use_masks=config.use_gsam_mask,
+            separate=config.train_seperate, no_real_image=config.no_real_image, mixed_precision=config.mixed_precision,
+            concepts_per_batch=config.concepts_per_batch, gradient_checkpointing=config.gradient_checkpointing,
         )
 
     @property
@@ -80,7 +130,8 @@ class LoraTrainingSettings:
     def result_fields(self) -> dict:
         """The fields a LoRA depends on (all but concepts_per_batch)."""
         fields = asdict(self)
-        fields.pop("concepts_per_batch")
+        for speed_only in ("concepts_per_batch", "gradient_checkpointing"):
+            fields.pop(speed_only)
         return fields
 
 
@@ -142,9 +193,14 @@ def expected_fingerprints(pipe, concepts: Sequence[tuple[str, str, list[PromptPa
     """The fingerprint each concept's LoRA gets when trained now on ``pipe``'s weights."""
     base = tensors_digest(projection_weights(pipe.unet))
     prior = files_digest(preservation_files(settings))
-    return {name: concept_fingerprint(base, settings, name, kind, pairs,
-                                      files_digest(concept_data_files(input_data_dir, name, kind)), prior)
-            for name, kind, pairs in concepts}
+    own = {name: concept_fingerprint(base, settings, name, kind, pairs,
+                                     files_digest(concept_data_files(input_data_dir, name, kind, settings.use_masks)),
+                                     prior)
+           for name, kind, pairs in concepts}
+    if settings.separate:
+        return own
+    shared = digest(sorted(own.items()))  # one LoRA for all: any concept's change retrains it
+    return dict.fromkeys(own, shared)
 
 
 def stored_fingerprint(output_dir: str | os.PathLike, concept: str) -> str | None:
@@ -185,6 +241,10 @@ def train_concept_loras(
             continue
         result.trained[name] = "new" if stored is None else "model, settings, prompts or data changed"
         todo.append((name, kind, pairs))
+    if todo and not settings.separate:  # the shared LoRA is trained on every concept
+        todo = list(concepts)
+        result.trained = {name: result.trained.get(name, "shared LoRA retrained") for name, _, _ in concepts}
+        result.reused = []
     if not todo:
         return result
 
@@ -197,35 +257,69 @@ def train_concept_loras(
             prior = PreservationData(
                 load_preservation_images(settings.preserve_data_dir, settings.resolution, settings.num_class_images),
                 encode_prompts(pipe, [settings.preserve_prompt]))
-    size = settings.concepts_per_batch
+    size = settings.concepts_per_batch if settings.separate else len(todo)
     groups = [todo[i:i + size] for i in range(0, len(todo), size)]
-    bar = tqdm(total=len(todo) * settings.max_train_steps, desc="LoRA training", unit="concept-step", disable=not progress)
-    for group in groups:
-        data = []
-        for name, kind, pairs in group:
-            images, masks = load_concept_data(input_data_dir, name, kind, settings.resolution)
-            data.append(ConceptData(name, kind, pairs, images, masks, random.Random(seed_for(settings.seed, name)),
-                                    torch.Generator().manual_seed(seed_for(settings.seed, name))))
-        lora = MultiConceptLoRA(unet, len(group), settings.rank, concept_seeds=[seed_for(settings.seed, "lora", n) for n, _, _ in group])
-        optimizer = torch.optim.AdamW(lora.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-        with LoraTrainingHooks(unet, lora) as hooks:
-            for _ in range(settings.max_train_steps):
-                batch = _sample_batch(pipe, data, settings, prior)
-                targets = AttentionTargets(batch["tokens"], batch["masks"], [settings.train_batch_size] * len(group),
-                                           prior_sizes=[settings.train_batch_size] * len(group) if prior is not None else None)
-                loss = train_step(unet, hooks, pipe.scheduler, batch["latents"], batch["embeddings"], targets,
-                                  batch["noise"], batch["timesteps"], prior_loss_weight=settings.prior_loss_weight)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                bar.update(len(group))
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-        for k, (name, _, _) in enumerate(group):
-            folder = lora_dir(output_dir, name)
-            save_lora(folder, lora.concept_lora(k), alpha=float(settings.rank))
-            # Written after the weights: a LoRA without its fingerprint is trained again.
-            write_json_atomically(folder / FINGERPRINT_FILE, {"fingerprint": result.fingerprints[name]})
-    bar.close()
+    steps = settings.max_train_steps
+    bar = tqdm(total=len(todo) * steps if settings.separate else steps, desc="LoRA training",
+               unit="concept-step" if settings.separate else "step", disable=not progress)
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    try:
+        for group in groups:
+            data = []
+            for name, kind, pairs in group:
+                images, masks = load_concept_data(input_data_dir, name, kind, settings.resolution, settings.use_masks)
+                data.append(ConceptData(name, kind, pairs, images, masks, random.Random(seed_for(settings.seed, name)),
+                                        torch.Generator().manual_seed(seed_for(settings.seed, name))))
+            lora = _train_group(pipe, data, settings, prior, bar)
+            for k, (name, _, _) in enumerate(group):
+                folder = lora_dir(output_dir, name)
+                save_lora(folder, lora.concept_lora(k if settings.separate else 0), alpha=float(settings.rank))
+                # Written after the weights: a LoRA without its fingerprint is trained again.
+                write_json_atomically(folder / FINGERPRINT_FILE, {"fingerprint": result.fingerprints[name]})
+    finally:
+        if settings.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        bar.close()
     return result
+
+
+def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, prior: PreservationData | None,
+                 bar) -> MultiConceptLoRA:
+    """The original script's loop for a group of concepts trained together: AdamW, the lr
+    schedule, gradient accumulation and per-concept clipping, ``max_train_steps`` optimiser
+    steps. Separate LoRAs: every step carries every concept's samples, each through its own
+    LoRA. One shared LoRA (``separate=False``, as the original): each step trains it on one
+    concept drawn at random."""
+    unet = pipe.unet
+    seeds = [seed_for(settings.seed, "lora", d.name) for d in data] if settings.separate else [seed_for(settings.seed, "lora")]
+    lora = MultiConceptLoRA(unet, len(seeds), settings.rank, concept_seeds=seeds)
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=settings.optimiser_learning_rate,
+                                  betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_epsilon,
+                                  weight_decay=settings.adam_weight_decay)
+    schedule = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
+                             num_training_steps=settings.max_train_steps, num_cycles=settings.lr_num_cycles,
+                             power=settings.lr_power)
+    pick = random.Random(seed_for(settings.seed, "shared"))
+    accumulate = settings.gradient_accumulation_steps
+    with LoraTrainingHooks(unet, lora) as hooks:
+        for _ in range(settings.max_train_steps):
+            for _ in range(accumulate):
+                step_data = data if settings.separate else [pick.choice(data)]
+                batch = _sample_batch(pipe, step_data, settings, prior)
+                per = [settings.train_batch_size] * len(step_data)
+                targets = AttentionTargets(batch["tokens"], batch["masks"], per,
+                                           prior_sizes=per if prior is not None else None)
+                loss = train_step(unet, hooks, pipe.scheduler, batch["latents"], batch["embeddings"], targets,
+                                  batch["noise"], batch["timesteps"], prior_loss_weight=settings.prior_loss_weight,
+                                  loss_scale=1.0 / accumulate, autocast_dtype=settings.autocast_dtype)
+            clip_grad_norm_per_concept(lora, settings.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(len(data) if settings.separate else 1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    return lora
 
 
 @torch.no_grad()
@@ -234,14 +328,13 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
     ``prior``, as many preservation samples right after them (the layout AttentionTargets
     describes). Each concept's draws come from its own generators."""
     per = settings.train_batch_size
-    prompts, positions, masks, images, gens = [], [], [], [], []
+    prompts, masks, images, gens = [], [], [], []
     any_mask = any(d.masks is not None for d in data)
     for d in data:
         rows = []
         for _ in range(per):
             pair = d.rng.choice(d.pairs)
             prompts.append(pair.old)
-            positions.append(concept_token_positions(pipe.tokenizer(pair.old).input_ids, pipe.tokenizer(pair.new).input_ids))
             i = int(torch.randint(0, d.images.shape[0], (1,), generator=d.generator))
             rows.append(d.images[i])
             if any_mask:
@@ -260,7 +353,8 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
     latents, noise, timesteps = [], [], []
     for segment, g in zip(images, gens):
         dist = vae.encode(segment).latent_dist
-        latents.append((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)) * vae.config.scaling_factor)
+        sample = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)) * vae.config.scaling_factor
+        latents.append(torch.zeros_like(sample) if settings.no_real_image else sample)
         noise.append(torch.randn(dist.mean.shape, generator=g))
         timesteps.append(sample_timesteps(segment.shape[0], pipe.scheduler.config.num_train_timesteps,
                                           settings.importance_sampling, g))
@@ -269,6 +363,6 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
         "noise": torch.cat(noise),
         "timesteps": torch.cat(timesteps),
         "masks": torch.stack(masks) if any_mask else None,
-        "tokens": concept_token_mask(pipe.tokenizer, prompts, positions, settings.use_pooler),
+        "tokens": concept_token_mask(pipe.tokenizer, prompts, [d.name for d in data for _ in range(per)], settings.use_pooler),
         "embeddings": embeddings,
     }

@@ -29,6 +29,7 @@ def load_pipeline(
     *,
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    revision: str | None = None,
 ):
     """Load a diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a folder, hub id or builtin.
 
@@ -39,6 +40,8 @@ def load_pipeline(
     if not str(name_or_path).startswith(BUILTIN_PREFIX) and os.sep in path and not Path(path).exists():
         raise FileNotFoundError(f"model folder {path} does not exist")
     kwargs = {"dtype": torch_dtype}
+    if revision is not None:
+        kwargs["revision"] = revision
     index = Path(path) / "model_index.json"
     if index.exists() and "safety_checker" in json.loads(index.read_text()):
         kwargs.update(safety_checker=None, requires_safety_checker=False)

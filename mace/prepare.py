@@ -72,14 +72,22 @@ def generate_concept_data(
     prompts: Sequence[str] | None = None,
     progress: bool = True,
     masker: Callable[[list[Image.Image], str], list[Image.Image]] | None = None,
+    with_masks: bool = True,
 ) -> int:
     """Generate the missing images (and masks) of one concept; returns how many were made.
 
-    ``masker(images, text)``, when given, makes the masks instead of the attention maps; its
-    text is the mapping concept (the concept's name if the mapping is empty).
+    A folder that already holds ``settings.num_images`` images (either layout, see
+    ``concept_data_files``), each with its mask where masks are used, is complete. Masks are
+    made for objects when ``with_masks`` (``use_gsam_mask``); ``masker(images, text)``, when
+    given, makes them instead of the attention maps, queried with the erased concept's name as
+    the original tools query Grounded-SAM.
     """
     image_dir, mask_dir = concept_folders(input_data_dir, concept)
-    use_mask = concept_type != "style"
+    use_mask = concept_type != "style" and with_masks
+    if image_dir.is_dir():
+        have = image_files(image_dir)
+        if len(have) >= settings.num_images and (not use_mask or all(mask_file(f, mask_dir) for f in have)):
+            return 0
     image_dir.mkdir(parents=True, exist_ok=True)
     if use_mask:
         mask_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +118,7 @@ def generate_concept_data(
         if not use_mask:
             masks = [None] * len(idx)
         elif masker is not None:
-            masks = masker(images, mapping.strip() or concept)
+            masks = masker(images, concept)
             if len(masks) != len(images):
                 raise ValueError(f"the masker returned {len(masks)} masks for {len(images)} images")
         else:
@@ -125,30 +133,46 @@ def generate_concept_data(
     return made
 
 
-def concept_data_files(input_data_dir: str | os.PathLike, concept: str, concept_type: str) -> list[Path]:
-    """The image files of a prepared concept and, for concepts with masks, each one's mask, in
-    the order training reads them (FileNotFoundError naming what is missing)."""
+def mask_file(image: Path, mask_dir: Path) -> Path | None:
+    """The mask of ``image`` in ``mask_dir``: the same name (this package's layout) or
+    ``<stem>_mask.<ext>`` (the original tools' layout), PNG or JPG; None when there is none."""
+    stems = (image.stem, f"{image.stem}_mask")
+    for stem in stems:
+        for suffix in (image.suffix, ".png", ".jpg", ".jpeg"):
+            candidate = mask_dir / f"{stem}{suffix}"
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def concept_data_files(input_data_dir: str | os.PathLike, concept: str, concept_type: str,
+                       with_masks: bool = True) -> list[Path]:
+    """The image files (PNG/JPG) of a prepared concept and, when masks are used (not for styles),
+    each one's mask right after it, in the order training reads them. Both layouts are read:
+    ``<concept>/<i>.png`` with ``<concept> mask/<i>.png`` (this package's) and
+    ``<concept>/<name>.jpg`` with ``<concept> mask/<name>_mask.jpg`` (the original tools')."""
     image_dir, mask_dir = concept_folders(input_data_dir, concept)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"no data folder for {concept!r}: {image_dir} (run `mace prepare` first)")
-    files = [f for f in image_files(image_dir) if f.suffix == ".png"]
+    files = image_files(image_dir)
     if not files:
-        raise FileNotFoundError(f"{image_dir} holds no images")
-    if concept_type == "style":
+        raise FileNotFoundError(f"{image_dir} holds no PNG/JPG images")
+    if concept_type == "style" or not with_masks:
         return files
     out = []
     for f in files:
-        mf = mask_dir / f.name
-        if not mf.exists():
-            raise FileNotFoundError(f"mask {mf} is missing for image {f}")
+        mf = mask_file(f, mask_dir)
+        if mf is None:
+            raise FileNotFoundError(f"mask of {f} is missing: looked for {mask_dir / f.name} and "
+                                    f"{mask_dir / (f.stem + '_mask' + f.suffix)} (or set use_gsam_mask: false)")
         out += [f, mf]
     return out
 
 
-def load_concept_data(input_data_dir, concept: str, concept_type: str, resolution: int):
+def load_concept_data(input_data_dir, concept: str, concept_type: str, resolution: int, with_masks: bool = True):
     """(images (N, 3, H, W) in [-1, 1], masks (N, 1, H, W) or None) of a prepared concept."""
-    files = concept_data_files(input_data_dir, concept, concept_type)
-    if concept_type == "style":
+    files = concept_data_files(input_data_dir, concept, concept_type, with_masks)
+    if concept_type == "style" or not with_masks:
         return torch.stack([image_tensor(read_image(f, "RGB", resolution)) for f in files]), None
     images = [image_tensor(read_image(f, "RGB", resolution)) for f in files[0::2]]
     masks = [mask_tensor(read_image(m, "L", resolution, Image.NEAREST)) for m in files[1::2]]

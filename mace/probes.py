@@ -9,15 +9,17 @@ from collections.abc import Sequence
 import torch
 
 from .attention import AttentionMapRecorder, ProcessorSwap
+from .lora import concept_token_mask
 from .models import encode_prompts
 from .prompts import concept_token_positions
 
 
 @torch.no_grad()
 def concept_attention_mass(pipe, prompts: Sequence[str], concept: str, mapping: str,
-                           timesteps: Sequence[int] = (250, 500, 750), seed: int = 0) -> float:
-    """Mean cross-attention probability that the concept's tokens receive, over attn2 layers,
-    heads, pixels, prompts and the given timesteps, for fixed noisy latents."""
+                           timesteps: Sequence[int] = (250, 500, 750), seed: int = 0, use_pooler: bool = False) -> float:
+    """Mean cross-attention probability that the concept's tokens receive (with ``use_pooler``:
+    the positions MACE's loss suppresses, the concept's tokens and every end-of-text position),
+    over attn2 layers, heads, pixels, prompts and the given timesteps, for fixed noisy latents."""
     tok = pipe.tokenizer
     positions = torch.zeros(len(prompts), tok.model_max_length, dtype=torch.bool)
     for b, p in enumerate(prompts):
@@ -25,6 +27,8 @@ def concept_attention_mass(pipe, prompts: Sequence[str], concept: str, mapping: 
         if not pos:
             raise ValueError(f"prompt {p!r} does not contain the concept {concept!r}")
         positions[b, pos] = True
+    if use_pooler:
+        positions |= concept_token_mask(tok, prompts, [concept] * len(prompts), use_pooler=True)
     side = pipe.unet.config.sample_size
     recorder = AttentionMapRecorder(positions, 0, side)
     emb = encode_prompts(pipe, prompts)

@@ -53,8 +53,8 @@ class RunState:
 class RunModels:
     """One pipeline for a run and snapshots of its cross-attention weights by version."""
 
-    def __init__(self, model: str | os.PathLike, device: str | torch.device | None = None):
-        self.model, self.device = model, device
+    def __init__(self, model: str | os.PathLike, device: str | torch.device | None = None, revision: str | None = None):
+        self.model, self.device, self.revision = model, device, revision
         self._pipe = None
         self._snapshots: dict[str, list[torch.Tensor]] = {}
         self._folders: dict[str, Path] = {}
@@ -64,7 +64,7 @@ class RunModels:
     def pipe(self):
         """The run's pipeline (loaded on first use, with the original weights)."""
         if self._pipe is None:
-            self._pipe = load_pipeline(self.model, device=self.device)
+            self._pipe = load_pipeline(self.model, device=self.device, revision=self.revision)
             self._snapshots["original"] = [w.detach().cpu().clone() for w in projection_weights(self._pipe.unet)]
             self.current = "original"
         return self._pipe

@@ -35,21 +35,22 @@ GENERIC = [f"a {a} {o} {w}" for o in ("cat", "house", "tree", "car", "bird", "ch
            for a, w in (("photo of a", "in the sun"), ("painting of a", "at night"), ("picture of the", "near a lake"))]
 
 
-def _erase(tmp_path, preserve_scale):
-    changes = {}
+def _erase(tmp_path, preserve_scale, **extra):
+    changes = dict(extra)
     if preserve_scale:
         cache = tmp_path / "prior.safetensors"
         mace.build_preservation_cache(mace.load_pipeline("builtin:tiny"), GENERIC, cache, progress=False)
-        changes = dict(prior_preservation_cache_path=str(cache), train_preserve_scale=preserve_scale,
+        changes.update(prior_preservation_cache_path=str(cache), train_preserve_scale=preserve_scale,
                        fuse_preserve_scale=preserve_scale)
     config = load_config(_config(tmp_path, **changes))
     return config, erase(config, stages=("prepare", "refine", "train", "fuse"), progress=False)
 
 
-def _measure(summary):
+def _measure(summary, use_pooler=False):
     before = mace.load_pipeline("builtin:tiny")
     after = mace.load_pipeline(summary.final_model)
-    mass = {c: concept_attention_mass(after, ps, c, m) / concept_attention_mass(before, ps, c, m)
+    mass = {c: concept_attention_mass(after, ps, c, m, use_pooler=use_pooler)
+            / concept_attention_mass(before, ps, c, m, use_pooler=use_pooler)
             for c, (m, ps) in ERASED.items()}
     change = {}
     for name, prompts in (("erased", [p for _, ps in ERASED.values() for p in ps]), ("kept", KEPT)):
@@ -62,10 +63,12 @@ def _measure(summary):
 def test_erase_end_to_end_efficacy(tmp_path):
     config, summary = _erase(tmp_path, 0.0)
     assert set(summary.seconds) == {"prepare", "refine", "train", "fuse"}
-    mass, _ = _measure(summary)
-    # The builtin model has random weights, so only attention can be measured: on held-out
-    # prompts the erased concepts' tokens keep 37-40% of their cross-attention mass (measured).
-    assert all(ratio < 0.5 for ratio in mass.values()), mass
+    mass, _ = _measure(summary, use_pooler=True)
+    # The builtin model has random weights, so only attention can be measured. As the original,
+    # the loss covers the concept's tokens and every end-of-text/padding position (use_pooler):
+    # on held-out prompts those keep 69-80% of their cross-attention mass (measured); the mass
+    # freed moves to the other tokens, the concept's own among them.
+    assert all(ratio < 0.9 for ratio in mass.values()), mass
     # LoRA files load in diffusers.
     lora_pipe = mace.load_pipeline(summary.refined_model)
     lora_pipe.load_lora_weights(tmp_path / "out" / "lora" / "ship")
@@ -75,13 +78,24 @@ def test_erase_end_to_end_efficacy(tmp_path):
 
 
 @pytest.mark.slow
+def test_erase_without_pooler_suppresses_the_concept_tokens(tmp_path):
+    _, summary = _erase(tmp_path, 0.0, use_pooler=False)
+    mass, _ = _measure(summary)
+    # Without use_pooler the loss covers the concept's tokens alone: on held-out prompts they
+    # keep 39-41% of their cross-attention mass (measured).
+    assert all(ratio < 0.5 for ratio in mass.values()), mass
+
+
+@pytest.mark.slow
 def test_erase_with_preservation_changes_kept_prompts_less(tmp_path):
-    _, summary = _erase(tmp_path, 100.0)
-    mass, change = _measure(summary)
-    # Measured: mass ratio 0.71, noise-prediction change 0.24 on kept prompts vs 0.44 on erased
-    # ones. Without preservation both change alike (0.67): the caches are what keep the rest.
-    assert all(ratio < 0.85 for ratio in mass.values()), mass
-    assert change["kept"] < 0.7 * change["erased"], change
+    _, summary = _erase(tmp_path, 10.0)
+    mass, change = _measure(summary, use_pooler=True)
+    # Measured (scale 10: refinement weights the cache by 10**2 as the original, fusion by 10):
+    # the loss's positions keep 88% of their mass; the noise prediction changes 0.46 on kept
+    # prompts vs 0.62 on erased ones. Without preservation both change alike (0.65 vs 0.68):
+    # the caches are what keep the rest.
+    assert all(ratio < 0.92 for ratio in mass.values()), mass
+    assert change["kept"] < 0.8 * change["erased"], change
 
 
 def test_config_errors_are_reported_by_the_cli(tmp_path, capsys):

@@ -204,13 +204,13 @@ def test_generate_concept_data_writes_the_masker_masks(loaded, tiny_pipe, tmp_pa
                                  masker=masker)
     assert made == 2 and len(calls) == 1
     text, sizes, masks = calls[0]
-    assert text == "a person" and sizes == [(SIZE, SIZE)] * 2
+    assert text == "Emma Stone" and sizes == [(SIZE, SIZE)] * 2  # the erased concept, as the original queries
     _, mask_dir = concept_folders(tmp_path, "Emma Stone")
     assert mask_dir.name == "Emma Stone mask"
     for i, mask in enumerate(masks):
         saved = Image.open(mask_dir / f"{i}.png")
         assert saved.mode == "L" and np.array_equal(_pixels(saved), _pixels(mask))
-    # An empty mapping queries the concept's name; styles get no masks and never call the masker.
+    # Styles get no masks and never call the masker.
     generate_concept_data(tiny_pipe, "ship", " ", "object", tmp_path, GenerationSettings(num_images=1, steps=2, seed=0),
                           progress=False, masker=masker)
     assert calls[-1][0] == "ship" and (tmp_path / "ship mask" / "0.png").exists()
