@@ -332,4 +332,4 @@ def test_cache_records_prompt_and_token_counts(tmp_path, tiny_pipe):
     # A sum: twice the prompts, twice the statistic (what the scale multiplies).
     double = mace.build_preservation_cache(tiny_pipe, prompts * 2, tmp_path / "d.safetensors", progress=False)
     torch.testing.assert_close(double.cov, 2 * cache.cov, rtol=1e-5, atol=1e-5 * float(cache.cov.abs().max()))
-    assert math.isclose(float(double.cov.trace()), 2 * float(cache.cov.trace()), rel_tol=1e-9)
+    assert math.isclose(float(double.cov.trace()), 2 * float(cache.cov.trace()), rel_tol=1e-6)
