@@ -35,6 +35,11 @@ class MACEConfig:
     multi_concept: list = field(default_factory=list)  # [[name, type], ...] (original: nested once more)
     mapping_concept: list = field(default_factory=list)
     # --- closed-form refinement and fusion ----------------------------------------------------
+    # P = C_prior + preserve_weight * C_domain (cache statistics: sums over every token of every
+    # cached prompt, so their size grows with the number of prompts cached). As the original code
+    # computes them: refinement weights P by train_preserve_scale ** 2, fusion by
+    # fuse_preserve_scale (beyond max_memory concepts: both by train_preserve_scale); lamb weighs
+    # staying close to the original weights (refinement) or the refined ones (fusion).
     lamb: float = 0.0
     train_preserve_scale: float = 0.0
     fuse_preserve_scale: float = 0.0
@@ -42,20 +47,20 @@ class MACEConfig:
     prior_preservation_cache_path: str | None = None
     domain_preservation_cache_path: str | None = None
     all_words: bool = False
-    augment: bool = True
+    augment: bool = True  # False: one prompt per concept (the first template), as the original
     aug_length: int = 30
     prompt_len: int = 30
-    max_memory: int = 1000
+    max_memory: int = 1000  # the original's switch of preservation factors (see effective_*_preserve_scale)
     # --- LoRA training ---------------------------------------------------------------------
     lora: bool = True
     rank: int = 1
     learning_rate: float = 1.0e-4
     max_train_steps: int = 50
     train_batch_size: int = 1
-    train_seperate: bool = True
+    train_seperate: bool = True  # False: one LoRA shared by all concepts, fused with each one's prompts
     importance_sampling: bool = True
-    use_pooler: bool = True
-    use_gsam_mask: bool = True
+    use_pooler: bool = True  # the loss also covers every end-of-text position (SD 1.x: the padding too)
+    use_gsam_mask: bool = True  # False: no masks, the loss covers every pixel (styles never have masks)
     with_prior_preservation: bool = False
     preserve_prompt: str | None = None
     preserve_data_dir: str | None = None
@@ -63,18 +68,18 @@ class MACEConfig:
     with_uncond_loss: bool = False
     negative_guidance: float = 1.0
     uncond_loss_weight: float = 1.0
-    num_class_images: int = 200
+    num_class_images: int = 200  # prior preservation uses the first ones (the original reads them all)
     # --- data and outputs ------------------------------------------------------------------
     pretrained_model_name_or_path: str = "CompVis/stable-diffusion-v1-4"
     input_data_dir: str | None = None
     output_dir: str = "./saved_model/CFR_with_multi_LoRAs"
     final_save_path: str = "./saved_model/LoRA_fusion_model"
-    generate_data: bool = True
+    generate_data: bool = True  # False: `prepare` only checks that input_data_dir holds every concept's data
     use_gpt: bool = False
     test_erased_model: bool = False
     seed: int = 2024
     resolution: int | None = None
-    mixed_precision: str | None = None
+    mixed_precision: str | None = None  # "fp16" / "bf16": generation and training under autocast
     # --- accepted for compatibility with the original files (grounded-SAM paths, training
     # --- script options); read where this implementation has a use for them
     use_sam_hq: bool = True
