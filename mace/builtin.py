@@ -38,11 +38,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MACE_HOME", Path.home() / ".cache" / "mace"))
 
 
-def _text_encoder(hidden: int, layers: int, with_projection: bool, seed: int):
+def _text_encoder(hidden: int, layers: int, with_projection: bool, seed: int, hidden_act: str = "quick_gelu",
+                  pad_token_id: int = 49407):
     config = CLIPTextConfig(
         vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_token_id, hidden_act=hidden_act,
     )
     torch.manual_seed(seed)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
@@ -57,10 +58,10 @@ def _vae(seed: int):
     ).eval()
 
 
-def _scheduler():
+def _scheduler(prediction_type: str = "epsilon"):
     return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
 
 
@@ -77,6 +78,26 @@ def build_tiny_sd(seed: int = 0):
         vae=_vae(seed + 1), text_encoder=_text_encoder(64, 2, False, seed + 2), tokenizer=clip_tokenizer(),
         unet=unet, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd2(seed: int = 0, prediction_type: str = "v_prediction"):
+    """SD-2.x shaped: an OpenCLIP-style text encoder (gelu, its tokenizer pads with "!"), 96 wide,
+    linear projections in the transformer blocks, upcast attention, and the v-prediction
+    objective of SD 2.x 768-v (``builtin:tiny-sd2``) or the epsilon one of SD 2.x base
+    (``builtin:tiny-sd2-base``)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=96, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+        norm_num_groups=32,
+    ).eval()
+    return StableDiffusionPipeline(
+        vae=_vae(seed + 1), text_encoder=_text_encoder(96, 2, False, seed + 2, hidden_act="gelu", pad_token_id=0),
+        tokenizer=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_scheduler(prediction_type),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
@@ -108,7 +129,13 @@ def build_world():
     )
 
 
-BUILTIN_MODELS = {"tiny": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "world": build_world}
+BUILTIN_MODELS = {
+    "tiny": build_tiny_sd,
+    "tiny-sd2": build_tiny_sd2,
+    "tiny-sd2-base": lambda: build_tiny_sd2(prediction_type="epsilon"),
+    "tiny-sdxl": build_tiny_sdxl,
+    "world": build_world,
+}
 
 
 def _version(key: str) -> str:

@@ -217,6 +217,7 @@ def train_step(
     *,
     loss_scale: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One forward/backward pass over a batch of k concepts' samples; returns the loss.
 
@@ -226,13 +227,15 @@ def train_step(
     on that concept's preservation samples. Gradients of ``loss_scale * loss`` accumulate
     (gradient accumulation passes 1 / steps); ``autocast_dtype`` runs the UNet in float16 or
     bfloat16 (mixed precision) while the LoRA parameters and the loss stay float32.
+    ``added_cond_kwargs``: the UNet's added conditions (SDXL, see models.added_conditions).
     """
     hooks.targets = targets
     targets.layer_norms.clear()
     noisy = scheduler.add_noise(latents, noise, timesteps)
     device_type = latents.device.type
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_embeddings,
+                          added_cond_kwargs=added_cond_kwargs).sample
     loss = hooks.loss().float()
     if targets.prior_sizes is not None and sum(targets.prior_sizes) > 0:
         target = prediction_target(scheduler, latents, noise, timesteps)

@@ -40,7 +40,7 @@ from .lora import (
     train_step,
 )
 from .lora_io import LORA_WEIGHT_NAME, save_lora
-from .models import encode_prompts, projection_weights
+from .models import added_conditions, encode_prompts, projection_weights
 from .prepare import concept_data_files, load_concept_data
 from .prompts import PromptPair
 
@@ -148,10 +148,9 @@ class ConceptData:
 
 @dataclass
 class PreservationData:
-    """Prior preservation: kept images and the one prompt that captions them."""
+    """Prior preservation: the kept images (captioned by settings.preserve_prompt)."""
 
     images: torch.Tensor  # (N, 3, H, W) in [-1, 1]
-    embedding: torch.Tensor  # (1, 77, d): the preservation prompt's text embedding
 
 
 @dataclass
@@ -255,8 +254,7 @@ def train_concept_loras(
     if settings.uses_prior:
         with torch.no_grad():
             prior = PreservationData(
-                load_preservation_images(settings.preserve_data_dir, settings.resolution, settings.num_class_images),
-                encode_prompts(pipe, [settings.preserve_prompt]))
+                load_preservation_images(settings.preserve_data_dir, settings.resolution, settings.num_class_images))
     size = settings.concepts_per_batch if settings.separate else len(todo)
     groups = [todo[i:i + size] for i in range(0, len(todo), size)]
     steps = settings.max_train_steps
@@ -312,7 +310,8 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
                                            prior_sizes=per if prior is not None else None)
                 loss = train_step(unet, hooks, pipe.scheduler, batch["latents"], batch["embeddings"], targets,
                                   batch["noise"], batch["timesteps"], prior_loss_weight=settings.prior_loss_weight,
-                                  loss_scale=1.0 / accumulate, autocast_dtype=settings.autocast_dtype)
+                                  loss_scale=1.0 / accumulate, autocast_dtype=settings.autocast_dtype,
+                                  added_cond_kwargs=batch["added_cond_kwargs"])
             clip_grad_norm_per_concept(lora, settings.max_grad_norm)
             optimizer.step()
             schedule.step()
@@ -328,13 +327,14 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
     ``prior``, as many preservation samples right after them (the layout AttentionTargets
     describes). Each concept's draws come from its own generators."""
     per = settings.train_batch_size
-    prompts, masks, images, gens = [], [], [], []
+    prompts, masks, images, gens, captions = [], [], [], [], []
     any_mask = any(d.masks is not None for d in data)
     for d in data:
         rows = []
         for _ in range(per):
             pair = d.rng.choice(d.pairs)
             prompts.append(pair.old)
+            captions.append(pair.old)
             i = int(torch.randint(0, d.images.shape[0], (1,), generator=d.generator))
             rows.append(d.images[i])
             if any_mask:
@@ -343,12 +343,9 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
         if prior is not None:
             picks = torch.randint(0, prior.images.shape[0], (per,), generator=d.generator)
             images.append(prior.images[picks])
+            captions += [settings.preserve_prompt] * per
         gens += [d.generator] * (2 if prior is not None else 1)
-    embeddings = encode_prompts(pipe, prompts)
-    if prior is not None:
-        concept_embeddings = embeddings.split(per)
-        prior_embedding = prior.embedding.to(embeddings).expand(per, -1, -1)
-        embeddings = torch.cat([x for e in concept_embeddings for x in (e, prior_embedding)])
+    embeddings = encode_prompts(pipe, captions)  # batch order: each concept's rows, then its prior rows
     vae = pipe.vae
     latents, noise, timesteps = [], [], []
     for segment, g in zip(images, gens):
@@ -365,4 +362,5 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
         "masks": torch.stack(masks) if any_mask else None,
         "tokens": concept_token_mask(pipe.tokenizer, prompts, [d.name for d in data for _ in range(per)], settings.use_pooler),
         "embeddings": embeddings,
+        "added_cond_kwargs": added_conditions(pipe, captions, settings.resolution),
     }

@@ -39,8 +39,9 @@ def cross_attention_projections(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
                     found.append((f"{name}.{proj}", linear))
     if not found:
         raise NoCrossAttentionError(
-            f"{type(unet).__name__} has no cross-attention (attn2.to_k / attn2.to_v) layers: "
-            "MACE edits text-conditioned diffusion models only"
+            f"{type(unet).__name__} has no cross-attention (attn2.to_k / attn2.to_v) layers: MACE's closed form edits "
+            "the key/value projections that read the text alone, as UNets of SD 1.x, 2.x and XL have them; MMDiT "
+            "models (SD3, FLUX) attend to text and image tokens jointly and have none"
         )
     return found
 
@@ -126,6 +127,21 @@ def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 64) -> torch.
     if not outs:
         return torch.zeros(0, pipe.tokenizer.model_max_length, text_width(pipe))
     return torch.cat(outs)
+
+
+@torch.no_grad()
+def added_conditions(pipe, prompts: Sequence[str], resolution: int) -> dict[str, torch.Tensor] | None:
+    """The UNet's added conditions for ``prompts`` (SDXL: the second encoder's pooled text
+    embedding and the size/crop time ids of an uncropped ``resolution`` image); None for models
+    without them (SD 1.x/2.x)."""
+    if pipe.unet.config.get("addition_embed_type") != "text_time":
+        return None
+    tok, enc = pipe.tokenizer_2, pipe.text_encoder_2
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(enc.device)
+    pooled = enc(ids)[0].float()
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype)
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).repeat(len(prompts), 1)}
 
 
 def text_encoder_fingerprint(pipe) -> str:

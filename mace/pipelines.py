@@ -49,5 +49,6 @@ def load_pipeline(
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    cross_attention_projections(pipe.unet)  # fail early on a model MACE cannot edit
+    # Fail early on a model MACE cannot edit (an MMDiT pipeline has a transformer, no UNet).
+    cross_attention_projections(getattr(pipe, "unet", None) or getattr(pipe, "transformer", pipe))
     return pipe

@@ -10,7 +10,7 @@ import torch
 
 from .attention import AttentionMapRecorder, ProcessorSwap
 from .lora import concept_token_mask
-from .models import encode_prompts
+from .models import added_conditions, encode_prompts
 from .prompts import concept_token_positions
 
 
@@ -34,10 +34,11 @@ def concept_attention_mass(pipe, prompts: Sequence[str], concept: str, mapping: 
     emb = encode_prompts(pipe, prompts)
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(len(prompts), pipe.unet.config.in_channels, side, side, generator=g)
+    extra = added_conditions(pipe, prompts, side * pipe.vae_scale_factor)
     with ProcessorSwap(pipe.unet, lambda _: recorder) as swap:
         layers = len(swap.previous)
         for t in timesteps:
-            pipe.unet(latents, torch.full((len(prompts),), t), encoder_hidden_states=emb)
+            pipe.unet(latents, torch.full((len(prompts),), t), encoder_hidden_states=emb, added_cond_kwargs=extra)
     return float(recorder.maps.mean()) / (layers * len(timesteps))
 
 
@@ -48,5 +49,7 @@ def noise_prediction(pipe, prompts: Sequence[str], timesteps: Sequence[int] = (2
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(len(prompts), pipe.unet.config.in_channels, side, side, generator=g)
     emb = encode_prompts(pipe, prompts)
-    return torch.stack([pipe.unet(latents, torch.full((len(prompts),), t), encoder_hidden_states=emb).sample
+    extra = added_conditions(pipe, prompts, side * pipe.vae_scale_factor)
+    return torch.stack([pipe.unet(latents, torch.full((len(prompts),), t), encoder_hidden_states=emb,
+                                  added_cond_kwargs=extra).sample
                         for t in timesteps])
