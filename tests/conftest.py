@@ -63,3 +63,22 @@ def tiny_pipe(tiny_path):
     import mace
 
     return mace.load_pipeline(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    """A tiny random CLIP model folder (CLIPModel + processor with the real tokenizer)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from mace.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    path = tmp_path_factory.mktemp("clip")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                              tokenizer=clip_tokenizer())
+    processor.save_pretrained(path)
+    return path

@@ -127,3 +127,17 @@ def test_models_without_cross_attention_are_refused_with_a_clear_error():
                                         pooled_projection_dim=16, out_channels=4)
     with pytest.raises(NoCrossAttentionError, match="MMDiT"):
         cross_attention_projections(transformer)
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-sd2", "builtin:tiny-sdxl"])
+def test_mace_eval_with_clip_on_each_family(model, tiny_clip_path, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "eval"
+    assert mace_main(["eval", "--model", model, "--original", model, "--clip", str(tiny_clip_path), "--erased", "Emma Stone",
+                      "--kept", "a red bus,a dog", "--images-per-concept", "2", "--steps", "2", "--out", str(out),
+                      "--quiet"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["prompts"] == 6 and 0 <= scores["clip_acc_erased"] <= 1 and 0 <= scores["clip_acc_kept"] <= 1
+    # The same model on the same seeds draws the same kept images: FID 0.
+    assert abs(scores["fid_kept_vs_original"]) < 1e-3

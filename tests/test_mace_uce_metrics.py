@@ -93,22 +93,10 @@ def test_uce_rejects_bad_input(tiny_pipe):
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
+def tiny_clip(tiny_clip_path):
     from mace.metrics import load_clip
-    from mace.tokenizer import clip_tokenizer
 
-    torch.manual_seed(0)
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
-    path = tmp_path_factory.mktemp("clip")
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                              tokenizer=clip_tokenizer())
-    processor.save_pretrained(path)
-    return load_clip(path)
+    return load_clip(tiny_clip_path)
 
 
 def _text_features(clip, texts):
