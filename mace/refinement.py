@@ -47,8 +47,13 @@ def aligned_pair_tokens(pipe, pairs: Sequence[tuple[str, str]], *, all_words: bo
     pairs = _as_pairs(pairs)
     olds = [p[0] for p in pairs]
     news = [p[1] for p in pairs]
-    e_old = encode_prompts(pipe, olds, batch_size)
-    e_new = encode_prompts(pipe, news, batch_size)
+    # Each distinct prompt is encoded once: with one mapping concept, the new prompts of every
+    # concept are the same few templates.
+    distinct = list(dict.fromkeys(olds + news))
+    row = {prompt: i for i, prompt in enumerate(distinct)}
+    encoded = encode_prompts(pipe, distinct, batch_size)
+    e_old = encoded[torch.tensor([row[p] for p in olds])]
+    e_new = encoded[torch.tensor([row[p] for p in news])]
     if all_words:
         d = e_old.shape[-1]
         return e_old.reshape(-1, d), e_new.reshape(-1, d)

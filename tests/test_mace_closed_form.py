@@ -239,3 +239,30 @@ def test_sdxl_refine_and_fuse_fast_equal_reference():
         results[method] = _weights(pipe)
     assert all(w.shape[1] == 64 for w in results["fast"])
     assert _rel(results["fast"], results["reference"]) <= 1e-6
+
+
+def test_refinement_encodes_each_distinct_prompt_once(tiny_pipe, monkeypatch):
+    import mace.refinement as refinement
+
+    pairs = [p for c in ("Emma Stone", "Tom Hanks", "Brad Pitt")
+             for p in mace.concept_prompt_pairs(c, "a person", "celebrity", aug_length=5, seed=0)]
+    encoded = []
+    real = refinement.encode_prompts
+
+    def counting(pipe, prompts, batch_size=64):
+        encoded.extend(prompts)
+        return real(pipe, prompts, batch_size)
+
+    monkeypatch.setattr(refinement, "encode_prompts", counting)
+    got = refinement.aligned_pair_tokens(tiny_pipe, pairs)
+    # 15 old prompts, and the new prompts of all three concepts are the same 5 templates at most
+    # (the template choice depends on the concept's name): every distinct prompt exactly once.
+    assert len(encoded) == len(set(encoded)) == len({p.old for p in pairs} | {p.new for p in pairs}) < 30
+    # Rows are those of each prompt encoded on its own, at the aligned positions.
+    tok, rows = tiny_pipe.tokenizer, 0
+    for pair in pairs[:3]:
+        po, pn = mace.align_tokens(tok(pair.old).input_ids, tok(pair.new).input_ids, tok.model_max_length)
+        e_old, e_new = real(tiny_pipe, [pair.old])[0], real(tiny_pipe, [pair.new])[0]
+        torch.testing.assert_close(got[0][rows:rows + len(po)], e_old[po], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[1][rows:rows + len(pn)], e_new[pn], rtol=0, atol=1e-5)
+        rows += len(po)
