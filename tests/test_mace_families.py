@@ -40,6 +40,7 @@ def _config(tmp_path, model, **changes):
     return path
 
 
+@torch.no_grad()
 def _kv_change(before, after, prompts) -> float:
     """Relative change of every cross-attention key/value output on the prompts' embeddings."""
     emb = mace.encode_prompts(before, prompts)
