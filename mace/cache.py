@@ -178,6 +178,11 @@ class PreservationSettings:
     domain_cache: str | None = None
     preserve_weight: float = 0.0
 
+    @classmethod
+    def from_config(cls, config) -> PreservationSettings:
+        """The caches of a MACEConfig and their weights."""
+        return cls(config.prior_preservation_cache_path, config.domain_preservation_cache_path, config.preserve_weight)
+
     @property
     def files(self) -> list[Path]:
         return [Path(p) for p in (self.prior_cache, self.domain_cache) if p]

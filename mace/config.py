@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .images import image_files
@@ -143,6 +144,11 @@ class MACEConfig:
         return [(name, kind) for name, kind in self.multi_concept]
 
     @property
+    def autocast_dtype(self):
+        """torch dtype of ``mixed_precision`` (None: full precision)."""
+        return autocast_dtype(self.mixed_precision)
+
+    @property
     def effective_refine_preserve_scale(self) -> float:
         """s of refinement's solve: train_preserve_scale ** 2, as the original computes it (its
         caches are scaled by train_preserve_scale and the solve scales them again); with more
@@ -160,6 +166,11 @@ class MACEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def autocast_dtype(mixed_precision: str | None):
+    """torch.float16 / torch.bfloat16 for "fp16" / "bf16", None for "no" or None."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no")
 
 
 KNOWN_KEYS = tuple(f.name for f in fields(MACEConfig))

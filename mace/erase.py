@@ -92,7 +92,7 @@ def _timed(summary: ErasureSummary, stage: str):
 
 def _precision(config: MACEConfig):
     """mixed_precision fp16/bf16: image generation under autocast (the weights stay float32)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision or "no")
+    dtype = config.autocast_dtype
     return torch.autocast(torch.device(config.device).type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -169,6 +169,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
                          f"before {' and '.join(needs_refined)}")
 
     concepts = [(name, kind, pairs[name]) for name, kind in config.concepts]
+    lora_fps: dict[str, str] | None = None  # the LoRAs' fingerprints, once known in this run
     if "train" in stages:
         with _timed(summary, "train"):
             pipe = models.use("refined")
@@ -176,6 +177,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
             result = train_concept_loras(pipe, concepts, LoraTrainingSettings.from_config(config, resolution(pipe, config)),
                                          input_data_dir=input_dir, output_dir=output_dir, progress=progress)
             summary.trained = dict(result.trained)
+            lora_fps = result.fingerprints
             if result.trained:
                 changed = [n for n, why in result.trained.items() if why != "new"]
                 note = f" (retrained, inputs changed: {', '.join(changed)})" if changed else ""
@@ -186,7 +188,8 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
     fuse_settings = FusionSettings.from_config(config)
     if "fuse" in stages:
         with _timed(summary, "fuse"):
-            lora_fps = _current_loras(models, config, concepts, input_dir, output_dir)
+            if lora_fps is None:  # train did not run now: check the saved LoRAs are current
+                lora_fps = _current_loras(models, config, concepts, input_dir, output_dir)
             fuse_fp = digest({"refine": refine_fp, "settings": fuse_settings, "caches": fuse_settings.preserve.identity(),
                               "loras": lora_fps})
             if state.is_done("fuse", fuse_fp, final_path):

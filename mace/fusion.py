@@ -32,9 +32,7 @@ class FusionSettings:
     def from_config(cls, config: MACEConfig) -> FusionSettings:
         """The original code's effective weight: fuse_preserve_scale once (train_preserve_scale
         with more than max_memory concepts, as its other branch does)."""
-        return cls(lam=config.lamb, preserve=PreservationSettings(config.prior_preservation_cache_path,
-                                                                  config.domain_preservation_cache_path,
-                                                                  config.preserve_weight),
+        return cls(lam=config.lamb, preserve=PreservationSettings.from_config(config),
                    preserve_scale=config.effective_fuse_preserve_scale, method=config.method, jitter=config.solve_jitter)
 
 

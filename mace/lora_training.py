@@ -27,7 +27,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .atomic import write_json_atomically
-from .config import ConfigError, MACEConfig, check_prior_preservation
+from .config import ConfigError, MACEConfig, autocast_dtype, check_prior_preservation
 from .fingerprint import digest, files_digest, seed_for, tensors_digest
 from .images import image_files, image_tensor, read_image
 from .lora import (
@@ -99,7 +99,7 @@ class LoraTrainingSettings:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision or "no")
+        return autocast_dtype(self.mixed_precision)
 
     @property
     def optimiser_learning_rate(self) -> float:

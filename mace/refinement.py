@@ -32,9 +32,7 @@ class RefinementSettings:
         and passes that scale to the solve again, so P enters with train_preserve_scale ** 2 (with
         more than max_memory concepts it folds the concepts into the caches and the weight is
         train_preserve_scale once)."""
-        return cls(lam=config.lamb, preserve=PreservationSettings(config.prior_preservation_cache_path,
-                                                                  config.domain_preservation_cache_path,
-                                                                  config.preserve_weight),
+        return cls(lam=config.lamb, preserve=PreservationSettings.from_config(config),
                    preserve_scale=config.effective_refine_preserve_scale, all_words=config.all_words, method=config.method,
                    jitter=config.solve_jitter)
 
