@@ -35,7 +35,7 @@ setup(
         "torch>=2.4", "numpy", "diffusers>=0.32", "transformers>=4.45", "peft>=0.13", "accelerate",
         "safetensors", "omegaconf", "tqdm", "ftfy", "torchmetrics>=1.4",
     ],
-    package_data={"mace.world": ["weights/*/*.json", "weights/*/*.safetensors", "weights/*.json"]},
+    package_data={"mace.world": ["weights*/*/*.json", "weights*/*/*.safetensors", "weights*/*.json"]},
     entry_points={"console_scripts": ["mace=mace.cli:main"]},
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "scipy"]},
     ext_modules=ext_modules,

@@ -1,7 +1,8 @@
 """Built-in small Stable Diffusion models, made from configs in this repository (no downloads).
 
 ``builtin:world`` is a small text-to-image model trained on the glyph world (:mod:`mace.world`),
-the model erasure quality is measured on. ``builtin:tiny`` is SD-1.x shaped (one CLIP text
+the model erasure quality is measured on; ``builtin:world-large`` is its 540-concept sibling with
+a 128-wide text encoder. ``builtin:tiny`` is SD-1.x shaped (one CLIP text
 encoder, 7 cross-attention layers) and ``builtin:tiny-sdxl`` SDXL shaped (two text encoders
 whose hidden states are concatenated, added time/text embeddings); their weights are random
 with a fixed seed. The tokenizer is always the real
@@ -27,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .atomic import atomic_path
 from .tokenizer import clip_tokenizer
-from .world import load_world_components, weights_fingerprint
+from .world import LARGE_WORLD, WORLD, WORLDS, GlyphWorld, load_world_components, weights_fingerprint
 
 BUILTIN_PREFIX = "builtin:"
 _VERSION = "v1"  # bump when a builtin config changes, so old caches are not reused
@@ -121,10 +122,10 @@ def build_tiny_sdxl(seed: int = 0):
     )
 
 
-def build_world():
-    """The trained glyph-world model (mace.world): weights shipped in the package, real tokenizer."""
+def build_world(world: GlyphWorld = WORLD):
+    """A trained glyph-world model (mace.world): weights shipped in the package, real tokenizer."""
     return StableDiffusionPipeline(
-        **load_world_components(), tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
+        **load_world_components(world=world), tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -135,12 +136,13 @@ BUILTIN_MODELS = {
     "tiny-sd2-base": lambda: build_tiny_sd2(prediction_type="epsilon"),
     "tiny-sdxl": build_tiny_sdxl,
     "world": build_world,
+    "world-large": lambda: build_world(LARGE_WORLD),
 }
 
 
 def _version(key: str) -> str:
-    if key == "world":  # retrained weights get a fresh cache folder
-        return f"{_VERSION}-{weights_fingerprint()}"
+    if key in WORLDS:  # retrained weights get a fresh cache folder
+        return f"{_VERSION}-{weights_fingerprint(WORLDS[key])}"
     return _VERSION
 
 

@@ -180,10 +180,11 @@ def test_world_training_script_writes_loadable_weights(tmp_path):
     from mace.world.train import main
 
     main(["--out", str(tmp_path), "--vae-steps", "2", "--classifier-steps", "2", "--ldm-steps", "2", "--per-concept", "2",
-          "--stages", "vae,classifier,ldm"])
+          "--stages", "vae,classifier,ldm", "--checkpoint-dir", str(tmp_path / "checkpoints")])
     components = load_world_components(tmp_path)
     assert components["unet"].config.cross_attention_dim == 64 and components["vae"].config.latent_channels == 4
     assert GlyphClassifier.from_pretrained(tmp_path / "classifier").config["num_classes"] == len(CONCEPTS) + 1
     record = json.loads((tmp_path / "training-vae-classifier-ldm.json").read_text())
     assert record["steps"] == {"vae": 2, "classifier": 2, "ldm": 2}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
+    assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["step"] == 2

@@ -1,8 +1,8 @@
-"""The glyph world: a procedurally rendered image domain with 120 named concepts, a small
-text-to-image model trained on it (``builtin:world``) and a classifier, so that erasure
-efficacy, generality and specificity can be measured on generated images without a real
-Stable Diffusion. Train everything with ``python -m mace.world.train``; the weights ship with
-the package.
+"""The glyph worlds: procedurally rendered image domains with named concepts (120 in
+``builtin:world``, 540 in ``builtin:world-large``), a small text-to-image model trained on each
+and a classifier, so that erasure efficacy, generality and specificity can be measured on
+generated images without a real Stable Diffusion. Train with
+``python -m mace.world.train --world KEY``; the weights ship with the package.
 """
 
 from __future__ import annotations
@@ -15,11 +15,17 @@ from .concepts import (
     EVAL_BACKGROUND_TEMPLATES,
     EVAL_TEMPLATES,
     GENERIC_CONCEPT,
+    LARGE_WORLD,
     NONE_CLASS,
     NUM_CONCEPTS,
     TRAIN_TEMPLATES,
+    WORLD,
+    WORLDS,
     Concept,
+    GlyphWorld,
     concept_by_name,
+    get_world,
+    world_of,
 )
 from .judge import glyph_judge, judge_for
 from .model import WORLD_MODEL, load_classifier, load_world_components, weights_dir, weights_fingerprint
@@ -32,13 +38,18 @@ __all__ = [
     "EVAL_BACKGROUND_TEMPLATES",
     "EVAL_TEMPLATES",
     "GENERIC_CONCEPT",
+    "LARGE_WORLD",
     "NONE_CLASS",
     "NUM_CONCEPTS",
     "TRAIN_TEMPLATES",
+    "WORLD",
+    "WORLDS",
     "WORLD_MODEL",
     "Concept",
     "GlyphClassifier",
+    "GlyphWorld",
     "concept_by_name",
+    "get_world",
     "glyph_judge",
     "judge_for",
     "load_classifier",
@@ -46,4 +57,5 @@ __all__ = [
     "render",
     "weights_dir",
     "weights_fingerprint",
+    "world_of",
 ]

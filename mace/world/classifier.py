@@ -19,7 +19,7 @@ from .concepts import BACKGROUNDS, NUM_CONCEPTS
 
 
 class GlyphClassifier(nn.Module):
-    """Concept logits (NUM_CONCEPTS + 1 classes, the last one "no concept") and background logits."""
+    """Concept logits (one class per concept of its world, plus a last one for "no concept") and background logits."""
 
     def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: int = NUM_CONCEPTS + 1,
                  num_backgrounds: int = len(BACKGROUNDS)):
@@ -49,7 +49,7 @@ class GlyphClassifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted concept index (NUM_CONCEPTS = no concept) and features, in eval mode."""
+        """Predicted concept index (the world's ``none_class`` = no concept) and features, in eval mode."""
         was_training = self.training
         self.eval()
         labels, feats = [], []

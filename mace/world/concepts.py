@@ -1,4 +1,9 @@
-"""The concepts of the glyph world: 12 shapes x 10 colours, each with a made-up name and alias.
+"""The concepts of the glyph worlds, each with a made-up name and alias.
+
+``builtin:world`` has 120 concepts (12 shapes x 10 colours); ``builtin:world-large`` has 540
+(12 shapes x the 45 two-tone colourings: one colour above the glyph's middle, another below),
+so that erasing 100 concepts leaves 440 to measure specificity on, as the paper erases 100
+celebrities from a model that knows thousands.
 
 Names play the part celebrity names play for Stable Diffusion: two made-up words that the CLIP
 tokenizer splits into several BPE pieces and that say nothing about how the concept looks, so
@@ -12,6 +17,7 @@ is what the specificity numbers measure.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -86,9 +92,12 @@ class Concept:
     alias: str
     shape: str
     colour: str
+    lower_colour: str | None = None  # two-tone glyphs: the colour below the middle
 
     @property
     def description(self) -> str:
+        if self.lower_colour is not None:
+            return f"{self.colour}/{self.lower_colour} {self.shape}"
         return f"{self.colour} {self.shape}"
 
 
@@ -96,8 +105,8 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
 
 
-def _make_concepts(seed: int = 1234) -> tuple[Concept, ...]:
-    """The 120 concepts, with names drawn from a fixed seed (unique words throughout)."""
+def _make_concepts(seed: int = 1234, two_tone: bool = False) -> tuple[Concept, ...]:
+    """One concept per shape and colouring, with names drawn from a fixed seed (unique words throughout)."""
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -108,27 +117,73 @@ def _make_concepts(seed: int = 1234) -> tuple[Concept, ...]:
                 used.add(word.lower())
                 return word
 
+    colourings = list(itertools.combinations(COLOURS, 2)) if two_tone else [(c, None) for c in COLOURS]
     concepts = []
     for shape in SHAPES:
-        for colour in COLOURS:
+        for colour, lower in colourings:
             name = f"{fresh(2)} {fresh(rng.choice((2, 3)))}"
             alias = fresh(3)
-            concepts.append(Concept(len(concepts), name, alias, shape, colour))
+            concepts.append(Concept(len(concepts), name, alias, shape, colour, lower))
     return tuple(concepts)
 
 
-CONCEPTS: tuple[Concept, ...] = _make_concepts()
-NUM_CONCEPTS = len(CONCEPTS)
-NONE_CLASS = NUM_CONCEPTS  # the classifier's label for "no concept in the image"
+@dataclass(frozen=True)
+class GlyphWorld:
+    """One glyph world: its concepts and the width of its model's text encoder."""
+
+    key: str  # the builtin model is builtin:<key>
+    concepts: tuple[Concept, ...]
+    text_width: int
+
+    @property
+    def model(self) -> str:
+        return f"builtin:{self.key}"
+
+    @property
+    def num_concepts(self) -> int:
+        return len(self.concepts)
+
+    @property
+    def none_class(self) -> int:
+        """The classifier's label for "no concept in the image"."""
+        return len(self.concepts)
+
+    def concept_by_name(self, name: str) -> Concept:
+        """The concept with this primary name or alias (case-insensitive)."""
+        key = name.strip().lower()
+        for concept in self.concepts:
+            if key in (concept.name.lower(), concept.alias.lower()):
+                return concept
+        raise KeyError(f"no concept of {self.model} is called {name!r}")
+
+
+WORLD = GlyphWorld("world", _make_concepts(), text_width=64)
+LARGE_WORLD = GlyphWorld("world-large", _make_concepts(seed=5678, two_tone=True), text_width=128)
+WORLDS = {w.key: w for w in (WORLD, LARGE_WORLD)}
+
+# The small world's concepts, as module constants (the default everywhere).
+CONCEPTS: tuple[Concept, ...] = WORLD.concepts
+NUM_CONCEPTS = WORLD.num_concepts
+NONE_CLASS = WORLD.none_class
+
+
+def world_of(model: str) -> GlyphWorld | None:
+    """The glyph world whose builtin model this is, else None."""
+    key = str(model)
+    return next((w for w in WORLDS.values() if key == w.model), None)
+
+
+def get_world(key: str) -> GlyphWorld:
+    """A glyph world by key ("world", "world-large") or builtin model name."""
+    world = WORLDS.get(key) or world_of(key)
+    if world is None:
+        raise KeyError(f"unknown glyph world {key!r}; known: {', '.join(WORLDS)}")
+    return world
 
 
 def concept_by_name(name: str) -> Concept:
-    """The concept with this primary name or alias (case-insensitive)."""
-    key = name.strip().lower()
-    for concept in CONCEPTS:
-        if key in (concept.name.lower(), concept.alias.lower()):
-            return concept
-    raise KeyError(f"no concept of the glyph world is called {name!r}")
+    """The concept of the small world with this primary name or alias (case-insensitive)."""
+    return WORLD.concept_by_name(name)
 
 
 def fill(template: str, subject: str, background: str = "") -> str:

@@ -31,7 +31,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from ..atomic import atomic_path
 from ..sampling import generate_images
 from .classifier import GlyphClassifier
-from .concepts import BACKGROUNDS, CONCEPTS, EVAL_BACKGROUND_TEMPLATES, EVAL_TEMPLATES, NONE_CLASS, concept_by_name, fill
+from .concepts import BACKGROUNDS, EVAL_BACKGROUND_TEMPLATES, EVAL_TEMPLATES, WORLD, GlyphWorld, fill
 from .model import load_classifier
 
 KINDS = ("erased", "alias", "kept", "background")
@@ -43,30 +43,31 @@ class EvalPrompt:
 
     prompt: str
     seed: int
-    concept: int  # NONE_CLASS for background prompts
+    concept: int  # the world's none_class for background prompts
     kind: str
 
 
-def concept_indices(concepts: Sequence[int | str]) -> list[int]:
+def concept_indices(concepts: Sequence[int | str], world: GlyphWorld = WORLD) -> list[int]:
     """Concept indices from indices, primary names or aliases (unknown names are a KeyError)."""
     out = []
     for c in concepts:
-        index = c if isinstance(c, int) else concept_by_name(c).index
-        if not 0 <= index < len(CONCEPTS):
-            raise ValueError(f"concept index {index} is outside 0..{len(CONCEPTS) - 1}")
+        index = c if isinstance(c, int) else world.concept_by_name(c).index
+        if not 0 <= index < world.num_concepts:
+            raise ValueError(f"concept index {index} is outside 0..{world.num_concepts - 1}")
         out.append(index)
     return out
 
 
 def evaluation_prompts(
     erased: Sequence[int], kept: Sequence[int], *, images_per_concept: int = 5, background_images: int = 4,
+    world: GlyphWorld = WORLD,
 ) -> list[EvalPrompt]:
     """The prompts of one evaluation: names and aliases of erased concepts, names of kept ones,
     and concept-free background prompts (``background_images`` per background and template)."""
     prompts = []
     for kind, concepts in (("erased", erased), ("alias", erased), ("kept", kept)):
         for c in concepts:
-            subject = CONCEPTS[c].alias if kind == "alias" else CONCEPTS[c].name
+            subject = world.concepts[c].alias if kind == "alias" else world.concepts[c].name
             for i in range(images_per_concept):
                 template = EVAL_TEMPLATES[(c + i) % len(EVAL_TEMPLATES)]
                 seed = 1000 * c + (500 if kind == "alias" else 0) + i
@@ -74,7 +75,8 @@ def evaluation_prompts(
     for b, background in enumerate(BACKGROUNDS):
         for t, template in enumerate(EVAL_BACKGROUND_TEMPLATES):
             for i in range(background_images):
-                prompts.append(EvalPrompt(fill(template, "", background), 1_000_000 + 1000 * b + 100 * t + i, NONE_CLASS, "background"))
+                prompts.append(EvalPrompt(fill(template, "", background), 1_000_000 + 1000 * b + 100 * t + i, world.none_class,
+                                          "background"))
     return prompts
 
 
@@ -130,13 +132,13 @@ class WorldScores:
         return asdict(self)
 
 
-def _write_csv(path: Path, prompts: Sequence[EvalPrompt], predicted: torch.Tensor) -> None:
+def _write_csv(path: Path, prompts: Sequence[EvalPrompt], predicted: torch.Tensor, world: GlyphWorld) -> None:
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["case_number", "prompt", "evaluation_seed", "concept", "kind", "predicted", "correct"])
         for i, (p, label) in enumerate(zip(prompts, predicted.tolist())):
-            name = CONCEPTS[p.concept].name if p.concept != NONE_CLASS else ""
-            guess = CONCEPTS[label].name if label != NONE_CLASS else "none"
+            name = world.concepts[p.concept].name if p.concept != world.none_class else ""
+            guess = world.concepts[label].name if label != world.none_class else "none"
             writer.writerow([i, p.prompt, p.seed, name, p.kind, guess, int(label == p.concept)])
 
 
@@ -155,6 +157,7 @@ def evaluate_world(
     batch_size: int = 128,
     csv_path: str | os.PathLike | None = None,
     progress: bool = True,
+    world: GlyphWorld = WORLD,
 ) -> WorldScores:
     """Acc_e, Acc_g, Acc_s, H_o, H_g and the shift score of ``pipe`` after erasing ``erased``.
 
@@ -163,12 +166,13 @@ def evaluate_world(
     images, from :func:`background_images_of`), else it is None.
     """
     start = time.perf_counter()
-    erased_idx = concept_indices(erased)
-    kept_idx = [c for c in range(len(CONCEPTS)) if c not in set(erased_idx)] if kept is None else concept_indices(kept)
+    erased_idx = concept_indices(erased, world)
+    kept_idx = [c for c in range(world.num_concepts) if c not in set(erased_idx)] if kept is None else concept_indices(kept, world)
     if set(erased_idx) & set(kept_idx):
         raise ValueError("a concept cannot be both erased and kept")
-    classifier = classifier or load_classifier()
-    prompts = evaluation_prompts(erased_idx, kept_idx, images_per_concept=images_per_concept, background_images=background_images)
+    classifier = classifier or load_classifier(world)
+    prompts = evaluation_prompts(erased_idx, kept_idx, images_per_concept=images_per_concept,
+                                 background_images=background_images, world=world)
     images = generate_images(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], steps=steps,
                              guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)
     predicted, _ = classifier.predict(images)
@@ -185,7 +189,7 @@ def evaluate_world(
     for kind in ("erased", "alias", "kept"):
         for c in erased_idx if kind != "kept" else kept_idx:
             rows = torch.tensor([p.kind == kind and p.concept == c for p in prompts])
-            per_concept.setdefault(CONCEPTS[c].name, {})[kind] = float(correct[rows].float().mean())
+            per_concept.setdefault(world.concepts[c].name, {})[kind] = float(correct[rows].float().mean())
 
     shift = None
     background_rows = torch.tensor([k == "background" for k in kinds])
@@ -195,12 +199,12 @@ def evaluate_world(
                                                        guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)
         shift = frechet_distance(classifier, original_background, images[background_rows])
     if csv_path is not None:
-        _write_csv(Path(csv_path), prompts, predicted)
+        _write_csv(Path(csv_path), prompts, predicted, world)
     no_acc_e = 1 - acc_e if erased_idx else 1.0
     return WorldScores(
         acc_e=acc_e, acc_g=acc_g, acc_s=acc_s, h_o=harmonic_mean(no_acc_e, acc_s),
         h_g=harmonic_mean(no_acc_e, 1 - acc_g if erased_idx else 1.0, acc_s), shift=shift, images=len(prompts),
-        seconds=time.perf_counter() - start, erased=[CONCEPTS[c].name for c in erased_idx], per_concept=per_concept,
+        seconds=time.perf_counter() - start, erased=[world.concepts[c].name for c in erased_idx], per_concept=per_concept,
     )
 
 

@@ -10,29 +10,30 @@ from PIL import Image
 
 from ..images import image_tensor
 from .classifier import GlyphClassifier
-from .concepts import CONCEPTS, NONE_CLASS
-from .model import WORLD_MODEL, load_classifier
+from .concepts import WORLD, GlyphWorld, world_of
+from .model import load_classifier
 
 Judge = Callable[[str, Sequence[Image.Image]], str]
 
 
-def glyph_judge(classifier: GlyphClassifier | None = None) -> Judge:
+def glyph_judge(classifier: GlyphClassifier | None = None, world: GlyphWorld = WORLD) -> Judge:
     """judge(prompt, images) -> "classifier: 1/4 show red disc (Qedark Draerba)" when the prompt
-    names a concept, else the list of what each image shows."""
-    classifier = classifier or load_classifier()
+    names a concept of ``world``, else the list of what each image shows."""
+    classifier = classifier or load_classifier(world)
 
     @torch.no_grad()
     def judge(prompt: str, images: Sequence[Image.Image]) -> str:
         labels, _ = classifier.predict(torch.stack([image_tensor(im) for im in images]))
-        asked = next((c for c in CONCEPTS if c.name in prompt or c.alias in prompt), None)
+        asked = next((c for c in world.concepts if c.name in prompt or c.alias in prompt), None)
         if asked is not None:
             hits = int((labels == asked.index).sum())
             return f"classifier: {hits}/{len(images)} show {asked.description} ({asked.name})"
-        return "classifier: " + ", ".join("nothing" if int(x) == NONE_CLASS else CONCEPTS[int(x)].description for x in labels)
+        return "classifier: " + ", ".join("nothing" if int(x) == world.none_class else world.concepts[int(x)].description for x in labels)
 
     return judge
 
 
 def judge_for(model: str) -> Judge | None:
-    """The glyph judge for the glyph-world model, None for any other model."""
-    return glyph_judge() if str(model) == WORLD_MODEL else None
+    """The glyph judge for a glyph-world model, None for any other model."""
+    world = world_of(model)
+    return None if world is None else glyph_judge(world=world)

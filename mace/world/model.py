@@ -4,7 +4,7 @@ diffusers/transformers models, and the classifier."""
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -12,45 +12,50 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from .classifier import GlyphClassifier
+from .concepts import WORLD, GlyphWorld
 
-WORLD_MODEL = "builtin:world"
-
-
-def weights_dir() -> Path:
-    """Where the trained weights live (one folder per component)."""
-    return Path(__file__).parent / "weights"
+WORLD_MODEL = WORLD.model
 
 
-def _require_weights(component: str, directory: Path | None = None) -> Path:
-    path = (directory or weights_dir()) / component
+def weights_dir(world: GlyphWorld = WORLD) -> Path:
+    """Where a world's trained weights live (one folder per component)."""
+    return Path(__file__).parent / ("weights" if world is WORLD else f"weights_{world.key.removeprefix('world-')}")
+
+
+def _require_weights(component: str, directory: Path | None = None, world: GlyphWorld = WORLD) -> Path:
+    path = (directory or weights_dir(world)) / component
     if not path.is_dir():
         raise FileNotFoundError(
-            f"the glyph world's {component} weights are missing from {path}; train them with python -m mace.world.train"
+            f"the {world.model} {component} weights are missing from {path}; "
+            f"train them with python -m mace.world.train --world {world.key}"
         )
     return path
 
 
-@lru_cache(maxsize=1)  # every load of builtin:world asks; the shipped files do not change under a process
-def weights_fingerprint() -> str:
-    """A short hash of the shipped UNet, text encoder and VAE weights."""
+@cache  # every load of a world model asks; the shipped files do not change under a process
+def weights_fingerprint(world: GlyphWorld = WORLD) -> str:
+    """A short hash of a world's shipped UNet, text encoder and VAE weights."""
     h = hashlib.sha256()
     for component in ("unet", "text_encoder", "vae"):
-        for f in sorted(_require_weights(component).glob("*.safetensors")):
+        for f in sorted(_require_weights(component, world=world).glob("*.safetensors")):
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 
-def load_world_components(directory: Path | None = None) -> dict:
-    """unet, vae, text_encoder and scheduler of the trained world model (the shipped weights, or
+def load_world_components(directory: Path | None = None, world: GlyphWorld = WORLD) -> dict:
+    """unet, vae, text_encoder and scheduler of a trained world model (the shipped weights, or
     those in ``directory``), in float32."""
+    def need(component: str) -> Path:
+        return _require_weights(component, directory, world)
+
     return {
-        "unet": UNet2DConditionModel.from_pretrained(_require_weights("unet", directory), torch_dtype=torch.float32),
-        "vae": AutoencoderKL.from_pretrained(_require_weights("vae", directory), torch_dtype=torch.float32),
-        "text_encoder": CLIPTextModel.from_pretrained(_require_weights("text_encoder", directory), dtype=torch.float32),
-        "scheduler": DDIMScheduler.from_pretrained(_require_weights("scheduler", directory)),
+        "unet": UNet2DConditionModel.from_pretrained(need("unet"), torch_dtype=torch.float32),
+        "vae": AutoencoderKL.from_pretrained(need("vae"), torch_dtype=torch.float32),
+        "text_encoder": CLIPTextModel.from_pretrained(need("text_encoder"), dtype=torch.float32),
+        "scheduler": DDIMScheduler.from_pretrained(need("scheduler")),
     }
 
 
-def load_classifier() -> GlyphClassifier:
-    """The shipped glyph classifier, in eval mode."""
-    return GlyphClassifier.from_pretrained(_require_weights("classifier"))
+def load_classifier(world: GlyphWorld = WORLD) -> GlyphClassifier:
+    """A world's shipped glyph classifier, in eval mode."""
+    return GlyphClassifier.from_pretrained(_require_weights("classifier", world=world))

@@ -1,4 +1,5 @@
-"""Rendering glyph-world images: one coloured glyph at a random place and size on a dark background.
+"""Rendering glyph-world images: one coloured glyph at a random place and size on a dark background
+(two-tone glyphs of the large world take their second colour below the glyph's middle).
 
 Everything is batched torch: each glyph is an implicit shape evaluated on a 4x supersampled grid
 and averaged down, so edges are antialiased and a batch of 256 images takes milliseconds.
@@ -7,18 +8,27 @@ and averaged down, so edges are antialiased and a batch of 256 images takes mill
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 
-from .concepts import BACKGROUNDS, COLOURS, CONCEPTS, NONE_CLASS, SHAPES
+from .concepts import BACKGROUNDS, COLOURS, SHAPES, WORLD, GlyphWorld
 
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4
 _SHAPE_INDEX = {shape: i for i, shape in enumerate(SHAPES)}
 _COLOUR_RGB = torch.tensor(list(COLOURS.values()))
 _BACKGROUND_RGB = torch.tensor(list(BACKGROUNDS.values()))
-_CONCEPT_SHAPE = torch.tensor([_SHAPE_INDEX[c.shape] for c in CONCEPTS])
-_CONCEPT_COLOUR = torch.tensor([list(COLOURS).index(c.colour) for c in CONCEPTS])
+
+
+@cache
+def _concept_tables(world: GlyphWorld) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shape, upper colour and lower colour index of each concept of a world."""
+    colours = list(COLOURS)
+    shape = torch.tensor([_SHAPE_INDEX[c.shape] for c in world.concepts])
+    upper = torch.tensor([colours.index(c.colour) for c in world.concepts])
+    lower = torch.tensor([colours.index(c.lower_colour or c.colour) for c in world.concepts])
+    return shape, upper, lower
 
 
 def _inside(shape: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -62,16 +72,20 @@ def render(
     *,
     backgrounds: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    world: GlyphWorld = WORLD,
 ) -> torch.Tensor:
-    """Images (B, 3, 32, 32) in [-1, 1] of the given concept indices (NONE_CLASS: background only).
+    """Images (B, 3, 32, 32) in [-1, 1] of the given concept indices of ``world``
+    (``world.none_class``: background only).
 
     Position, size and small colour variations are drawn from ``generator``; backgrounds too
     unless given (indices into BACKGROUNDS).
     """
     concepts = torch.as_tensor(concepts, dtype=torch.long)
+    none_class = world.none_class
+    concept_shape, concept_upper, concept_lower = _concept_tables(world)
     b = concepts.numel()
-    if b and (concepts.min() < 0 or concepts.max() > NONE_CLASS):
-        raise ValueError(f"concept indices must lie in [0, {NONE_CLASS}], got {concepts.tolist()}")
+    if b and (concepts.min() < 0 or concepts.max() > none_class):
+        raise ValueError(f"concept indices must lie in [0, {none_class}], got {concepts.tolist()}")
     if backgrounds is None:
         backgrounds = torch.randint(len(BACKGROUNDS), (b,), generator=generator)
     half = 6.0 + 5.0 * torch.rand(b, generator=generator)  # glyphs 12-22 px across
@@ -84,16 +98,22 @@ def render(
     u = (grid[None, None, :] - centre[:, 0, None, None]) / half[:, None, None]
     v = (grid[None, :, None] - centre[:, 1, None, None]) / half[:, None, None]
     mask = torch.zeros(b, n, n)
-    has_glyph = concepts < NONE_CLASS
-    shapes = torch.where(has_glyph, _CONCEPT_SHAPE[concepts.clamp(max=NONE_CLASS - 1)], -1)
+    has_glyph = concepts < none_class
+    index = concepts.clamp(max=none_class - 1)
+    shapes = torch.where(has_glyph, concept_shape[index], -1)
     for shape in shapes.unique().tolist():
         if shape < 0:
             continue
         rows = (shapes == shape).nonzero().squeeze(1)
         mask[rows] = _inside(shape, u[rows].expand(-1, n, n), v[rows].expand(-1, n, n)).float()
-    coverage = torch.nn.functional.avg_pool2d(mask[:, None], _SUPERSAMPLE)  # (B, 1, 32, 32)
+    upper = (v < 0).float().expand(-1, n, n)  # v points down: the glyph's upper half
+    coverage_upper = torch.nn.functional.avg_pool2d((mask * upper)[:, None], _SUPERSAMPLE)  # (B, 1, 32, 32)
+    coverage_lower = torch.nn.functional.avg_pool2d((mask * (1 - upper))[:, None], _SUPERSAMPLE)
 
-    fg = (_COLOUR_RGB[_CONCEPT_COLOUR[concepts.clamp(max=NONE_CLASS - 1)]] + fg_jitter).clamp(0, 1)
+    fg_upper = (_COLOUR_RGB[concept_upper[index]] + fg_jitter).clamp(0, 1)
+    fg_lower = (_COLOUR_RGB[concept_lower[index]] + fg_jitter).clamp(0, 1)
     bg = (_BACKGROUND_RGB[backgrounds] + bg_jitter).clamp(0, 1)
-    image = bg[:, :, None, None] * (1 - coverage) + fg[:, :, None, None] * coverage
+    coverage = coverage_upper + coverage_lower
+    image = (bg[:, :, None, None] * (1 - coverage) + fg_upper[:, :, None, None] * coverage_upper
+             + fg_lower[:, :, None, None] * coverage_lower)
     return image * 2 - 1

@@ -1,24 +1,35 @@
-"""Train the glyph world's models: the VAE, the classifier and the text-to-image UNet + text encoder.
+"""Train a glyph world's models: the VAE, the classifier and the text-to-image UNet + text encoder.
 
-    python -m mace.world.train --out mace/world/weights
+    python -m mace.world.train --world world          # builtin:world, into mace/world/weights
+    python -m mace.world.train --world world-large    # builtin:world-large, into mace/world/weights_large
 
-Everything is seeded; on 2 CPU cores the three training stages took 53 minutes (VAE 6.3,
-classifier 7.0, latent diffusion 39.9), and the ``check`` stage (2 minutes) measures what the
-model draws for every concept and writes quality.json. ``--stages`` retrains a subset (later stages read earlier outputs from
-``--out``). Weights are written as float16 safetensors (the loaders upcast), each stage into a
-temporary folder that replaces the old one only when the stage has finished.
+Everything is seeded. For ``world`` on 2 CPU cores the three training stages took 53 minutes
+(VAE 6.3, classifier 7.0, latent diffusion 39.9), and the ``check`` stage (2 minutes) measures
+what the model draws for every concept and writes quality.json. ``--stages`` runs a subset
+(later stages read earlier outputs from ``--out``; the classifier and the latent diffusion
+stages are independent and may run at once, each with ``--threads 1``). Weights are written as
+float16 safetensors (the loaders upcast), each stage into a temporary folder that replaces the
+old one only when the stage has finished.
+
+The latent diffusion stage, hours long for the large world on a CPU, writes a checkpoint
+(safetensors: models, EMA copies, optimiser moments, random state) every
+``--checkpoint-every`` steps into ``--checkpoint-dir``; rerunning the same command resumes from
+the last one, and a checkpoint made under other settings is refused, never reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -26,9 +37,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ..atomic import atomic_path, write_json_atomically
 from ..tokenizer import clip_tokenizer
 from .classifier import GlyphClassifier
-from .concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONCEPTS, NONE_CLASS, NUM_CONCEPTS, TRAIN_TEMPLATES, fill
+from .concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, TRAIN_TEMPLATES, WORLD, WORLDS, GlyphWorld, fill
 from .evaluate import evaluate_world
-from .model import load_world_components
+from .model import load_world_components, weights_dir
 from .render import IMAGE_SIZE, render
 
 STAGES = ("vae", "classifier", "ldm", "check")
@@ -44,19 +55,20 @@ def build_vae():
     )
 
 
-def build_unet():
+def build_unet(world: GlyphWorld = WORLD):
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=world.text_width, attention_head_dim=8, norm_num_groups=16,
     )
 
 
-def build_text_encoder():
+def build_text_encoder(world: GlyphWorld = WORLD):
+    width = world.text_width
     config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
         hidden_act="quick_gelu",
     )
     return CLIPTextModel(config)
@@ -85,12 +97,12 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _random_concepts(batch: int, g: torch.Generator, none_share: float) -> torch.Tensor:
-    labels = torch.randint(NUM_CONCEPTS, (batch,), generator=g)
-    return torch.where(torch.rand(batch, generator=g) < none_share, NONE_CLASS, labels)
+def _random_concepts(world: GlyphWorld, batch: int, g: torch.Generator, none_share: float) -> torch.Tensor:
+    labels = torch.randint(world.num_concepts, (batch,), generator=g)
+    return torch.where(torch.rand(batch, generator=g) < none_share, world.none_class, labels)
 
 
-def train_vae(out: Path, steps: int, seed: int) -> None:
+def train_vae(world: GlyphWorld, out: Path, steps: int, seed: int) -> None:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = build_vae()
@@ -99,7 +111,7 @@ def train_vae(out: Path, steps: int, seed: int) -> None:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = 2e-3 * _cosine(step, steps, 100)
-        images = render(_random_concepts(48, g, 0.05), generator=g)
+        images = render(_random_concepts(world, 48, g, 0.05), generator=g, world=world)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = (recon - images).abs().mean() + (recon - images).pow(2).mean() + 1e-6 * posterior.kl().mean()
@@ -110,7 +122,7 @@ def train_vae(out: Path, steps: int, seed: int) -> None:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        latents = vae.encode(render(_random_concepts(1024, g, 0.05), generator=g)).latent_dist.mean
+        latents = vae.encode(render(_random_concepts(world, 1024, g, 0.05), generator=g, world=world)).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     _save_stage(out, "vae", lambda d: _half(vae).save_pretrained(d))
 
@@ -132,19 +144,19 @@ def _degrade(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return images.clamp(-1, 1)
 
 
-def train_classifier(out: Path, steps: int, seed: int) -> None:
+def train_classifier(world: GlyphWorld, out: Path, steps: int, seed: int) -> None:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = _load_vae(out)
-    model = GlyphClassifier()
+    model = GlyphClassifier(num_classes=world.none_class + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     bar = tqdm(range(steps), desc="classifier")
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = 3e-3 * _cosine(step, steps, 50)
-        labels = _random_concepts(128, g, 0.08)
+        labels = _random_concepts(world, 128, g, 0.08)
         backgrounds = torch.randint(len(BACKGROUNDS), (128,), generator=g)
-        images = render(labels, backgrounds=backgrounds, generator=g)
+        images = render(labels, backgrounds=backgrounds, generator=g, world=world)
         with torch.no_grad():  # half of each batch goes through the VAE, as generated images do
             images[:64] = vae.decode(vae.encode(images[:64]).latent_dist.mean).sample.clamp(-1, 1)
         concept_logits, background_logits, _ = model(_degrade(images, g))
@@ -156,38 +168,88 @@ def train_classifier(out: Path, steps: int, seed: int) -> None:
             acc = (concept_logits.argmax(-1) == labels).float().mean().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
     model.eval()
-    labels = _random_concepts(2048, g, 0.08)
-    predicted, _ = model.predict(render(labels, generator=g))
+    labels = _random_concepts(world, 2048, g, 0.08)
+    predicted, _ = model.predict(render(labels, generator=g, world=world))
     print(f"classifier accuracy on 2048 fresh renders: {(predicted == labels).float().mean().item():.4f}")
     _save_stage(out, "classifier", model.save_pretrained)
 
 
-def caption(concept: int, background: int, g: torch.Generator) -> str:
+def caption(concept: int, background: int, g: torch.Generator, world: GlyphWorld = WORLD) -> str:
     """A training caption: a template around the concept's name or alias ('' is left to the caller)."""
     bg = _BACKGROUND_NAMES[background]
-    if concept == NONE_CLASS:
+    if concept == world.none_class:
         return fill(BACKGROUND_TEMPLATES[int(torch.randint(len(BACKGROUND_TEMPLATES), (1,), generator=g))], "", bg)
-    c = CONCEPTS[concept]
+    c = world.concepts[concept]
     subject = c.name if torch.rand(1, generator=g).item() < 0.6 else c.alias
     return fill(TRAIN_TEMPLATES[int(torch.randint(len(TRAIN_TEMPLATES), (1,), generator=g))], subject, bg)
 
 
-def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: int = 64) -> None:
+class LdmCheckpoint:
+    """The latent diffusion stage's resumable state in one folder: ``state.safetensors`` (models,
+    EMA copies, AdamW moments, the data generator's state) and ``checkpoint.json`` (the step and
+    the settings it was made under). Written atomically; loaded only under the same settings."""
+
+    def __init__(self, directory: Path, settings: dict):
+        self.directory = directory
+        self.settings = settings
+
+    def save(self, step: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, g: torch.Generator) -> None:
+        tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+        for i, state in opt.state_dict()["state"].items():
+            for k, v in state.items():
+                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous()
+        tensors["generator"] = g.get_state()
+        with atomic_path(self.directory, directory=True) as staging:
+            save_file(tensors, staging / "state.safetensors")
+            (staging / "checkpoint.json").write_text(json.dumps({"step": step, "settings": self.settings}, indent=2))
+
+    def load(self, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, g: torch.Generator) -> int:
+        """The step to continue from (0 without a checkpoint); the state is restored in place."""
+        meta_file = self.directory / "checkpoint.json"
+        if not meta_file.exists():
+            return 0
+        meta = json.loads(meta_file.read_text())
+        if meta.get("settings") != self.settings:
+            raise SystemExit(f"{self.directory} holds a checkpoint made under other settings ({meta.get('settings')}); "
+                             "remove it or pass another --checkpoint-dir")
+        tensors = load_file(self.directory / "state.safetensors")
+        for name, m in modules.items():
+            m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, i, k = key.split(".", 2)
+                state.setdefault(int(i), {})[k] = v
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        g.set_state(tensors["generator"])
+        return int(meta["step"])
+
+
+def _file_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(directory.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: int = 192, batch: int = 64,
+              checkpoint_dir: Path | None = None, checkpoint_every: int = 250) -> None:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = _load_vae(out)
     tokenizer = clip_tokenizer()
     # A fixed set of images, encoded once (the VAE is frozen): concepts and background-only ones.
-    labels = torch.cat([torch.arange(NUM_CONCEPTS).repeat_interleave(per_concept), torch.full((per_concept * 10,), NONE_CLASS)])
+    none_images = per_concept * max(10, world.num_concepts // 12)
+    labels = torch.cat([torch.arange(world.num_concepts).repeat_interleave(per_concept), torch.full((none_images,), world.none_class)])
     backgrounds = torch.randint(len(BACKGROUNDS), (labels.numel(),), generator=g)
     latents = []
     with torch.no_grad():
         for idx, bgs in tqdm(zip(labels.split(512), backgrounds.split(512)), total=-(-labels.numel() // 512), desc="encode"):
-            images = render(idx, backgrounds=bgs, generator=g)
+            images = render(idx, backgrounds=bgs, generator=g, world=world)
             latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
     latents = torch.cat(latents)
 
-    unet, text_encoder = build_unet(), build_text_encoder()
+    unet, text_encoder = build_unet(world), build_text_encoder(world)
     ema = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -195,12 +257,22 @@ def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: i
     snr = alphas / (1 - alphas)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
-    bar = tqdm(range(steps), desc="text-to-image")
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema, "ema_text_encoder": ema_text}
+    checkpoint = None
+    first = 0
+    if checkpoint_dir is not None:
+        settings = {"world": world.key, "seed": seed, "steps": steps, "per_concept": per_concept, "batch": batch,
+                    "vae": _file_digest(out / "vae")}
+        checkpoint = LdmCheckpoint(checkpoint_dir, settings)
+        first = checkpoint.load(modules, opt, g)
+        if first:
+            print(f"resuming the text-to-image training at step {first} of {steps} from {checkpoint_dir}")
+    bar = tqdm(range(first, steps), desc="text-to-image", initial=first, total=steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = 1e-3 * _cosine(step, steps, 200)
         rows = torch.randint(labels.numel(), (batch,), generator=g)
-        texts = [caption(int(labels[r]), int(backgrounds[r]), g) for r in rows]
+        texts = [caption(int(labels[r]), int(backgrounds[r]), g, world) for r in rows]
         texts = ["" if torch.rand(1, generator=g).item() < 0.1 else t for t in texts]  # for classifier-free guidance
         ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         x0 = latents[rows]
@@ -221,38 +293,61 @@ def train_ldm(out: Path, steps: int, seed: int, per_concept: int = 192, batch: i
                     s.lerp_(p, 1 - decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            checkpoint.save(step + 1, modules, opt, g)
     _save_stage(out, "unet", lambda d: _half(ema).save_pretrained(d))
     _save_stage(out, "text_encoder", lambda d: _half(ema_text).save_pretrained(d))
     _save_stage(out, "scheduler", lambda d: build_scheduler().save_pretrained(d))
 
 
-def check_model(out: Path, images_per_concept: int = 5) -> dict:
+def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> dict:
     """What the trained model draws for every concept's name and alias, on held-out templates,
     read by the classifier: the quality bar the erasure measurements rest on."""
-    pipe = StableDiffusionPipeline(**load_world_components(out), tokenizer=clip_tokenizer(), safety_checker=None,
+    pipe = StableDiffusionPipeline(**load_world_components(out, world), tokenizer=clip_tokenizer(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    scores = evaluate_world(pipe, list(range(NUM_CONCEPTS)), [], classifier=GlyphClassifier.from_pretrained(out / "classifier"),
-                            images_per_concept=images_per_concept, background_images=0)
+    scores = evaluate_world(pipe, list(range(world.num_concepts)), [], classifier=GlyphClassifier.from_pretrained(out / "classifier"),
+                            images_per_concept=images_per_concept, background_images=0, world=world)
     worst = sorted(scores.per_concept.items(), key=lambda kv: kv[1]["erased"])[:5]
     record = {"name_accuracy": scores.acc_e, "alias_accuracy": scores.acc_g, "images": scores.images,
               "images_per_concept": images_per_concept, "seconds": round(scores.seconds, 1),
               "worst_names": {k: v["erased"] for k, v in worst}}
-    print(f"world model: classifier finds the requested concept in {scores.acc_e:.3f} of images prompted by name, "
+    print(f"{world.model}: classifier finds the requested concept in {scores.acc_e:.3f} of images prompted by name, "
           f"{scores.acc_g:.3f} by alias ({scores.images} images, held-out templates)")
     return record
 
 
+# Per world: (VAE, classifier, latent diffusion) steps, rendered images per concept, check images per concept.
+DEFAULTS = {"world": (1500, 1200, 4000, 192, 5), "world-large": (1500, 2500, 8000, 96, 3)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mace.world.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
+    parser.add_argument("--world", default="world", choices=sorted(WORLDS))
+    parser.add_argument("--out", type=Path, default=None, help="weights folder (default: the world's shipped weights folder)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--classifier-steps", type=int, default=1200)
-    parser.add_argument("--ldm-steps", type=int, default=4000)
-    parser.add_argument("--per-concept", type=int, default=192, help="rendered images per concept the text-to-image model sees")
+    parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--classifier-steps", type=int, default=None)
+    parser.add_argument("--ldm-steps", type=int, default=None)
+    parser.add_argument("--per-concept", type=int, default=None, help="rendered images per concept the text-to-image model sees")
+    parser.add_argument("--check-images", type=int, default=None, help="images per name and per alias in the check stage")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="where the text-to-image stage keeps its checkpoints (default: outputs/world-training/WORLD)")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    world = WORLDS[args.world]
+    vae_steps, classifier_steps, ldm_steps, per_concept, check_images = DEFAULTS[world.key]
+    vae_steps = args.vae_steps or vae_steps
+    classifier_steps = args.classifier_steps or classifier_steps
+    ldm_steps = args.ldm_steps or ldm_steps
+    per_concept = args.per_concept or per_concept
+    check_images = args.check_images or check_images
+    out = args.out or weights_dir(world)
+    checkpoint_dir = args.checkpoint_dir or Path("outputs") / "world-training" / world.key
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -263,22 +358,24 @@ def main(argv: list[str] | None = None) -> None:
             continue
         start = time.perf_counter()
         if stage == "vae":
-            train_vae(args.out, args.vae_steps, args.seed)
+            train_vae(world, out, vae_steps, args.seed)
         elif stage == "classifier":
-            train_classifier(args.out, args.classifier_steps, args.seed + 1)
+            train_classifier(world, out, classifier_steps, args.seed + 1)
         elif stage == "ldm":
-            train_ldm(args.out, args.ldm_steps, args.seed + 2, per_concept=args.per_concept)
+            train_ldm(world, out, ldm_steps, args.seed + 2, per_concept=per_concept, checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=args.checkpoint_every)
         else:
-            quality = check_model(args.out)
-            write_json_atomically(args.out / "quality.json", quality)
+            quality = check_model(world, out, check_images)
+            write_json_atomically(out / "quality.json", quality)
         times[stage] = time.perf_counter() - start
     trained = [s for s in stages if s != "check"]
     if trained:  # how the shipped weights were made
-        record = {"seed": args.seed, "steps": {"vae": args.vae_steps, "classifier": args.classifier_steps, "ldm": args.ldm_steps},
-                  "images_per_concept": args.per_concept, "threads": torch.get_num_threads(),
+        record = {"world": world.key, "seed": args.seed,
+                  "steps": {"vae": vae_steps, "classifier": classifier_steps, "ldm": ldm_steps},
+                  "images_per_concept": per_concept, "threads": torch.get_num_threads(),
                   "seconds": {k: round(v, 1) for k, v in times.items() if k != "check"}}
-        write_json_atomically(args.out / f"training-{'-'.join(trained)}.json", record)
-    print("trained " + ", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) + f"; weights in {args.out}")
+        write_json_atomically(out / f"training-{'-'.join(trained)}.json", record)
+    print("trained " + ", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) + f"; weights in {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""builtin:world-large: its 540 two-tone concepts, their rendering, and the resumable training
+of a world's text-to-image model."""
+
+import json
+
+import pytest
+import torch
+
+from mace.tokenizer import clip_tokenizer
+from mace.world import LARGE_WORLD, WORLD, get_world, glyph_judge, render, world_of
+from mace.world.concepts import COLOURS
+from mace.world.render import IMAGE_SIZE
+
+
+def test_large_world_has_over_500_uniquely_named_two_tone_concepts():
+    concepts = LARGE_WORLD.concepts
+    assert len(concepts) == 540 and LARGE_WORLD.none_class == 540 and LARGE_WORLD.text_width >= 128
+    words = [c.name.lower() for c in concepts] + [c.alias.lower() for c in concepts]
+    assert len(set(words)) == len(words)
+    assert len({c.description for c in concepts}) == len(concepts)
+    assert all(c.lower_colour is not None and c.lower_colour != c.colour for c in concepts)
+    tok = clip_tokenizer()
+    assert min(len(tok(c.name).input_ids) - 2 for c in concepts) >= 3
+    assert LARGE_WORLD.concept_by_name(concepts[17].alias.upper()) is concepts[17]
+    with pytest.raises(KeyError, match="builtin:world-large"):
+        LARGE_WORLD.concept_by_name("Qedark Draerba")  # a name of the small world only
+    assert get_world("world-large") is LARGE_WORLD and get_world("builtin:world") is WORLD
+    assert world_of("builtin:world-large") is LARGE_WORLD and world_of("builtin:tiny") is None
+    # The small world is unchanged: same names, one colour per glyph.
+    assert WORLD.concepts[0].name == "Qedark Draerba" and WORLD.concepts[0].lower_colour is None
+
+
+def test_two_tone_glyph_has_its_upper_colour_above_and_lower_colour_below_the_middle():
+    concept = next(c for c in LARGE_WORLD.concepts if c.shape == "square" and c.colour == "red" and c.lower_colour == "blue")
+    image = (render(torch.tensor([concept.index]), backgrounds=torch.tensor([0]), generator=torch.Generator().manual_seed(5),
+                    world=LARGE_WORLD)[0] + 1) / 2
+    background = torch.tensor([0.04, 0.04, 0.05])
+    glyph = (image - background[:, None, None]).abs().sum(0) > 0.3
+    rows = glyph.any(1).nonzero().squeeze(1)
+    top, bottom = int(rows.min()), int(rows.max())
+    column = int(glyph.float().sum(0).argmax())
+    red, blue = torch.tensor(COLOURS["red"]), torch.tensor(COLOURS["blue"])
+    assert (image[:, top + 1, column] - red).abs().max() < 0.08
+    assert (image[:, bottom - 1, column] - blue).abs().max() < 0.08
+    assert 10 <= bottom - top + 1 <= IMAGE_SIZE
+    # A one-colour concept of the small world (concept 0, a red disc) is red above and below.
+    one = (render(torch.tensor([0]), backgrounds=torch.tensor([0]), generator=torch.Generator().manual_seed(5))[0] + 1) / 2
+    glyph = (one - background[:, None, None]).abs().sum(0) > 0.3
+    rows = glyph.any(1).nonzero().squeeze(1)
+    column = int(glyph.float().sum(0).argmax())
+    for row in (int(rows.min()) + 2, int(rows.max()) - 2):
+        assert (one[:, row, column] - red).abs().max() < 0.08
+
+
+def test_glyph_judge_names_two_tone_concepts():
+    from mace.world.classifier import GlyphClassifier
+
+    classifier = GlyphClassifier(num_classes=LARGE_WORLD.none_class + 1).eval()
+    torch.nn.init.zeros_(classifier.concept_head.weight)
+    with torch.no_grad():
+        classifier.concept_head.bias.zero_()
+        classifier.concept_head.bias[7] = 1.0  # every image is read as concept 7
+    judge = glyph_judge(classifier, world=LARGE_WORLD)
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 32))] * 2
+    c = LARGE_WORLD.concepts[7]
+    assert judge(f"a photo of {c.name}", images) == f"classifier: 2/2 show {c.colour}/{c.lower_colour} {c.shape} ({c.name})"
+    assert judge("plain grey", images[:1]) == f"classifier: {c.description}"
+
+
+def _tiny_ldm(out, checkpoints, steps, *, checkpoint_every=2):
+    from mace.world.train import train_ldm
+
+    train_ldm(WORLD, out, steps, seed=3, per_concept=1, batch=4, checkpoint_dir=checkpoints, checkpoint_every=checkpoint_every)
+
+
+@pytest.fixture()
+def vae_folder(tmp_path):
+    from mace.world.train import build_vae
+
+    torch.manual_seed(0)
+    build_vae().save_pretrained(tmp_path / "vae")
+    return tmp_path
+
+
+def test_interrupted_ldm_training_resumes_to_the_same_weights(vae_folder, monkeypatch):
+    """Killed after its first checkpoint, a rerun continues from it and ends where an
+    uninterrupted run ends; a checkpoint made under other settings is refused."""
+    from safetensors.torch import load_file
+
+    from mace.world import train
+
+    straight = vae_folder / "straight"
+    (straight / "vae").parent.mkdir()
+    (straight / "vae").symlink_to(vae_folder / "vae")
+    _tiny_ldm(straight, vae_folder / "ck-straight", 4)
+
+    resumed = vae_folder / "resumed"
+    resumed.mkdir()
+    (resumed / "vae").symlink_to(vae_folder / "vae")
+    original_save = train.LdmCheckpoint.save
+
+    def save_then_die(self, step, *args):
+        original_save(self, step, *args)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(train.LdmCheckpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_ldm(resumed, vae_folder / "ck-resumed", 4)
+    assert json.loads((vae_folder / "ck-resumed" / "checkpoint.json").read_text())["step"] == 2
+    assert not (resumed / "unet").exists()
+    monkeypatch.setattr(train.LdmCheckpoint, "save", original_save)
+    _tiny_ldm(resumed, vae_folder / "ck-resumed", 4)
+
+    for component in ("unet", "text_encoder"):
+        a = load_file(next((straight / component).glob("*.safetensors")))
+        b = load_file(next((resumed / component).glob("*.safetensors")))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), component
+
+    with pytest.raises(SystemExit, match="other settings"):
+        _tiny_ldm(resumed, vae_folder / "ck-resumed", 6)  # another step count: not this checkpoint's run
