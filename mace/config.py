@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from .images import image_files
 from .prompts import CONCEPT_TYPES
 
+FUSION_TOKENS = ("all", "concept")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the problem."""
@@ -127,6 +129,14 @@ class MACEConfig:
     method: str = "fast"  # "fast" or "reference" (paper-literal closed-form steps)
     concept_prompts_file: str | None = None  # optional prompt templates, one per line, {} = concept
     solve_jitter: float | None = None  # None: a singular system is an error; a float adds a reported ridge
+    # Which tokens of a concept's prompts fusion maps as the concept's LoRA does: "all" (the
+    # original), or "concept": the concept name and the positions after it, the only ones the
+    # name can change in a causal text encoder (docs/design.md, section 8).
+    fusion_tokens: str = "all"
+    # Weight of a term added to the LoRA loss: the relative squared change each concept's LoRA
+    # makes to the keys and values of the preservation caches' tokens. 0 (the original): the
+    # LoRAs are free to change every prompt (docs/design.md, section 8).
+    lora_preserve_scale: float = 0.0
     device: str = "cpu"
     num_images_per_concept: int = 8  # images generated per concept by `mace prepare`
     generation_steps: int = 30
@@ -254,8 +264,12 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
         (config.aug_length >= 1, "aug_length must be >= 1"),
         (config.prompt_len >= config.aug_length, f"aug_length ({config.aug_length}) cannot exceed prompt_len ({config.prompt_len})"),
         (config.max_train_steps >= 0, "max_train_steps must be >= 0"),
-        (config.train_preserve_scale >= 0 and config.fuse_preserve_scale >= 0, "preserve scales must be >= 0"),
+        (config.train_preserve_scale >= 0 and config.fuse_preserve_scale >= 0 and config.lora_preserve_scale >= 0,
+         "preserve scales must be >= 0"),
+        (config.lora_preserve_scale == 0 or config.prior_preservation_cache_path or config.domain_preservation_cache_path,
+         "lora_preserve_scale needs a preservation cache (prior_preservation_cache_path or domain_preservation_cache_path)"),
         (config.method in ("fast", "reference"), f"method must be 'fast' or 'reference', got {config.method!r}"),
+        (config.fusion_tokens in FUSION_TOKENS, f"fusion_tokens must be one of {FUSION_TOKENS}, got {config.fusion_tokens!r}"),
         (config.mask_method in ("attention", "grounded_sam"),
          f"mask_method must be 'attention' or 'grounded_sam', got {config.mask_method!r}"),
         (config.concepts_per_batch >= 1, "concepts_per_batch must be >= 1"),

@@ -22,7 +22,7 @@ import torch
 import mace_kernels as mk
 
 from .atomic import save_pipeline_atomically
-from .cache import read_prompt_file
+from .cache import PreservationSettings, read_prompt_file
 from .config import ConfigError, MACEConfig
 from .fingerprint import digest
 from .fusion import FusionSettings, fuse
@@ -175,7 +175,8 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
             pipe = models.use("refined")
             _require_data(input_dir, config)
             result = train_concept_loras(pipe, concepts, LoraTrainingSettings.from_config(config, resolution(pipe, config)),
-                                         input_data_dir=input_dir, output_dir=output_dir, progress=progress)
+                                         input_data_dir=input_dir, output_dir=output_dir, progress=progress,
+                                         preserve=_lora_preserve(config, pipe))
             summary.trained = dict(result.trained)
             lora_fps = result.fingerprints
             if result.trained:
@@ -200,7 +201,8 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
                     fuse(pipe, {n: lora_dir(output_dir, n) for n, _ in config.concepts},
                          {n: [p.old for p in pairs[n]] for n in pairs}, lam=fuse_settings.lam,
                          preserve=fuse_settings.preserve.matrix(pipe), preserve_scale=fuse_settings.preserve_scale,
-                         original=models.weights("original"), method=fuse_settings.method, jitter=fuse_settings.jitter)
+                         original=models.weights("original"), method=fuse_settings.method, jitter=fuse_settings.jitter,
+                         tokens=fuse_settings.tokens)
                 models.keep("final")
                 state.forget("fuse")
                 save_pipeline_atomically(pipe, final_path)
@@ -230,11 +232,18 @@ def _require_data(input_dir: Path, config: MACEConfig) -> None:
             raise StageError(f"{err}; run the prepare stage") from None
 
 
+def _lora_preserve(config: MACEConfig, pipe) -> torch.Tensor | None:
+    """The preservation statistic the LoRA loss uses (lora_preserve_scale), else None."""
+    if config.lora_preserve_scale <= 0:
+        return None
+    return PreservationSettings.from_config(config).matrix(pipe)
+
+
 def _current_loras(models: RunModels, config: MACEConfig, concepts, input_dir: Path, output_dir: Path) -> dict[str, str]:
     """Each concept's LoRA fingerprint, checked against what training would produce now."""
     pipe = models.use("refined")
     settings = LoraTrainingSettings.from_config(config, resolution(pipe, config))
-    expected = expected_fingerprints(pipe, concepts, settings, input_dir)
+    expected = expected_fingerprints(pipe, concepts, settings, input_dir, _lora_preserve(config, pipe))
     out = {}
     for name, _, _ in concepts:
         stored = stored_fingerprint(output_dir, name)

@@ -27,13 +27,15 @@ class FusionSettings:
     preserve_scale: float = 0.0
     method: str = "fast"
     jitter: float | None = None
+    tokens: str = "all"  # "all" tokens of each concept's prompts, or "concept": the name and after
 
     @classmethod
     def from_config(cls, config: MACEConfig) -> FusionSettings:
         """The original code's effective weight: fuse_preserve_scale once (train_preserve_scale
         with more than max_memory concepts, as its other branch does)."""
         return cls(lam=config.lamb, preserve=PreservationSettings.from_config(config),
-                   preserve_scale=config.effective_fuse_preserve_scale, method=config.method, jitter=config.solve_jitter)
+                   preserve_scale=config.effective_fuse_preserve_scale, method=config.method, jitter=config.solve_jitter,
+                   tokens=config.fusion_tokens)
 
 
 def stack_loras(loras: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], projections) -> LoraStack:
@@ -58,6 +60,24 @@ def stack_loras(loras: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]]
     return LoraStack(As, Bs)
 
 
+def from_name_on(tokenizer, prompts: Sequence[str], name: str) -> torch.Tensor:
+    """(B, 77) bool: the positions from the first token of ``name`` on, in each prompt.
+
+    CLIP text encoders are causal: the embeddings before the name (the start token, a
+    template's first words) are the same in every prompt that starts alike, whatever concept
+    follows, so they carry nothing of the concept. A prompt without the name keeps no position.
+    """
+    length = tokenizer.model_max_length
+    ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length).input_ids
+    piece = tokenizer(name, add_special_tokens=False).input_ids
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for b, seq in enumerate(ids):
+        first = next((i for i in range(len(seq) - len(piece) + 1) if piece and seq[i:i + len(piece)] == piece), None)
+        if first is not None:
+            mask[b, first:] = True
+    return mask
+
+
 def fuse(
     pipe,
     loras: Mapping[str, LoraSource],
@@ -71,6 +91,7 @@ def fuse(
     dtype: torch.dtype = torch.float64,
     jitter: float | None = None,
     batch_size: int = 64,
+    tokens: str = "all",
 ) -> SolveReport:
     """Fuse one LoRA per concept into the pipeline's cross-attention projections, in place.
 
@@ -84,6 +105,9 @@ def fuse(
         original: the weights preservation anchors to (a pipeline, or tensors in projection
             order); default: the pipeline's current weights.
         method: "fast" (one grouped fuse_loras call and one solve) or "reference".
+        tokens: "all" (the original: every token of each prompt) or "concept": only the
+            positions from the concept's name on (:func:`from_name_on`; the concept key of
+            ``loras`` is the name looked for).
     """
     concepts = list(loras)
     if not concepts:
@@ -100,13 +124,23 @@ def fuse(
         if not lora:
             raise ValueError(f"fuse: the LoRA of {concept!r} has no cross-attention key/value layer of this model")
     stack = stack_loras(read, projections)
-    tokens = [encode_prompts(pipe, list(prompts[c]), batch_size).reshape(-1, projections[0][1].in_features)
-              for c in concepts]
+    if tokens not in ("all", "concept"):
+        raise ValueError(f"fuse: tokens must be 'all' or 'concept', got {tokens!r}")
+    d = projections[0][1].in_features
+    embeddings = []
+    for c in concepts:
+        e = encode_prompts(pipe, list(prompts[c]), batch_size)
+        if tokens == "concept":
+            keep = from_name_on(pipe.tokenizer, list(prompts[c]), c)
+            if not keep.any():
+                raise ValueError(f"fuse: no prompt of concept {c!r} contains its name, so it has no tokens to fuse")
+            e = e[keep]
+        embeddings.append(e.reshape(-1, d))
     anchor = None
     if original is not None:
         anchor = [t.cpu() for t in (projection_weights(original.unet) if hasattr(original, "unet") else original)]
     report = edit_projections(pipe.unet, lambda weights: fuse_weights(
-        weights, stack, tokens, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
+        weights, stack, embeddings, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
         original=anchor, method=method, dtype=dtype, jitter=jitter,
     ))
     report.extra["concepts"] = len(concepts)

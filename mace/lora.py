@@ -110,6 +110,16 @@ class MultiConceptLoRA(nn.Module):
             self.B.append(nn.Parameter(torch.zeros(num_concepts, out, rank)))
         self.num_concepts, self.rank = num_concepts, rank
 
+    def preservation_penalty(self, preserve: torch.Tensor, base_norms: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(k,): per concept, sum over layers of tr(B A P A^T B^T) / tr(W P W^T), the squared
+        change its LoRA makes to the outputs of the tokens P = sum e e^T summarises, relative to
+        the layer's own outputs on them (``base_norms``: tr(W P W^T) per layer)."""
+        total = torch.zeros(self.num_concepts, device=self.A[0].device)
+        for a, b, norm in zip(self.A, self.B, base_norms, strict=True):
+            inner = a @ preserve.to(a.dtype) @ a.transpose(1, 2)  # (k, r, r)
+            total = total + ((b @ inner) * b).sum((1, 2)) / norm
+        return total
+
     def concept_lora(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{projection name: (A (r, d), B (out, r))} of concept k (scale 1)."""
         return {n: (a[k].detach().clone(), b[k].detach().clone()) for n, a, b in zip(self.names, self.A, self.B)}

@@ -81,6 +81,7 @@ class LoraTrainingSettings:
     separate: bool = True  # train_seperate: one LoRA per concept; False: one LoRA shared by all concepts
     no_real_image: bool = False  # the original's option: noisy latents from zeros instead of the images
     mixed_precision: str | None = None  # "fp16" / "bf16": the UNet runs under autocast; LoRAs stay float32
+    preserve_scale: float = 0.0  # lora_preserve_scale: weight of the LoRA's change on the preserved tokens
     # How many concepts share one UNet batch: speed only, the LoRAs do not depend on it.
     concepts_per_batch: int = field(default=8, compare=False)
     gradient_checkpointing: bool = field(default=False, compare=False)  # memory, not results
@@ -121,6 +122,7 @@ class LoraTrainingSettings:
             gradient_accumulation_steps=config.gradient_accumulation_steps, use_masks=config.use_gsam_mask,
             separate=config.train_seperate, no_real_image=config.no_real_image, mixed_precision=config.mixed_precision,
             concepts_per_batch=config.concepts_per_batch, gradient_checkpointing=config.gradient_checkpointing,
+            preserve_scale=config.lora_preserve_scale,
         )
 
     @property
@@ -188,9 +190,12 @@ def concept_fingerprint(base_weights: str, settings: LoraTrainingSettings, name:
 
 
 def expected_fingerprints(pipe, concepts: Sequence[tuple[str, str, list[PromptPair]]], settings: LoraTrainingSettings,
-                          input_data_dir: str | os.PathLike) -> dict[str, str]:
-    """The fingerprint each concept's LoRA gets when trained now on ``pipe``'s weights."""
+                          input_data_dir: str | os.PathLike, preserve: torch.Tensor | None = None) -> dict[str, str]:
+    """The fingerprint each concept's LoRA gets when trained now on ``pipe``'s weights (and,
+    with ``settings.preserve_scale``, the preservation statistic ``preserve``)."""
     base = tensors_digest(projection_weights(pipe.unet))
+    if settings.preserve_scale > 0:
+        base = digest({"weights": base, "preserve": tensors_digest([_require_preserve(preserve)])})
     prior = files_digest(preservation_files(settings))
     own = {name: concept_fingerprint(base, settings, name, kind, pairs,
                                      files_digest(concept_data_files(input_data_dir, name, kind, settings.use_masks)),
@@ -200,6 +205,13 @@ def expected_fingerprints(pipe, concepts: Sequence[tuple[str, str, list[PromptPa
         return own
     shared = digest(sorted(own.items()))  # one LoRA for all: any concept's change retrains it
     return dict.fromkeys(own, shared)
+
+
+def _require_preserve(preserve: torch.Tensor | None) -> torch.Tensor:
+    if preserve is None:
+        raise ConfigError("lora_preserve_scale needs a preservation cache (prior_preservation_cache_path or "
+                          "domain_preservation_cache_path)")
+    return preserve
 
 
 def stored_fingerprint(output_dir: str | os.PathLike, concept: str) -> str | None:
@@ -221,6 +233,7 @@ def train_concept_loras(
     input_data_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     progress: bool = True,
+    preserve: torch.Tensor | None = None,
 ) -> TrainingResult:
     """Train the LoRAs of ``concepts`` (name, type, prompt pairs) whose saved fingerprint is
     missing or stale, on ``pipe``'s current weights, and save each as a diffusers LoRA.
@@ -228,9 +241,11 @@ def train_concept_loras(
     With prior preservation, every step adds ``train_batch_size`` images of
     ``preserve_data_dir`` captioned with ``preserve_prompt`` per concept; they go through that
     concept's LoRA and add ``prior_loss_weight`` times their noise-prediction MSE to the loss.
+    With ``settings.preserve_scale``, each step also adds that times the relative squared change
+    each LoRA makes to the tokens the preservation statistic ``preserve`` (d x d) summarises.
     """
     result = TrainingResult()
-    result.fingerprints = expected_fingerprints(pipe, concepts, settings, input_data_dir)
+    result.fingerprints = expected_fingerprints(pipe, concepts, settings, input_data_dir, preserve)
     todo = []
     for name, kind, pairs in concepts:
         result.files[name] = lora_dir(output_dir, name) / LORA_WEIGHT_NAME
@@ -269,7 +284,7 @@ def train_concept_loras(
                 images, masks = load_concept_data(input_data_dir, name, kind, settings.resolution, settings.use_masks)
                 data.append(ConceptData(name, kind, pairs, images, masks, random.Random(seed_for(settings.seed, name)),
                                         torch.Generator().manual_seed(seed_for(settings.seed, name))))
-            lora = _train_group(pipe, data, settings, prior, bar)
+            lora = _train_group(pipe, data, settings, prior, bar, preserve)
             for k, (name, _, _) in enumerate(group):
                 folder = lora_dir(output_dir, name)
                 save_lora(folder, lora.concept_lora(k if settings.separate else 0), alpha=float(settings.rank))
@@ -283,7 +298,7 @@ def train_concept_loras(
 
 
 def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, prior: PreservationData | None,
-                 bar) -> MultiConceptLoRA:
+                 bar, preserve: torch.Tensor | None = None) -> MultiConceptLoRA:
     """The original script's loop for a group of concepts trained together: AdamW, the lr
     schedule, gradient accumulation and per-concept clipping, ``max_train_steps`` optimiser
     steps. Separate LoRAs: every step carries every concept's samples, each through its own
@@ -300,6 +315,12 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
                              power=settings.lr_power)
     pick = random.Random(seed_for(settings.seed, "shared"))
     accumulate = settings.gradient_accumulation_steps
+    if settings.preserve_scale > 0:
+        device = lora.A[0].device
+        preserve = _require_preserve(preserve).to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            base_norms = [torch.einsum("od,de,oe->", w.float().to(device), preserve, w.float().to(device)).clamp_min(1e-30)
+                          for w in projection_weights(unet)]
     with LoraTrainingHooks(unet, lora) as hooks:
         for _ in range(settings.max_train_steps):
             for _ in range(accumulate):
@@ -312,6 +333,8 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
                                   batch["noise"], batch["timesteps"], prior_loss_weight=settings.prior_loss_weight,
                                   loss_scale=1.0 / accumulate, autocast_dtype=settings.autocast_dtype,
                                   added_cond_kwargs=batch["added_cond_kwargs"])
+            if settings.preserve_scale > 0:  # per concept: each LoRA's gradient stays its own
+                (settings.preserve_scale * lora.preservation_penalty(preserve, base_norms).sum()).backward()
             clip_grad_norm_per_concept(lora, settings.max_grad_norm)
             optimizer.step()
             schedule.step()

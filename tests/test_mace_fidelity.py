@@ -333,3 +333,33 @@ def test_cache_records_prompt_and_token_counts(tmp_path, tiny_pipe):
     double = mace.build_preservation_cache(tiny_pipe, prompts * 2, tmp_path / "d.safetensors", progress=False)
     torch.testing.assert_close(double.cov, 2 * cache.cov, rtol=1e-5, atol=1e-5 * float(cache.cov.abs().max()))
     assert math.isclose(float(double.cov.trace()), 2 * float(cache.cov.trace()), rel_tol=1e-6)
+
+
+def test_fusion_tokens_concept_fuses_only_the_name_and_later_positions(tiny_pipe):
+    """fusion_tokens: concept equals the "all" solve given only the positions from the name on."""
+    from mace.closed_form import fuse_weights
+    from mace.fusion import from_name_on, fuse, stack_loras
+    from mace.models import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights
+
+    mask = from_name_on(tiny_pipe.tokenizer, ["a photo of Qedark Draerba", "Qedark Draerba", "a dog"], "Qedark Draerba")
+    assert mask[0].nonzero().min() == 4 and bool(mask[0, 4:].all())  # start, a, photo, of come first
+    assert bool(mask[1, 1:].all()) and not bool(mask[1, 0]) and not bool(mask[2].any())
+
+    projections = cross_attention_projections(tiny_pipe.unet)
+    g = torch.Generator().manual_seed(0)
+    lora = {n: (torch.randn(1, lin.in_features, generator=g), torch.randn(lin.out_features, 1, generator=g))
+            for n, lin in projections}
+    prompts = ["a photo of Qedark Draerba", "a drawing of Qedark Draerba"]
+    before = [w.clone() for w in projection_weights(tiny_pipe.unet)]
+    try:
+        fuse(tiny_pipe, {"Qedark Draerba": lora}, {"Qedark Draerba": prompts}, lam=0.1, tokens="concept")
+        got = projection_weights(tiny_pipe.unet)
+        e = encode_prompts(tiny_pipe, prompts)
+        keep = from_name_on(tiny_pipe.tokenizer, prompts, "Qedark Draerba")
+        want, _ = fuse_weights(before, stack_loras([lora], projections), [e[keep]], lam=0.1)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="contains its name"):
+            fuse(tiny_pipe, {"Qedark Draerba": lora}, {"Qedark Draerba": ["a dog"]}, lam=0.1, tokens="concept")
+    finally:
+        set_projection_weights(tiny_pipe.unet, before)

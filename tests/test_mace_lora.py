@@ -378,3 +378,56 @@ def test_train_concept_loras_with_prior_preservation(tiny_pipe, tmp_path):
         assert all(float(w_prior[k].abs().max()) > 0 for k in ups)
         assert any(float(w_plain[k].abs().max()) == 0 for k in ups)
         assert [k for k in ups if float(w_plain[k].abs().max()) == 0] == [last_value]
+
+
+def test_preservation_penalty_is_the_relative_squared_change_on_the_preserved_tokens(tiny_pipe):
+    from mace.models import projection_weights
+
+    lora = MultiConceptLoRA(tiny_pipe.unet, 3, 2, seed=1)
+    _randomise(lora, seed=2)
+    tokens = torch.randn(40, lora.A[0].shape[-1], generator=torch.Generator().manual_seed(3))
+    P = tokens.T @ tokens
+    weights = projection_weights(tiny_pipe.unet)
+    norms = [(tokens @ w.T).pow(2).sum() for w in weights]
+    got = lora.preservation_penalty(P, norms)
+    for k in range(3):
+        want = sum((tokens @ (b[k] @ a[k]).T).pow(2).sum() / n for a, b, n in zip(lora.A, lora.B, norms))
+        torch.testing.assert_close(got[k], want.detach(), rtol=1e-4, atol=1e-6)
+    # Each concept's penalty depends on its own LoRA only (batched steps stay per concept).
+    got[1].backward()
+    assert all(float(p.grad[[0, 2]].abs().max()) == 0 and float(p.grad[1].abs().max()) > 0 for p in lora.A)
+
+
+def test_lora_preserve_scale_makes_loras_leave_the_preserved_tokens_alone(tiny_pipe, tmp_path):
+    """With the penalty, the LoRA changes the preserved prompts' keys/values far less, and the
+    fingerprint covers the preservation statistic."""
+    from mace.config import ConfigError
+    from mace.lora_io import read_lora
+    from mace.lora_training import LoraTrainingSettings, expected_fingerprints, train_concept_loras
+    from mace.models import cross_attention_projections, encode_prompts, projection_weights
+
+    concepts, size = _prepared(tmp_path, tiny_pipe, ["ship"])
+    kept = encode_prompts(tiny_pipe, ["a photo of a tree", "a red car", "a bowl of soup"]).reshape(-1, 64)
+    P = kept.T @ kept
+    common = dict(rank=1, learning_rate=5e-2, max_train_steps=6, train_batch_size=1, importance_sampling=True,
+                  use_pooler=True, resolution=size, seed=0)
+    names = [n for n, _ in cross_attention_projections(tiny_pipe.unet)]
+    weights = projection_weights(tiny_pipe.unet)
+
+    def change(settings, out, preserve=None):
+        result = train_concept_loras(tiny_pipe, concepts, settings, input_data_dir=tmp_path / "data", output_dir=tmp_path / out,
+                                     progress=False, preserve=preserve)
+        lora = read_lora(result.files["ship"], names)
+        return sum(float((kept @ (B @ A).T).pow(2).sum() / (kept @ w.T).pow(2).sum())
+                   for (A, B), w in zip((lora[n] for n in names), weights)), result
+
+    free, free_result = change(LoraTrainingSettings(**common), "free")
+    held, held_result = change(LoraTrainingSettings(**common, preserve_scale=100.0), "held", P)
+    assert free > 0 and held < 0.2 * free
+    assert free_result.fingerprints["ship"] != held_result.fingerprints["ship"]
+    other = expected_fingerprints(tiny_pipe, concepts, LoraTrainingSettings(**common, preserve_scale=100.0),
+                                  tmp_path / "data", 2 * P)
+    assert other["ship"] != held_result.fingerprints["ship"]  # another statistic: another LoRA
+    with pytest.raises(ConfigError, match="needs a preservation cache"):
+        train_concept_loras(tiny_pipe, concepts, LoraTrainingSettings(**common, preserve_scale=1.0),
+                            input_data_dir=tmp_path / "data", output_dir=tmp_path / "none", progress=False)
