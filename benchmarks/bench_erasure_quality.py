@@ -1,18 +1,28 @@
-"""Erasure quality on the glyph world: no edit, refinement only, full MACE and UCE, side by side.
+"""Erasure quality on a glyph world: no edit, refinement only, full MACE and UCE, tuned on one set
+of concepts and reported on another.
 
-    python benchmarks/bench_erasure_quality.py                 # 1, 10 and 100 concepts
-    python benchmarks/bench_erasure_quality.py --sizes 1 --methods none,uce --images-per-concept 2
+    python benchmarks/bench_erasure_quality.py --world world-large     # 1, 5, 10, 100 erased
+    python benchmarks/bench_erasure_quality.py --world world --sizes 1,5,10,100
+    python benchmarks/bench_erasure_quality.py --sizes 1 --methods none,uce --grid 1   # quick look
 
-For each size n, the erased concepts are the first n of a fixed random order of the 120 concepts
-and the kept ones the last 20 of that order (never erased at any size), so Acc_s is measured on
-the same concepts throughout. MACE runs the real ``mace erase`` stages with the settings of
-configs/world_erase.yaml except its preservation and LoRA steps (--lora-steps, 40); "refine" is
-its closed-form stage alone; UCE is mace.uce with the same guide concept ("a glyph") and lambda.
-Both preserve the concepts that are not erased, each in its own way: MACE through a domain
-preservation cache of prompts naming them (weight --mace-preserve-scale in refinement and
-fusion), UCE through their names' embeddings (weight --uce-preserve-scale); --no-preserve turns
-preservation off for both.
-Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Prints a table, writes JSON.
+Protocol. A fixed random order of the world's concepts is cut into an erase pool, a tuning kept
+set (--tuning-kept) and a report kept set (--report-kept). At size n the reported erasure
+removes the first n concepts of the erase pool and is scored on the report kept set; the
+tuning erasure removes the last n of the erase pool (disjoint from the reported ones whenever
+2n fits in the pool; the JSON says when it does not) and is scored on the tuning kept set.
+Concepts that the shipped configs name (configs/*.yaml, whose settings were chosen looking at
+them) are never in a report set.
+
+Search, the same for every method: each method's preservation scale, the knob that trades
+erasure against specificity, takes --grid values spaced by a factor 3 around the method's
+default; the value with the best tuning H_o (ties: higher Acc_s) is the one reported. The other
+hyperparameters (lambda 0.1, the LoRA's learning rate and steps) are those of
+configs/world_erase.yaml for every method, fixed before this protocol and never chosen on a
+report set. Preservation: MACE and refinement through a domain cache of prompts naming every
+concept that is not erased; UCE through those names' embeddings.
+
+Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Prints a table, writes JSON,
+and with --plot a PNG of H_o and Acc_s against the number of erased concepts.
 """
 
 from __future__ import annotations
@@ -20,9 +30,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from _results import RESULTS
@@ -33,45 +45,86 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("none", "refine", "mace", "uce")
 PRESERVE_TEMPLATES = 5  # MACE's preservation prompts per kept concept (its first object templates)
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "world_erase.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "world_erase.yaml"
+DEFAULT_SCALE = {"refine": 3.0, "mace": 3.0, "uce": 0.1}  # the centre of each method's search
 
 
-def concept_order(seed: int = 0) -> list[int]:
-    from mace.world import NUM_CONCEPTS
+def concept_order(seed: int = 0, world=None) -> list[int]:
+    from mace.world import WORLD
 
-    order = list(range(NUM_CONCEPTS))
+    order = list(range((world or WORLD).num_concepts))
     random.Random(seed).shuffle(order)
     return order
 
 
-def erase_with(method: str, names: list[str], preserved: list[str], work: Path, scales: dict[str, float], lora_steps: int):
+def configured_concepts(world) -> set[int]:
+    """Concepts the shipped configs name (their settings were chosen looking at them)."""
+    text = " ".join(p.read_text() for p in (ROOT / "configs").glob("*.y*ml"))
+    return {c.index for c in world.concepts if re.search(rf"\b({re.escape(c.name)}|{re.escape(c.alias)})\b", text)}
+
+
+@dataclass
+class Split:
+    erase_pool: list[int]
+    tuning_kept: list[int]
+    report_kept: list[int]
+
+    def erased(self, n: int, role: str) -> list[int]:
+        return self.erase_pool[:n] if role == "report" else self.erase_pool[-n:]
+
+    def disjoint(self, n: int) -> bool:
+        return 2 * n <= len(self.erase_pool)
+
+
+def split_concepts(world, tuning_kept: int, report_kept: int, seed: int = 0) -> Split:
+    """The protocol's concept sets (see the module docstring); configured concepts go to tuning."""
+    order = concept_order(seed, world)
+    if tuning_kept + report_kept >= len(order):
+        raise SystemExit(f"{tuning_kept} + {report_kept} kept concepts leave none to erase in {world.model}")
+    avoid = configured_concepts(world)
+    kept = order[len(order) - tuning_kept - report_kept:]
+    report = [c for c in kept if c not in avoid][:report_kept]
+    tuning = [c for c in kept if c not in report]
+    pool = order[:len(order) - tuning_kept - report_kept]
+    pool = [c for c in pool if c not in avoid] + [c for c in pool if c in avoid]  # reported erasures avoid them too
+    return Split(pool, tuning, report)
+
+
+def scale_grid(method: str, points: int) -> list[float]:
+    centre = DEFAULT_SCALE[method]
+    return [round(centre * 3.0 ** (k - (points - 1) // 2), 6) for k in range(points)]
+
+
+def erase_with(method: str, world, names: list[str], preserved: list[str], work: Path, scale: float, overrides: dict,
+               data_dir: Path):
     """The edited pipeline for one method, and the seconds the edit took (preservation included)."""
     import mace
     from mace.config import config_from_dict, load_config
     from mace.erase import erase
     from mace.prompts import OBJECT_TEMPLATES
     from mace.uce import uce
-    from mace.world import GENERIC_CONCEPT, WORLD_MODEL
+    from mace.world import GENERIC_CONCEPT
 
     start = time.perf_counter()
-    base = load_config(CONFIG, check_paths=False)  # its preservation cache is replaced below
+    base = load_config(CONFIG, check_paths=False)  # its model and preservation cache are replaced below
     if method == "none":
-        return mace.load_pipeline(WORLD_MODEL), 0.0
+        return mace.load_pipeline(world.model), 0.0
     if method == "uce":
-        pipe = mace.load_pipeline(WORLD_MODEL)
-        uce(pipe, names, GENERIC_CONCEPT, preserved, lam=base.lamb, preserve_scale=scales["uce"])
+        pipe = mace.load_pipeline(world.model)
+        uce(pipe, names, GENERIC_CONCEPT, preserved, lam=base.lamb, preserve_scale=scale)
         return pipe, time.perf_counter() - start
     values = base.to_dict()
     values.update(multi_concept=[[n, "object"] for n in names], mapping_concept=[GENERIC_CONCEPT] * len(names),
-                  output_dir=str(work), input_data_dir=str(work / "data"), final_save_path=str(work / "final"),
-                  domain_preservation_cache_path=None, train_preserve_scale=0.0, fuse_preserve_scale=0.0,
-                  max_train_steps=lora_steps)
+                  pretrained_model_name_or_path=world.model, output_dir=str(work), input_data_dir=str(data_dir),
+                  final_save_path=str(work / "final"), domain_preservation_cache_path=None,
+                  train_preserve_scale=0.0, fuse_preserve_scale=0.0, report_prompts=[], **overrides)
     if preserved:  # MACE's domain preservation: a cache of prompts naming the concepts to keep
         cache = work / "domain.safetensors"
         prompts = [t.format(n) for n in preserved for t in OBJECT_TEMPLATES[:PRESERVE_TEMPLATES]]
-        mace.build_preservation_cache(mace.load_pipeline(WORLD_MODEL), prompts, cache, model_id=WORLD_MODEL, progress=False)
+        mace.build_preservation_cache(mace.load_pipeline(world.model), prompts, cache, model_id=world.model, progress=False)
         values.update(domain_preservation_cache_path=str(cache), preserve_weight=1.0,
-                      train_preserve_scale=scales["mace"], fuse_preserve_scale=scales["mace"])
+                      train_preserve_scale=scale, fuse_preserve_scale=scale)
     config = config_from_dict(values)
     stages = ("refine",) if method == "refine" else ("prepare", "refine", "train", "fuse")
     summary = erase(config, stages, progress=False)
@@ -79,18 +132,48 @@ def erase_with(method: str, names: list[str], preserved: list[str], work: Path, 
     return mace.load_pipeline(path), time.perf_counter() - start
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mace.atomic import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in ((axes[0], "h_o", "H_o (report set)"), (axes[1], "acc_s", "Acc_s (report set)")):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = sorted((r["concepts"], r[key]) for r in rows if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("erased concepts")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1,10,100")
+    parser.add_argument("--world", default="world", help="world (120 concepts) or world-large (540)")
+    parser.add_argument("--sizes", default="1,5,10,100")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--images-per-concept", type=int, default=5)
+    parser.add_argument("--tuning-kept", type=int, default=None, help="default: 10 (world), 100 (world-large)")
+    parser.add_argument("--report-kept", type=int, default=None, help="default: 10 (world), 200 (world-large)")
+    parser.add_argument("--grid", type=int, default=5, help="preservation scales tried per method (factor 3 apart)")
+    parser.add_argument("--images-per-concept", type=int, default=3, help="report runs")
+    parser.add_argument("--tuning-images-per-concept", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--background-images", type=int, default=16, help="per background and template (shift score)")
-    parser.add_argument("--mace-preserve-scale", type=float, default=3.0, help="MACE: train/fuse_preserve_scale")
-    parser.add_argument("--uce-preserve-scale", type=float, default=0.1)
-    parser.add_argument("--lora-steps", type=int, default=40, help="MACE: max_train_steps per concept")
-    parser.add_argument("--no-preserve", action="store_true", help="erase without preserving the other concepts")
+    parser.add_argument("--background-images", type=int, default=8, help="per background and template (shift score)")
+    parser.add_argument("--lora-steps", type=int, default=None, help="MACE: max_train_steps (default: the config's)")
+    parser.add_argument("--fusion-tokens", default=None, help="MACE: fusion_tokens (default: the config's)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of H_o and Acc_s against the number erased")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -100,46 +183,93 @@ def main(argv=None) -> int:
     import torch
 
     import mace
-    from mace.world import CONCEPTS, WORLD_MODEL, load_classifier
+    from mace.world import get_world, load_classifier
     from mace.world.evaluate import background_images_of, evaluate_world
 
-    scales = {"mace": args.mace_preserve_scale, "uce": args.uce_preserve_scale}
-    order = concept_order()
-    kept = order[-20:]
-    classifier = load_classifier()
-    original_background = background_images_of(mace.load_pipeline(WORLD_MODEL), background_images=args.background_images,
+    world = get_world(args.world)
+    large = world.num_concepts > 200
+    split = split_concepts(world, args.tuning_kept or (100 if large else 10), args.report_kept or (200 if large else 10))
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if max(sizes) > len(split.erase_pool):
+        parser.error(f"at most {len(split.erase_pool)} concepts can be erased with these kept sets")
+    overrides = {k: v for k, v in (("max_train_steps", args.lora_steps), ("fusion_tokens", args.fusion_tokens)) if v is not None}
+    classifier = load_classifier(world)
+    original_background = background_images_of(mace.load_pipeline(world.model), background_images=args.background_images,
                                                steps=args.steps, progress=False)
-    rows = []
-    for n in [int(s) for s in args.sizes.split(",") if s]:
-        erased = order[:n]
-        for method in methods:
-            work = Path(tempfile.mkdtemp(prefix=f"mace-quality-{method}-{n}-"))
-            try:
-                torch.manual_seed(0)
-                preserved = [] if args.no_preserve else [CONCEPTS[c].name for c in order[n:]]
-                pipe, seconds = erase_with(method, [CONCEPTS[c].name for c in erased], preserved, work, scales, args.lora_steps)
-                scores = evaluate_world(pipe, erased, kept, classifier=classifier, original_background=original_background,
-                                        images_per_concept=args.images_per_concept, background_images=args.background_images,
-                                        steps=args.steps, progress=False)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            row = {"concepts": n, "method": method, "edit_seconds": round(seconds, 1), "eval_seconds": round(scores.seconds, 1),
-                   **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o", "h_g", "shift")}}
-            rows.append(row)
-            print(f"{n:4d} {method:7s} {scores.line()}  edit {seconds:.0f} s", flush=True)
+    names = [c.name for c in world.concepts]
+    rows, tuning = [], []
+    start_all = time.perf_counter()
+    for n in sizes:
+        data_dirs = {role: Path(tempfile.mkdtemp(prefix=f"mace-quality-data-{role}-{n}-")) for role in ("tuning", "report")}
+        try:
+            for method in methods:
+                grid = [None] if method == "none" else scale_grid(method, args.grid)
+                best = None
+                for scale in grid if len(grid) > 1 else []:
+                    erased = split.erased(n, "tuning")
+                    preserved = [names[c] for c in range(world.num_concepts) if c not in set(erased)]
+                    work = Path(tempfile.mkdtemp(prefix=f"mace-quality-{method}-{n}-"))
+                    try:
+                        torch.manual_seed(0)
+                        pipe, seconds = erase_with(method, world, [names[c] for c in erased], preserved, work, scale,
+                                                   overrides, data_dirs["tuning"])
+                        scores = evaluate_world(pipe, erased, split.tuning_kept, classifier=classifier,
+                                                images_per_concept=args.tuning_images_per_concept, background_images=0,
+                                                steps=args.steps, progress=False, world=world)
+                    finally:
+                        shutil.rmtree(work, ignore_errors=True)
+                    trial = {"concepts": n, "method": method, "scale": scale,
+                             **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o")}}
+                    tuning.append(trial)
+                    print(f"  tuning {n:4d} {method:7s} scale {scale:<8g} {scores.line()}", flush=True)
+                    if best is None or (trial["h_o"], trial["acc_s"]) > (best["h_o"], best["acc_s"]):
+                        best = trial
+                scale = best["scale"] if best else grid[0]
+                erased = split.erased(n, "report")
+                preserved = [names[c] for c in range(world.num_concepts) if c not in set(erased)]
+                work = Path(tempfile.mkdtemp(prefix=f"mace-quality-{method}-{n}-"))
+                try:
+                    torch.manual_seed(0)
+                    pipe, seconds = erase_with(method, world, [names[c] for c in erased], preserved, work, scale or 0.0,
+                                               overrides, data_dirs["report"])
+                    scores = evaluate_world(pipe, erased, split.report_kept, classifier=classifier,
+                                            original_background=original_background, images_per_concept=args.images_per_concept,
+                                            background_images=args.background_images, steps=args.steps, progress=False,
+                                            world=world)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+                row = {"concepts": n, "method": method, "scale": scale, "edit_seconds": round(seconds, 1),
+                       "eval_seconds": round(scores.seconds, 1), "tuning_h_o": best["h_o"] if best else None,
+                       **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o", "h_g", "shift")}}
+                rows.append(row)
+                print(f"{n:4d} {method:7s} scale {scale if scale is not None else '-'!s:8s} {scores.line()}  edit {seconds:.0f} s",
+                      flush=True)
+        finally:
+            for d in data_dirs.values():
+                shutil.rmtree(d, ignore_errors=True)
 
-    print(f"\nErasure quality on {WORLD_MODEL} ({args.images_per_concept} images per concept and prompt kind, "
-          f"{args.steps} steps, 20 kept concepts), CPU threads {torch.get_num_threads()}")
-    print("| concepts | method | Acc_e | Acc_g | Acc_s | H_o | H_g | shift | edit time (s) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nErasure quality on {world.model}: report set of {len(split.report_kept)} kept concepts, scales chosen on a "
+          f"disjoint tuning set of {len(split.tuning_kept)} ({args.images_per_concept} images per concept and prompt kind, "
+          f"{args.steps} steps), CPU threads {torch.get_num_threads()}")
+    print("| concepts | method | scale | Acc_e | Acc_g | Acc_s | H_o | H_g | shift | edit time (s) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['concepts']} | {r['method']} | {r['acc_e']:.3f} | {r['acc_g']:.3f} | {r['acc_s']:.3f} | {r['h_o']:.3f} | "
-              f"{r['h_g']:.3f} | {r['shift']:.3f} | {r['edit_seconds']:.1f} |")
-    out = args.out or RESULTS / f"erasure_quality-cpu-{os.cpu_count()}cores.json"
-    write_json_atomically(out, {"model": WORLD_MODEL, "images_per_concept": args.images_per_concept, "steps": args.steps,
-                     "preserve_scales": None if args.no_preserve else scales,
-                     "kept": [CONCEPTS[c].name for c in kept], "rows": rows})
+        scale = "-" if r["scale"] is None else f"{r['scale']:g}"
+        print(f"| {r['concepts']} | {r['method']} | {scale} | {r['acc_e']:.3f} | {r['acc_g']:.3f} | {r['acc_s']:.3f} | "
+              f"{r['h_o']:.3f} | {r['h_g']:.3f} | {r['shift']:.3f} | {r['edit_seconds']:.1f} |")
+    out = args.out or RESULTS / f"erasure_quality-{world.key}-cpu-{os.cpu_count()}cores.json"
+    write_json_atomically(out, {
+        "model": world.model, "images_per_concept": args.images_per_concept,
+        "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps, "grid": args.grid,
+        "lora_steps": args.lora_steps, "fusion_tokens": args.fusion_tokens,
+        "erase_sets_disjoint": {str(n): split.disjoint(n) for n in sizes},
+        "tuning_kept": [names[c] for c in split.tuning_kept], "report_kept": [names[c] for c in split.report_kept],
+        "tuning": tuning, "rows": rows, "seconds": round(time.perf_counter() - start_all, 1),
+    })
     print(f"wrote {out}")
+    if args.plot:
+        plot(rows, args.plot, f"{world.model}: report set, scales tuned on a disjoint set")
+        print(f"wrote {args.plot}")
     return 0
 
 
