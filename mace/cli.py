@@ -115,12 +115,15 @@ def _cmd_eval(args) -> int:
                                  guidance_scale=args.guidance, progress=not args.quiet)
         line = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
     else:
+        from .world import WORLD, get_world, world_of
         from .world.evaluate import evaluate_world
 
+        # The glyph world: --world, else the one the original (or evaluated) model is built on.
+        world = get_world(args.world) if args.world else (world_of(str(original)) or world_of(str(model)) or WORLD)
         scores = evaluate_world(pipe, erased, _split(args.kept) or None, original=before,
                                 images_per_concept=args.images_per_concept, background_images=args.background_images,
                                 steps=args.steps, guidance_scale=args.guidance, csv_path=out / "prompts.csv",
-                                progress=not args.quiet)
+                                progress=not args.quiet, world=world)
         result, line = scores.to_dict(), scores.line()
     result.update(model=str(model), original=str(original) if original else None)
     write_json_atomically(out / "scores.json", result)
@@ -156,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--original", default=None, help="the unedited pipeline (for the shift score / FID)")
     ev.add_argument("--erased", default=None, help="comma-separated erased concept names")
     ev.add_argument("--kept", default=None, help="comma-separated kept concepts (glyph world default: all others)")
+    ev.add_argument("--world", default=None, choices=["world", "world-large"],
+                    help="the glyph world of the concepts (default: that of --original or --model, else world)")
     ev.add_argument("--clip", default=None, help="CLIP model folder or hub id: CLIP metrics for real models")
     ev.add_argument("--images-per-concept", type=int, default=5)
     ev.add_argument("--background-images", type=int, default=16, help="per background and template (shift score)")

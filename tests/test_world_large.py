@@ -121,3 +121,20 @@ def test_interrupted_ldm_training_resumes_to_the_same_weights(vae_folder, monkey
 
     with pytest.raises(SystemExit, match="other settings"):
         _tiny_ldm(resumed, vae_folder / "ck-resumed", 6)  # another step count: not this checkpoint's run
+
+
+def test_missing_world_weights_name_the_training_command(tmp_path, monkeypatch, capsys):
+    from mace import cli
+    from mace.world import model
+
+    monkeypatch.setattr(model, "weights_dir", lambda world=WORLD: tmp_path / world.key)
+    with pytest.raises(FileNotFoundError, match="python -m mace.world.train --world world-large"):
+        model.load_world_components(world=LARGE_WORLD)
+    monkeypatch.setenv("MACE_HOME", str(tmp_path / "home"))
+    model.weights_fingerprint.cache_clear()
+    try:
+        assert cli.main(["sample", "--model", "builtin:world-large", "--prompt", "a photo", "--out", str(tmp_path / "s")]) != 0
+    finally:
+        model.weights_fingerprint.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "builtin:world-large" in err[0] and "--world world-large" in err[0]
