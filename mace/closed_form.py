@@ -11,15 +11,19 @@ matrix M shared by every layer. The fast path exploits that (docs/design.md, sec
     fusion      W*_l = [W_l (lam I + sum C_i) + sum_i B_il A_il C_i + s W0_l P] M^-1,
                 M = lam I + sum_i C_i + s P
 
-one d x d factorisation for all layers. The paper-literal path (``method="reference"``)
-projects every token through every layer, accumulates per-layer sums and solves per layer
-(in fusion, after fusing each concept's LoRA into a copy of the weights); it is kept as the
-proof of the fast path and as the baseline the benchmarks beat.
+one d x d factorisation for all layers. The statistics are accumulated batch by batch
+(``RefinementStatistics``, ``FusionStatistics``; ``refine_weights_streamed`` and
+``fuse_weights_streamed`` take an iterable of token batches, e.g. a generator that encodes
+prompts), so memory does not grow with the number of tokens. The paper-literal path
+(``method="reference"``) projects every batch's tokens through every layer, accumulates
+per-layer sums and solves per layer (in fusion, after fusing each concept's LoRA into a copy
+of the weights); it is kept as the proof of the fast path and as the baseline the benchmarks
+beat.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,22 +67,133 @@ def _solve(M: torch.Tensor, R: torch.Tensor, jitter: float | None) -> tuple[torc
 # ----------------------------------------------------------------------------- refinement
 
 
-def refinement_statistics(old_tokens: torch.Tensor, new_tokens: torch.Tensor, dtype=torch.float64, chunk: int = 65536):
-    """(C_oo, C_no) = (sum e_o e_o^T, sum e_n e_o^T) over aligned token pairs.
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    """float64 statistics stay float64; anything else accumulates in float32, as token_covariance does."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    float32 statistics stream through token_covariance directly; float64 ones convert one
-    chunk of tokens at a time, so memory stays bounded for millions of tokens.
+
+class RefinementStatistics:
+    """Running (C_oo, C_no) = (sum e_o e_o^T, sum e_n e_o^T), fed one batch of aligned tokens at a time.
+
+    Memory is two d x d matrices plus one chunk of tokens, whatever the number of batches.
+    float64 statistics convert at most ``chunk`` tokens at a time, so a large batch does not
+    double its memory either.
     """
-    if dtype != torch.float64:
-        return mk.token_covariance(old_tokens, new_tokens)
-    d = old_tokens.shape[1]
-    c_oo = torch.zeros(d, d, dtype=dtype)
-    c_no = torch.zeros(d, d, dtype=dtype)
-    for start in range(0, old_tokens.shape[0], chunk):
-        cxx, cyx = mk.token_covariance(old_tokens[start:start + chunk].to(dtype), new_tokens[start:start + chunk].to(dtype))
-        c_oo += cxx
-        c_no += cyx
-    return c_oo, c_no
+
+    def __init__(self, d: int, dtype: torch.dtype = torch.float64, chunk: int = 65536):
+        self.dtype = dtype
+        self.chunk = chunk
+        acc = _accumulation(dtype)
+        self.c_oo = torch.zeros(d, d, dtype=acc)
+        self.c_no = torch.zeros(d, d, dtype=acc)
+        self.tokens = 0
+
+    def add(self, old_tokens: torch.Tensor, new_tokens: torch.Tensor) -> None:
+        """Add the aligned (N, d) tokens e_o, e_n of one batch."""
+        d = self.c_oo.shape[0]
+        if old_tokens.shape != new_tokens.shape or old_tokens.dim() != 2 or old_tokens.shape[1] != d:
+            raise ValueError(f"old and new tokens must both be (N, {d}), got {tuple(old_tokens.shape)} "
+                             f"and {tuple(new_tokens.shape)}")
+        acc = self.c_oo.dtype
+        for start in range(0, old_tokens.shape[0], self.chunk):
+            x, y = old_tokens[start:start + self.chunk], new_tokens[start:start + self.chunk]
+            if acc == torch.float64:
+                x, y = x.to(acc), y.to(acc)
+            cxx, cyx = mk.token_covariance(x, y)
+            self.c_oo += cxx.to(acc)
+            self.c_no += cyx.to(acc)
+        self.tokens += int(old_tokens.shape[0])
+
+
+def refinement_statistics(old_tokens: torch.Tensor, new_tokens: torch.Tensor, dtype=torch.float64, chunk: int = 65536):
+    """(C_oo, C_no) over aligned token pairs given all at once (one batch of
+    :class:`RefinementStatistics`)."""
+    stats = RefinementStatistics(old_tokens.shape[1], dtype, chunk)
+    stats.add(old_tokens, new_tokens)
+    return stats.c_oo, stats.c_no
+
+
+def solve_refinement(
+    weights: Sequence[torch.Tensor],
+    stats: RefinementStatistics,
+    *,
+    lam: float,
+    preserve: torch.Tensor | None = None,
+    preserve_scale: float = 0.0,
+    jitter: float | None = None,
+) -> tuple[list[torch.Tensor], SolveReport]:
+    """The fast refinement from its statistics: W'_l = W_l T for every projection, one d x d solve."""
+    d, dtype = weights[0].shape[1], stats.dtype
+    if stats.c_oo.shape[0] != d:
+        raise ValueError(f"statistics are {stats.c_oo.shape[0]} wide, the projections read {d}")
+    M = _lhs(d, lam, stats.c_oo, preserve, preserve_scale, dtype)
+    N = _lhs(d, lam, stats.c_no, preserve, preserve_scale, dtype)
+    T, info = _solve(M, N, jitter)
+    return mk.closed_form_edit(weights, T), SolveReport(stats.tokens, float(info.jitter), float(info.condition_lower_bound))
+
+
+class _ReferenceRefinement:
+    """Paper-literal accumulation: every batch's new tokens projected through every layer."""
+
+    def __init__(self, weights: Sequence[torch.Tensor], dtype: torch.dtype):
+        self.weights = [w.to(dtype) for w in weights]
+        self.dtype = dtype
+        d = weights[0].shape[1]
+        self.mat1 = [torch.zeros_like(w) for w in self.weights]  # sum (W e_n) e_o^T per layer
+        self.mat2 = [torch.zeros(d, d, dtype=dtype) for _ in weights]  # sum e_o e_o^T per layer
+        self.tokens = 0
+
+    def add(self, old_tokens: torch.Tensor, new_tokens: torch.Tensor) -> None:
+        x, y = old_tokens.to(self.dtype), new_tokens.to(self.dtype)
+        for W, m1, m2 in zip(self.weights, self.mat1, self.mat2):
+            values = y @ W.T  # W e_n for every token
+            m1 += values.T @ x
+            m2 += x.T @ x
+        self.tokens += int(old_tokens.shape[0])
+
+    def solve(self, weights, lam, preserve, preserve_scale, jitter):
+        d = weights[0].shape[1]
+        eye = torch.eye(d, dtype=self.dtype)
+        out, jit = [], 0.0
+        for W, W64, m1, m2 in zip(weights, self.weights, self.mat1, self.mat2):
+            mat1 = lam * W64 + m1
+            mat2 = lam * eye + m2
+            if preserve is not None and preserve_scale:
+                mat1 = mat1 + preserve_scale * W64 @ preserve.to(self.dtype)
+                mat2 = mat2 + preserve_scale * preserve.to(self.dtype)
+            X, info = _solve((mat2 + mat2.T) / 2, mat1, jitter)
+            jit = max(jit, float(info.jitter))
+            out.append(X.to(W.dtype))
+        return out, SolveReport(self.tokens, jit)
+
+
+def refine_weights_streamed(
+    weights: Sequence[torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lam: float,
+    preserve: torch.Tensor | None = None,
+    preserve_scale: float = 0.0,
+    method: str = "fast",
+    dtype: torch.dtype = torch.float64,
+    jitter: float | None = None,
+) -> tuple[list[torch.Tensor], SolveReport]:
+    """Closed-form refinement from aligned token batches (e.g. a generator that encodes prompts).
+
+    Each batch is (old_tokens, new_tokens), both (N_b, d); only the running statistics are
+    kept between batches. Same result as :func:`refine_weights` on the concatenated tokens.
+    """
+    _check_method(method)
+    d = weights[0].shape[1]
+    acc = RefinementStatistics(d, dtype) if method == "fast" else _ReferenceRefinement(weights, dtype)
+    for old_tokens, new_tokens in batches:
+        if old_tokens.shape != new_tokens.shape or old_tokens.dim() != 2 or old_tokens.shape[1] != d:
+            raise ValueError(f"old and new tokens must both be (N, {d}), got {tuple(old_tokens.shape)} "
+                             f"and {tuple(new_tokens.shape)}")
+        acc.add(old_tokens, new_tokens)
+    if method == "fast":
+        return solve_refinement(weights, acc, lam=lam, preserve=preserve, preserve_scale=preserve_scale, jitter=jitter)
+    return acc.solve(weights, lam, preserve, preserve_scale, jitter)
 
 
 def refine_weights(
@@ -96,36 +211,14 @@ def refine_weights(
     """Closed-form refinement of every projection: map old-prompt tokens onto new-prompt outputs.
 
     old_tokens, new_tokens: (N, d) aligned token embeddings e_o, e_n. preserve: (d, d) P.
-    Returns the new weights (each in its input dtype) and a report.
+    Returns the new weights (each in its input dtype) and a report. The tokens are one batch
+    of :func:`refine_weights_streamed`.
     """
-    _check_method(method)
     d = weights[0].shape[1]
     if old_tokens.shape != new_tokens.shape or old_tokens.shape[-1] != d:
         raise ValueError(f"old and new tokens must both be (N, {d}), got {tuple(old_tokens.shape)} and {tuple(new_tokens.shape)}")
-    if method == "fast":
-        c_oo, c_no = (c.to(dtype) for c in refinement_statistics(old_tokens, new_tokens, dtype))
-        M = _lhs(d, lam, c_oo, preserve, preserve_scale, dtype)
-        N = _lhs(d, lam, c_no, preserve, preserve_scale, dtype)
-        T, info = _solve(M, N, jitter)
-        new = mk.closed_form_edit(weights, T)
-        return new, SolveReport(old_tokens.shape[0], float(info.jitter), float(info.condition_lower_bound))
-    # Paper-literal: per layer, project the new tokens, accumulate, solve.
-    x = old_tokens.to(dtype)
-    y = new_tokens.to(dtype)
-    eye = torch.eye(d, dtype=dtype)
-    out, jit = [], 0.0
-    for W in weights:
-        W64 = W.to(dtype)
-        values = y @ W64.T  # W e_n for every token
-        mat1 = lam * W64 + values.T @ x
-        mat2 = lam * eye + x.T @ x
-        if preserve is not None and preserve_scale:
-            mat1 = mat1 + preserve_scale * W64 @ preserve.to(dtype)
-            mat2 = mat2 + preserve_scale * preserve.to(dtype)
-        X, info = _solve((mat2 + mat2.T) / 2, mat1, jitter)
-        jit = max(jit, float(info.jitter))
-        out.append(X.to(W.dtype))
-    return out, SolveReport(old_tokens.shape[0], jit)
+    return refine_weights_streamed(weights, [(old_tokens, new_tokens)], lam=lam, preserve=preserve,
+                                   preserve_scale=preserve_scale, method=method, dtype=dtype, jitter=jitter)
 
 
 # ----------------------------------------------------------------------------- fusion
@@ -146,6 +239,192 @@ class LoraStack:
         return self.A[0].shape[0]
 
 
+class FusionStatistics:
+    """What the fast fusion needs from every concept's tokens, fed one batch at a time.
+
+    The solve reads the tokens only through sum_i C_i (d x d) and, per layer, the LoRA term
+    sum_i B_il A_il C_i (out_l x d). Both are linear in each C_i, so a batch's partial C_i can
+    be folded in as soon as it is known: batches of one concept may come in any order and
+    interleave with other concepts'. Partial C_i wait in a group of at most ``group`` concepts
+    and are folded by one fuse_loras call per group, so memory is ``group`` d x d matrices plus
+    the LoRA term (the size of the projections), never all concepts' C_i nor their tokens.
+    """
+
+    def __init__(self, loras: LoraStack, d: int, dtype: torch.dtype = torch.float64, *, group: int = 64,
+                 max_tokens_per_call: int = 131_072):
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
+        self.loras = loras
+        self.dtype = dtype
+        self.group = group
+        self.max_tokens_per_call = max_tokens_per_call
+        acc = _accumulation(dtype)
+        self.sum_c = torch.zeros(d, d, dtype=acc)
+        self.lora_term: list[torch.Tensor] | None = None  # per layer; allocated by the first fold
+        self.tokens = [0] * loras.num_concepts
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def add(self, concept: int, tokens: torch.Tensor) -> None:
+        """Add (N, d) tokens of concept ``concept`` (an index into the LoRA stack)."""
+        d, n = self.sum_c.shape[0], self.loras.num_concepts
+        if not 0 <= concept < n:
+            raise ValueError(f"concept index {concept} outside the {n} LoRAs")
+        if tokens.dim() != 2 or tokens.shape[1] != d:
+            raise ValueError(f"tokens of concept {concept} must be (N, {d}), got {tuple(tokens.shape)}")
+        acc = self.sum_c.dtype
+        for start in range(0, tokens.shape[0], self.max_tokens_per_call):
+            part = tokens[start:start + self.max_tokens_per_call]
+            cxx, _ = mk.token_covariance(part.to(acc) if acc == torch.float64 else part)
+            if concept in self._pending:
+                self._pending[concept] += cxx.to(acc)
+            else:
+                if len(self._pending) >= self.group:
+                    self._fold()
+                self._pending[concept] = cxx.to(acc)
+        self.tokens[concept] += int(tokens.shape[0])
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        ids = torch.tensor(list(self._pending))
+        C = torch.stack(list(self._pending.values())).to(self.dtype)
+        self._pending = {}
+        self.sum_c += C.sum(0).to(self.sum_c.dtype)
+        term = mk.fuse_loras([a[ids] for a in self.loras.A], [b[ids] for b in self.loras.B], C)
+        if self.lora_term is None:
+            self.lora_term = term
+        else:
+            for acc, t in zip(self.lora_term, term):
+                acc += t
+
+    def finish(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(sum_i C_i, per-layer sum_i B_il A_il C_i) in ``dtype``; the LoRA term is None when
+        no token was added."""
+        self._fold()
+        term = None if self.lora_term is None else [t.to(self.dtype) for t in self.lora_term]
+        return self.sum_c.to(self.dtype), term
+
+
+def solve_fusion(
+    weights: Sequence[torch.Tensor],
+    stats: FusionStatistics,
+    *,
+    lam: float,
+    preserve: torch.Tensor | None = None,
+    preserve_scale: float = 0.0,
+    original: Sequence[torch.Tensor] | None = None,
+    jitter: float | None = None,
+) -> tuple[list[torch.Tensor], SolveReport]:
+    """The fast fusion from its statistics: one d x d solve for every layer's rows.
+
+    The numerator W_l (lam I + sum C_i) + sum_i B_il A_il C_i + s W0_l P: the base terms are
+    packed GEMMs (closed_form_edit) with the same shared d x d transforms as before.
+    """
+    d, dtype = weights[0].shape[1], stats.dtype
+    if stats.sum_c.shape[0] != d:
+        raise ValueError(f"statistics are {stats.sum_c.shape[0]} wide, the projections read {d}")
+    sum_c, lora_term = stats.finish()
+    with_preserve = preserve is not None and preserve_scale != 0.0
+    M = _lhs(d, lam, sum_c, preserve, preserve_scale if with_preserve else 0.0, dtype)
+    wd = [w.to(dtype) for w in weights]
+    if with_preserve and original is None:
+        numer = mk.closed_form_edit(wd, M)  # W (lam I + sum C) + s W P = W M
+    else:
+        numer = mk.closed_form_edit(wd, _lhs(d, lam, sum_c, None, 0.0, dtype))
+        if with_preserve:
+            anchored = mk.closed_form_edit([w0.to(dtype) for w0 in original], preserve_scale * preserve.to(dtype))
+            for a, b in zip(numer, anchored):
+                a += b
+            del anchored
+    del wd
+    if lora_term is not None:
+        for a, b in zip(numer, lora_term):  # in place: each term is as large as the projections
+            a += b
+    X, info = _solve(M, torch.cat(numer), jitter)
+    new = [part.to(w.dtype) for part, w in zip(torch.split(X, [w.shape[0] for w in weights]), weights)]
+    return new, SolveReport(sum(stats.tokens), float(info.jitter), float(info.condition_lower_bound))
+
+
+class _ReferenceFusion:
+    """Paper-literal accumulation: each batch's tokens through every layer with its concept's LoRA fused in."""
+
+    def __init__(self, weights: Sequence[torch.Tensor], loras: LoraStack, lam: float, dtype: torch.dtype):
+        self.weights = [w.to(dtype) for w in weights]
+        self.loras = loras
+        self.dtype = dtype
+        d = weights[0].shape[1]
+        eye = torch.eye(d, dtype=dtype)
+        self.mat1 = [lam * w for w in self.weights]
+        self.mat2 = [lam * eye.clone() for _ in weights]
+        self.tokens = 0
+
+    def add(self, concept: int, tokens: torch.Tensor) -> None:
+        e = tokens.to(self.dtype)
+        for lay, w in enumerate(self.weights):
+            A, B = self.loras.A[lay][concept].to(self.dtype), self.loras.B[lay][concept].to(self.dtype)
+            fused = w + B @ A  # W_r + dW_i
+            values = e @ fused.T
+            self.mat1[lay] += values.T @ e
+            self.mat2[lay] += e.T @ e
+        self.tokens += int(tokens.shape[0])
+
+    def solve(self, weights, preserve, scale, anchor, jitter):
+        out, jit = [], 0.0
+        for lay, w in enumerate(weights):
+            mat1, mat2 = self.mat1[lay], self.mat2[lay]
+            if preserve is not None:
+                w0 = (anchor[lay] if anchor is not None else w).to(self.dtype)
+                mat1 = mat1 + scale * w0 @ preserve.to(self.dtype)
+                mat2 = mat2 + scale * preserve.to(self.dtype)
+            X, info = _solve((mat2 + mat2.T) / 2, mat1, jitter)
+            jit = max(jit, float(info.jitter))
+            out.append(X.to(w.dtype))
+        return out, SolveReport(self.tokens, jit)
+
+
+def fuse_weights_streamed(
+    weights: Sequence[torch.Tensor],
+    loras: LoraStack,
+    batches: Iterable[tuple[int, torch.Tensor]],
+    *,
+    lam: float,
+    preserve: torch.Tensor | None = None,
+    preserve_scale: float = 0.0,
+    original: Sequence[torch.Tensor] | None = None,
+    method: str = "fast",
+    dtype: torch.dtype = torch.float64,
+    jitter: float | None = None,
+    max_tokens_per_call: int = 131_072,
+    group: int = 64,
+) -> tuple[list[torch.Tensor], SolveReport]:
+    """Closed-form fusion from token batches (e.g. a generator that encodes each concept's prompts).
+
+    Each batch is (concept index i, (N_b, d) tokens of concept i's prompts); only running
+    statistics are kept between batches. Same result as :func:`fuse_weights` on the
+    concatenated tokens of each concept.
+    """
+    _check_method(method)
+    n, d = loras.num_concepts, weights[0].shape[1]
+    if len(loras.A) != len(weights):
+        raise ValueError(f"LoRAs cover {len(loras.A)} projections, the model has {len(weights)}")
+    anchor = list(original) if original is not None else None
+    with_preserve = preserve is not None and preserve_scale != 0.0
+    if method == "fast":
+        acc = FusionStatistics(loras, d, dtype, group=group, max_tokens_per_call=max_tokens_per_call)
+    else:
+        acc = _ReferenceFusion(weights, loras, lam, dtype)
+    for concept, tokens in batches:
+        if not 0 <= concept < n:
+            raise ValueError(f"concept index {concept} outside the {n} LoRAs")
+        if tokens.dim() != 2 or tokens.shape[1] != d:
+            raise ValueError(f"tokens of concept {concept} must be (N, {d}), got {tuple(tokens.shape)}")
+        acc.add(concept, tokens)
+    if method == "fast":
+        return solve_fusion(weights, acc, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
+                            original=anchor, jitter=jitter)
+    return acc.solve(weights, preserve if with_preserve else None, preserve_scale, anchor, jitter)
+
+
 def fuse_weights(
     weights: Sequence[torch.Tensor],
     loras: LoraStack,
@@ -163,92 +442,12 @@ def fuse_weights(
     """Closed-form fusion of n concept LoRAs into the projections ``weights`` (W_r).
 
     concept_tokens[i]: (N_i, d) embeddings of every token of concept i's prompts. original:
-    the weights W0 that preservation anchors to (default: ``weights``).
+    the weights W0 that preservation anchors to (default: ``weights``). Each concept's tokens
+    are one batch of :func:`fuse_weights_streamed`.
     """
-    _check_method(method)
-    n, d = loras.num_concepts, weights[0].shape[1]
+    n = loras.num_concepts
     if len(concept_tokens) != n:
         raise ValueError(f"{n} LoRAs but token embeddings for {len(concept_tokens)} concepts")
-    if len(loras.A) != len(weights):
-        raise ValueError(f"LoRAs cover {len(loras.A)} projections, the model has {len(weights)}")
-    anchor = list(original) if original is not None else None
-    with_preserve = preserve is not None and preserve_scale != 0.0
-    if method == "reference":
-        return _fuse_reference(weights, loras, concept_tokens, lam, preserve if with_preserve else None,
-                               preserve_scale, anchor, dtype, jitter)
-    C = concept_covariances(concept_tokens, d, dtype, max_tokens_per_call)
-    sum_c = C.sum(0)
-    M = _lhs(d, lam, sum_c, preserve, preserve_scale if with_preserve else 0.0, dtype)
-    base_t = _lhs(d, lam, sum_c, None, 0.0, dtype)
-    if with_preserve and anchor is None:
-        base_t = M  # W (lam I + sum C) + s W P = W M
-        base = list(weights)
-    elif with_preserve:
-        base = [torch.cat([w.to(dtype), w0.to(dtype)], 1) for w, w0 in zip(weights, anchor)]
-        base_t = torch.cat([base_t, preserve_scale * preserve.to(dtype)])
-    else:
-        base = list(weights)
-    numer = mk.fuse_loras(loras.A, loras.B, C, base=base, base_transform=base_t)
-    X, info = _solve(M, torch.cat(numer), jitter)
-    new = [part.to(w.dtype) for part, w in zip(torch.split(X, [w.shape[0] for w in weights]), weights)]
-    tokens = sum(int(t.shape[0]) for t in concept_tokens)
-    return new, SolveReport(tokens, float(info.jitter), float(info.condition_lower_bound))
-
-
-def concept_covariances(concept_tokens: Sequence[torch.Tensor], d: int, dtype, max_tokens_per_call: int) -> torch.Tensor:
-    """C_i = sum e e^T over each concept's tokens, (n, d, d): few segmented token_covariance calls.
-
-    Concepts are grouped so that one call sees at most ``max_tokens_per_call`` tokens (one
-    concept with more is split across calls), which bounds the memory of the float64 copies.
-    """
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    C = torch.zeros(len(concept_tokens), d, d, dtype=acc)
-    pieces: list[tuple[int, torch.Tensor]] = []
-    count = 0
-
-    def flush():
-        nonlocal pieces, count
-        if not pieces:
-            return
-        ids = [i for i, _ in pieces]
-        x = torch.cat([t.to(acc) if acc == torch.float64 else t for _, t in pieces])
-        seg = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor([t.shape[0] for _, t in pieces]))
-        cxx, _ = mk.token_covariance(x, segment_ids=seg, num_segments=len(pieces))
-        for k, i in enumerate(ids):
-            C[i] += cxx[k].to(acc)
-        pieces, count = [], 0
-
-    for i, tokens in enumerate(concept_tokens):
-        for start in range(0, tokens.shape[0], max_tokens_per_call):
-            part = tokens[start:start + max_tokens_per_call]
-            if count + part.shape[0] > max_tokens_per_call:
-                flush()
-            pieces.append((i, part))
-            count += part.shape[0]
-    flush()
-    return C.to(dtype)
-
-
-def _fuse_reference(weights, loras, concept_tokens, lam, preserve, scale, anchor, dtype, jitter):
-    """Paper-literal fusion: fuse each LoRA into a copy of the model, project every token."""
-    d = weights[0].shape[1]
-    eye = torch.eye(d, dtype=dtype)
-    mat1 = [lam * w.to(dtype) for w in weights]
-    mat2 = [lam * eye.clone() for _ in weights]
-    for i, tokens in enumerate(concept_tokens):
-        e = tokens.to(dtype)
-        for lay, w in enumerate(weights):
-            fused = w.to(dtype) + loras.B[lay][i].to(dtype) @ loras.A[lay][i].to(dtype)  # W_r + dW_i
-            values = e @ fused.T
-            mat1[lay] += values.T @ e
-            mat2[lay] += e.T @ e
-    out, jit = [], 0.0
-    for lay, w in enumerate(weights):
-        if preserve is not None:
-            w0 = (anchor[lay] if anchor is not None else w).to(dtype)
-            mat1[lay] += scale * w0 @ preserve.to(dtype)
-            mat2[lay] += scale * preserve.to(dtype)
-        X, info = _solve((mat2[lay] + mat2[lay].T) / 2, mat1[lay], jitter)
-        jit = max(jit, float(info.jitter))
-        out.append(X.to(w.dtype))
-    return out, SolveReport(sum(int(t.shape[0]) for t in concept_tokens), jit)
+    return fuse_weights_streamed(weights, loras, enumerate(concept_tokens), lam=lam, preserve=preserve,
+                                 preserve_scale=preserve_scale, original=original, method=method, dtype=dtype,
+                                 jitter=jitter, max_tokens_per_call=max_tokens_per_call)

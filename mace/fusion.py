@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import PreservationCache, PreservationSettings
-from .closed_form import LoraStack, SolveReport, fuse_weights
+from .closed_form import LoraStack, SolveReport, fuse_weights_streamed
 from .config import MACEConfig
 from .lora_io import read_lora
 from .models import cross_attention_projections, edit_projections, encode_prompts, projection_weights
@@ -127,20 +127,30 @@ def fuse(
     if tokens not in ("all", "concept"):
         raise ValueError(f"fuse: tokens must be 'all' or 'concept', got {tokens!r}")
     d = projections[0][1].in_features
-    embeddings = []
-    for c in concepts:
-        e = encode_prompts(pipe, list(prompts[c]), batch_size)
-        if tokens == "concept":
-            keep = from_name_on(pipe.tokenizer, list(prompts[c]), c)
-            if not keep.any():
+    # The masks (77 booleans a prompt) are made up front, so a concept whose prompts never
+    # name it fails before any encoding; the tokens themselves are streamed below.
+    masks = {}
+    if tokens == "concept":
+        for c in concepts:
+            masks[c] = from_name_on(pipe.tokenizer, list(prompts[c]), c)
+            if not masks[c].any():
                 raise ValueError(f"fuse: no prompt of concept {c!r} contains its name, so it has no tokens to fuse")
-            e = e[keep]
-        embeddings.append(e.reshape(-1, d))
+
+    def batches():
+        """(concept index, tokens) one prompt batch at a time: only running statistics are kept."""
+        for i, c in enumerate(concepts):
+            texts = list(prompts[c])
+            for start in range(0, len(texts), batch_size):
+                e = encode_prompts(pipe, texts[start:start + batch_size], batch_size)
+                if tokens == "concept":
+                    e = e[masks[c][start:start + batch_size]]
+                yield i, e.reshape(-1, d)
+
     anchor = None
     if original is not None:
         anchor = [t.cpu() for t in (projection_weights(original.unet) if hasattr(original, "unet") else original)]
-    report = edit_projections(pipe.unet, lambda weights: fuse_weights(
-        weights, stack, embeddings, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
+    report = edit_projections(pipe.unet, lambda weights: fuse_weights_streamed(
+        weights, stack, batches(), lam=lam, preserve=preserve, preserve_scale=preserve_scale,
         original=anchor, method=method, dtype=dtype, jitter=jitter,
     ))
     report.extra["concepts"] = len(concepts)

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .cache import PreservationCache, PreservationSettings
-from .closed_form import SolveReport, refine_weights
+from .closed_form import SolveReport, refine_weights_streamed
 from .config import MACEConfig
 from .models import edit_projections, encode_prompts
 from .prompts import PromptPair, align_tokens
@@ -37,36 +38,66 @@ class RefinementSettings:
                    jitter=config.solve_jitter)
 
 
-def aligned_pair_tokens(pipe, pairs: Sequence[tuple[str, str]], *, all_words: bool = False, batch_size: int = 64):
-    """(old_tokens, new_tokens): the aligned (N, d) embeddings of every pair's corresponding tokens.
+def aligned_pair_batches(
+    pipe, pairs: Sequence[tuple[str, str] | PromptPair], *, all_words: bool = False, batch_size: int = 64,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (old_tokens, new_tokens), the aligned (N_b, d) embeddings of consecutive pairs,
+    one text-encoder batch at a time.
 
+    Each distinct prompt is encoded once: with one mapping concept, the new prompts of every
+    concept are the same few templates. A prompt that later pairs use again is kept (its
+    (77, d) embedding) until its last use, so memory is one batch plus the repeated prompts,
+    not every token. A batch takes pairs while the prompts it must encode fit ``batch_size``.
     With ``all_words`` every one of the 77 positions is paired, as the original option does.
     """
     pairs = _as_pairs(pairs)
-    olds = [p[0] for p in pairs]
-    news = [p[1] for p in pairs]
-    # Each distinct prompt is encoded once: with one mapping concept, the new prompts of every
-    # concept are the same few templates.
-    distinct = list(dict.fromkeys(olds + news))
-    row = {prompt: i for i, prompt in enumerate(distinct)}
-    encoded = encode_prompts(pipe, distinct, batch_size)
-    e_old = encoded[torch.tensor([row[p] for p in olds])]
-    e_new = encoded[torch.tensor([row[p] for p in news])]
-    if all_words:
-        d = e_old.shape[-1]
-        return e_old.reshape(-1, d), e_new.reshape(-1, d)
+    uses = Counter(prompt for pair in pairs for prompt in pair)
+    kept: dict[str, torch.Tensor] = {}
     tok = pipe.tokenizer
     length = tok.model_max_length
-    ids_old = tok(olds, truncation=True, max_length=length).input_ids
-    ids_new = tok(news, truncation=True, max_length=length).input_ids
-    rows_b, rows_o, rows_n = [], [], []
-    for b, (io, inew) in enumerate(zip(ids_old, ids_new)):
-        po, pn = align_tokens(io, inew, length)
-        rows_b += [b] * len(po)
-        rows_o += po
-        rows_n += pn
-    b = torch.tensor(rows_b)
-    return e_old[b, torch.tensor(rows_o)], e_new[b, torch.tensor(rows_n)]
+    start = 0
+    while start < len(pairs):
+        fresh: dict[str, None] = {}  # an ordered set
+        stop = start
+        while stop < len(pairs):
+            needed = [p for p in dict.fromkeys(pairs[stop]) if p not in kept and p not in fresh]
+            if fresh and len(fresh) + len(needed) > batch_size:
+                break
+            fresh.update(dict.fromkeys(needed))
+            stop += 1
+        batch = pairs[start:stop]
+        start = stop
+        table = dict(kept)
+        if fresh:
+            table.update(zip(fresh, encode_prompts(pipe, list(fresh), batch_size)))
+        e_old = torch.stack([table[o] for o, _ in batch])
+        e_new = torch.stack([table[n] for _, n in batch])
+        for pair in batch:
+            uses.subtract(pair)
+        # clone: a kept row must not hold its whole encoder batch alive.
+        kept = {p: (e if p in kept else e.clone()) for p, e in table.items() if uses[p] > 0}
+        del table
+        if all_words:
+            d = e_old.shape[-1]
+            yield e_old.reshape(-1, d), e_new.reshape(-1, d)
+            continue
+        ids_old = tok([o for o, _ in batch], truncation=True, max_length=length).input_ids
+        ids_new = tok([n for _, n in batch], truncation=True, max_length=length).input_ids
+        rows_b, rows_o, rows_n = [], [], []
+        for b, (io, inew) in enumerate(zip(ids_old, ids_new)):
+            po, pn = align_tokens(io, inew, length)
+            rows_b += [b] * len(po)
+            rows_o += po
+            rows_n += pn
+        b = torch.tensor(rows_b, dtype=torch.long)
+        yield e_old[b, torch.tensor(rows_o, dtype=torch.long)], e_new[b, torch.tensor(rows_n, dtype=torch.long)]
+
+
+def aligned_pair_tokens(pipe, pairs: Sequence[tuple[str, str]], *, all_words: bool = False, batch_size: int = 64):
+    """(old_tokens, new_tokens): the aligned (N, d) embeddings of every pair's corresponding tokens
+    (all batches of :func:`aligned_pair_batches` at once; the stage itself streams them)."""
+    olds, news = zip(*aligned_pair_batches(pipe, pairs, all_words=all_words, batch_size=batch_size))
+    return torch.cat(olds), torch.cat(news)
 
 
 def _as_pairs(pairs) -> list[tuple[str, str]]:
@@ -107,9 +138,10 @@ def refine(
     pairs = _as_pairs(pairs)
     if isinstance(preserve, PreservationCache):
         preserve = preserve.cov
-    old_tokens, new_tokens = aligned_pair_tokens(pipe, pairs, all_words=all_words, batch_size=batch_size)
-    report = edit_projections(pipe.unet, lambda weights: refine_weights(
-        weights, old_tokens, new_tokens, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
+    # The prompts are encoded while the statistics accumulate, one batch at a time.
+    batches = aligned_pair_batches(pipe, pairs, all_words=all_words, batch_size=batch_size)
+    report = edit_projections(pipe.unet, lambda weights: refine_weights_streamed(
+        weights, batches, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
         method=method, dtype=dtype, jitter=jitter,
     ))
     report.extra["pairs"] = len(pairs)

@@ -105,3 +105,22 @@ def test_preservation_matrix_combines_weights(tiny_pipe, tmp_path):
     mixed = mace.preservation_matrix([(None, 5.0), (a.cov.float(), 2.0), (b, 0.5)])
     assert mixed.dtype == torch.float64
     torch.testing.assert_close(mixed, 2.0 * a.cov.float().double() + 0.5 * b.cov)
+
+
+def test_cache_streams_odd_batches_and_equals_all_at_once(tiny_pipe, tmp_path, monkeypatch):
+    """Batches of 3 over 10 prompts (3 + 3 + 3 + 1): the encoder never sees more than one batch,
+    and the statistic equals the one of all prompts encoded at once."""
+    prompts = PROMPTS[:10]
+    real = cache_mod.encode_prompts
+    calls = []
+
+    def counting(pipe, texts, batch_size=64):
+        calls.append(list(texts))
+        return real(pipe, texts, batch_size)
+
+    monkeypatch.setattr(cache_mod, "encode_prompts", counting)
+    cache = mace.build_preservation_cache(tiny_pipe, prompts, tmp_path / "c.safetensors", batch_size=3, progress=False)
+    assert [len(c) for c in calls] == [3, 3, 3, 1] and [p for c in calls for p in c] == prompts
+    emb = real(tiny_pipe, prompts, batch_size=64).reshape(-1, 64).double()
+    torch.testing.assert_close(cache.cov, emb.T @ emb, rtol=1e-5, atol=1e-3)
+    assert (cache.tokens, cache.prompts) == (10 * 77, 10)

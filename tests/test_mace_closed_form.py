@@ -266,3 +266,175 @@ def test_refinement_encodes_each_distinct_prompt_once(tiny_pipe, monkeypatch):
         torch.testing.assert_close(got[0][rows:rows + len(po)], e_old[po], rtol=0, atol=1e-5)
         torch.testing.assert_close(got[1][rows:rows + len(pn)], e_new[pn], rtol=0, atol=1e-5)
         rows += len(po)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _prompt_batches(tokens, prompts_per_batch, per_prompt=77):
+    """Split (P * 77, d) tokens into batches of ``prompts_per_batch`` prompts (the last one shorter)."""
+    step = prompts_per_batch * per_prompt
+    return [tokens[s:s + step] for s in range(0, tokens.shape[0], step)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_refinement_statistics_streamed_in_odd_batches_equal_all_at_once(dtype):
+    from mace.closed_form import RefinementStatistics, refinement_statistics
+
+    g = torch.Generator().manual_seed(4)
+    old = torch.randn(10 * 77, 48, generator=g)  # 10 prompts, batches of 3: 3 + 3 + 3 + 1
+    new = old + 0.1 * torch.randn(old.shape, generator=g)
+    stats = RefinementStatistics(48, dtype, chunk=100)  # chunk smaller than a batch, not a divisor
+    batches = list(zip(_prompt_batches(old, 3), _prompt_batches(new, 3)))
+    assert [b[0].shape[0] for b in batches] == [231, 231, 231, 77]
+    for o, n in batches:
+        stats.add(o, n)
+    c_oo, c_no = refinement_statistics(old, new, dtype)
+    x, y = old.double(), new.double()
+    tol = dict(rtol=1e-12, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-3)
+    for got, at_once, written_out in ((stats.c_oo, c_oo, x.T @ x), (stats.c_no, c_no, y.T @ x)):
+        torch.testing.assert_close(got.double(), at_once.double(), **tol)
+        torch.testing.assert_close(got.double(), written_out, **tol)
+    assert stats.tokens == 770
+
+
+def test_fusion_statistics_streamed_interleaved_and_grouped_equal_all_at_once():
+    """Partial C_i of interleaved batches, folded two concepts at a time, give sum C_i and the
+    per-layer sum_i B_il A_il C_i written out from all tokens at once."""
+    from mace.closed_form import FusionStatistics
+
+    g = torch.Generator().manual_seed(5)
+    d, n, outs = 32, 4, [24, 40, 16]
+    prompts = [10, 4, 7, 1]  # prompts of each concept, 77 tokens each
+    tokens = [torch.randn(p * 77, d, generator=g, dtype=torch.float64) for p in prompts]
+    A = [torch.randn(n, 2, d, generator=g, dtype=torch.float64) for _ in outs]
+    B = [torch.randn(n, o, 2, generator=g, dtype=torch.float64) for o in outs]
+    loras = LoraStack(A, B)
+    stats = FusionStatistics(loras, d, torch.float64, group=2, max_tokens_per_call=100)
+    queues = [_prompt_batches(t, 3) for t in tokens]
+    while any(queues):  # round robin over concepts: every concept's batches interleave
+        for i, q in enumerate(queues):
+            if q:
+                stats.add(i, q.pop(0))
+    sum_c, term = stats.finish()
+    covs = [t.T @ t for t in tokens]
+    torch.testing.assert_close(sum_c, sum(covs), rtol=1e-12, atol=1e-8)
+    for lay in range(len(outs)):
+        want = sum(B[lay][i] @ A[lay][i] @ covs[i] for i in range(n))
+        torch.testing.assert_close(term[lay], want, rtol=1e-10, atol=1e-7)
+    assert stats.tokens == [p * 77 for p in prompts]
+
+
+@pytest.mark.parametrize("method", ["fast", "reference"])
+@pytest.mark.parametrize("with_preserve", [False, True])
+def test_streamed_solves_equal_the_token_list_entry_points(method, with_preserve):
+    from mace.closed_form import fuse_weights_streamed, refine_weights_streamed
+
+    g = torch.Generator().manual_seed(6)
+    d, outs = 40, [24, 56, 16, 32]
+    weights = [torch.randn(o, d, generator=g, dtype=torch.float64) / d**0.5 for o in outs]
+    tokens = [torch.randn(p * 77, d, generator=g, dtype=torch.float64) for p in (5, 2, 3)]
+    P = torch.randn(200, d, generator=g, dtype=torch.float64)
+    kw = dict(preserve=P.T @ P, preserve_scale=1e-2) if with_preserve else {}
+    old = torch.cat(tokens)
+    new = old + 0.1 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    want, want_report = refine_weights(weights, old, new, lam=0.1, method=method, **kw)
+    got, report = refine_weights_streamed(weights, zip(_prompt_batches(old, 3), _prompt_batches(new, 3)),
+                                          lam=0.1, method=method, **kw)
+    assert _rel(got, want) <= 1e-10 and report.tokens == want_report.tokens == old.shape[0]
+    loras = LoraStack([torch.randn(3, 2, d, generator=g, dtype=torch.float64) / d**0.5 for _ in outs],
+                      [torch.randn(3, o, 2, generator=g, dtype=torch.float64) / d**0.5 for o in outs])
+    original = [w + 0.01 for w in weights] if with_preserve else None
+    want, want_report = fuse_weights(weights, loras, tokens, lam=0.1, original=original, method=method, **kw)
+    batches = [(i, b) for i, t in enumerate(tokens) for b in _prompt_batches(t, 3)]
+    got, report = fuse_weights_streamed(weights, loras, iter(batches[::-1]), lam=0.1, original=original,
+                                        method=method, group=2, **kw)
+    assert _rel(got, want) <= 1e-10 and report.tokens == want_report.tokens == old.shape[0]
+
+
+def test_refine_streams_batches_and_encodes_each_distinct_prompt_once(tiny_path, monkeypatch):
+    """Batches of 3 prompts: the same aligned tokens and refined weights as one big batch, each
+    distinct prompt encoded once, and the statistics grow between encoder calls."""
+    import mace.closed_form as closed_form
+    import mace.refinement as refinement
+
+    pairs = [p for c in ("Emma Stone", "Tom Hanks", "Brad Pitt")
+             for p in mace.concept_prompt_pairs(c, "a person", "celebrity", aug_length=4, seed=1)]
+    real_encode, real_add = refinement.encode_prompts, closed_form.RefinementStatistics.add
+    events = []
+
+    def encode(pipe, prompts, batch_size=64):
+        events.append(("encode", list(prompts)))
+        return real_encode(pipe, prompts, batch_size)
+
+    def add(self, old, new):
+        events.append(("add", old.shape[0]))
+        return real_add(self, old, new)
+
+    monkeypatch.setattr(refinement, "encode_prompts", encode)
+    monkeypatch.setattr(closed_form.RefinementStatistics, "add", add)
+    pipe = mace.load_pipeline(tiny_path).to(torch.float64)
+    big = [t.double() for t in refinement.aligned_pair_tokens(pipe, pairs, batch_size=64)]
+    events.clear()
+    small = [t.double() for t in refinement.aligned_pair_tokens(pipe, pairs, batch_size=3)]
+    encoded = [p for kind, prompts in events if kind == "encode" for p in prompts]
+    assert len(encoded) == len(set(encoded)) == len({p for pair in pairs for p in (pair.old, pair.new)})
+    assert max(len(prompts) for kind, prompts in events if kind == "encode") <= 3
+    for a, b in zip(small, big):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+    before = _weights(pipe)
+    events.clear()
+    mace.refine(pipe, pairs, lam=0.5, batch_size=3)
+    streamed = _weights(pipe)
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("encode") >= 4 and kinds.index("add") < len(kinds) - 1 - kinds[::-1].index("encode")
+    assert max(rows for kind, rows in events if kind == "add") <= 3 * 77
+    pipe2 = mace.load_pipeline(tiny_path).to(torch.float64)
+    mace.refine(pipe2, pairs, lam=0.5, batch_size=64)
+    assert _rel(streamed, _weights(pipe2)) <= 1e-6 and _rel(streamed, before) > 1e-3
+
+
+@pytest.mark.parametrize("tokens", ["all", "concept"])
+def test_fuse_streams_prompt_batches_per_concept(tiny_path, monkeypatch, tokens):
+    """fuse with batches of 3 prompts equals fuse_weights on all of each concept's (masked)
+    tokens at once, and accumulates while it encodes."""
+    import mace.closed_form as closed_form
+    import mace.fusion as fusion
+
+    pipe = mace.load_pipeline(tiny_path).to(torch.float64)
+    projections = mace.cross_attention_projections(pipe.unet)
+    g = torch.Generator().manual_seed(7)
+    concepts = ["Qedark Draerba", "ship", "Van Gogh"]
+    loras = {c: {n: (torch.randn(1, lin.in_features, generator=g, dtype=torch.float64) * 0.1,
+                     torch.randn(lin.out_features, 1, generator=g, dtype=torch.float64) * 0.1)
+                 for n, lin in projections} for c in concepts}
+    prompts = {c: [f"a {style} of {c}" for style in ("photo", "drawing", "painting", "sketch", "render", "poster")[:2 + k * 2]]
+               for k, c in enumerate(concepts)}  # 2, 4 and 6 prompts: batches of 3 split two of them
+    before = _weights(pipe)
+    events = []
+    real_encode, real_add = fusion.encode_prompts, closed_form.FusionStatistics.add
+
+    def encode(pipe, texts, batch_size=64):
+        events.append(("encode", len(texts)))
+        return real_encode(pipe, texts, batch_size)
+
+    def add(self, concept, t):
+        events.append(("add", concept))
+        return real_add(self, concept, t)
+
+    monkeypatch.setattr(fusion, "encode_prompts", encode)
+    monkeypatch.setattr(closed_form.FusionStatistics, "add", add)
+    mace.fuse(pipe, loras, prompts, lam=0.1, batch_size=3, tokens=tokens)
+    got = _weights(pipe)
+    assert [e for e in events if e[0] == "encode"] == [("encode", n) for n in (2, 3, 1, 3, 3)]
+    assert [e for e in events if e[0] == "add"] == [("add", i) for i in (0, 1, 1, 2, 2)]
+    assert events[1] == ("add", 0)  # the first batch is folded in before the second is encoded
+    monkeypatch.setattr(fusion, "encode_prompts", real_encode)
+    per_concept = []
+    for c in concepts:
+        e = real_encode(pipe, prompts[c])
+        per_concept.append(e[fusion.from_name_on(pipe.tokenizer, prompts[c], c)] if tokens == "concept"
+                           else e.reshape(-1, e.shape[-1]))
+    want, _ = fuse_weights(before, fusion.stack_loras(list(loras.values()), projections), per_concept, lam=0.1)
+    assert _rel(got, want) <= 1e-6 and _rel(got, before) > 1e-3
