@@ -18,7 +18,8 @@ erasure against specificity, takes --grid values spaced by a factor 3 around the
 default; the value with the best tuning H_o (ties: higher Acc_s) is the one reported. The other
 hyperparameters (lambda 0.1, the LoRA's learning rate and steps) are those of
 configs/world_erase.yaml for every method, fixed before this protocol and never chosen on a
-report set. Preservation: MACE and refinement through a domain cache of prompts naming every
+report set, except MACE's use_pooler: false (--mace-option), chosen on the tuning sets
+(bench_specificity_diagnosis.py). Preservation: MACE and refinement through a domain cache of prompts naming every
 concept that is not erased; UCE through those names' embeddings.
 
 Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Prints a table, writes JSON,
@@ -171,7 +172,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--background-images", type=int, default=8, help="per background and template (shift score)")
     parser.add_argument("--lora-steps", type=int, default=None, help="MACE: max_train_steps (default: the config's)")
-    parser.add_argument("--fusion-tokens", default=None, help="MACE: fusion_tokens (default: the config's)")
+    parser.add_argument("--mace-option", action="append", default=["use_pooler=false"], metavar="KEY=VALUE",
+                        help="MACE and refinement: a config key to change (default: use_pooler=false, chosen on the "
+                             "tuning sets with bench_specificity_diagnosis.py)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of H_o and Acc_s against the number erased")
     args = parser.parse_args(argv)
@@ -192,7 +195,14 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if max(sizes) > len(split.erase_pool):
         parser.error(f"at most {len(split.erase_pool)} concepts can be erased with these kept sets")
-    overrides = {k: v for k, v in (("max_train_steps", args.lora_steps), ("fusion_tokens", args.fusion_tokens)) if v is not None}
+    import yaml
+
+    overrides = {}
+    for option in args.mace_option:
+        key, _, value = option.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    if args.lora_steps is not None:
+        overrides["max_train_steps"] = args.lora_steps
     classifier = load_classifier(world)
     original_background = background_images_of(mace.load_pipeline(world.model), background_images=args.background_images,
                                                steps=args.steps, progress=False)
@@ -261,7 +271,7 @@ def main(argv=None) -> int:
     write_json_atomically(out, {
         "model": world.model, "images_per_concept": args.images_per_concept,
         "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps, "grid": args.grid,
-        "lora_steps": args.lora_steps, "fusion_tokens": args.fusion_tokens,
+        "mace_options": overrides,
         "erase_sets_disjoint": {str(n): split.disjoint(n) for n in sizes},
         "tuning_kept": [names[c] for c in split.tuning_kept], "report_kept": [names[c] for c in split.report_kept],
         "tuning": tuning, "rows": rows, "seconds": round(time.perf_counter() - start_all, 1),

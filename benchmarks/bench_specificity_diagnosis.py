@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     import mace
     from mace.config import config_from_dict, load_config
     from mace.erase import concept_pairs, erase
-    from mace.fusion import FusionSettings, fuse
+    from mace.fusion import FusionSettings, from_name_on, fuse
     from mace.lora_io import read_lora
     from mace.lora_training import lora_dir
     from mace.models import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
         refined = projection_weights(mace.load_pipeline(summary.refined_model).unet)
         fused = projection_weights(mace.load_pipeline(summary.final_model).unet)
         loras = [read_lora(lora_dir(work / variant, n), layer_names) for n in names]
+        pairs = concept_pairs(config)
         summed = [w.clone() for w in refined]
         for lora in loras:
             for k, name in enumerate(layer_names):
@@ -168,12 +169,26 @@ def main(argv=None) -> int:
                     summed[k] += B.float() @ A.float()
         set_projection_weights(base_pipe.unet, refined)
         zero = {n: {name: (A, torch.zeros_like(B)) for name, (A, B) in lora.items()} for n, lora in zip(names, loras)}
-        pairs = concept_pairs(config)
         settings = FusionSettings.from_config(config)
         fuse(base_pipe, zero, {n: [p.old for p in pairs[n]] for n in names}, lam=settings.lam,
              preserve=settings.preserve.matrix(base_pipe), preserve_scale=settings.preserve_scale, original=original,
              tokens=settings.tokens)
         zero_fused = [w.clone() for w in projection_weights(base_pipe.unet)]
+        # How specific each LoRA is: its relative change on its own concept's tokens (the name
+        # and after, in its training prompts) over its relative change on the kept prompts' tokens.
+        ratios = []
+        for n, lora in zip(names, loras):
+            own_prompts = [p.old for p in pairs[n]]
+            own = encode_prompts(base_pipe, own_prompts)[from_name_on(base_pipe.tokenizer, own_prompts, n)]
+            single = [w + (B.float() @ A.float() if name in lora else 0) for w, name, (A, B) in
+                      zip(refined, layer_names, (lora.get(name, (None, None)) for name in layer_names))]
+            on_own = key_value_change(single, refined, own[None], torch.full((1, own.shape[0]), 3))["end/pad"]
+            on_kept = key_value_change(single, refined, kept_embeddings, torch.full(kept_groups.shape, 3))["end/pad"]
+            ratios.append(on_own / max(on_kept, 1e-12))
+        specificity = {"mean_own_over_kept_change": round(sum(ratios) / len(ratios), 3)}
+        print(f"{variant}: each LoRA changes its own tokens {specificity['mean_own_over_kept_change']:.2f}x as much as "
+              "the kept prompts' tokens (mean over concepts)", flush=True)
+        rows.append({"variant": variant, "model": "LoRA specificity", **specificity})
         for label, weights in (("refined", refined), ("refined + sum of LoRAs", summed), ("fused (MACE)", fused),
                                ("fusion of zero LoRAs", zero_fused)):
             rows.append(measure(label, variant, weights))
