@@ -15,7 +15,9 @@ them) are never in a report set.
 
 Search, the same for every method: each method's preservation scale, the knob that trades
 erasure against specificity, takes --grid values spaced by a factor 3 around the method's
-default; the value with the best tuning H_o (ties: higher Acc_s) is the one reported. The other
+default, and the grid grows by a factor 3 beyond an edge while the best value lies on that
+edge (at most --extend more values); the value with the best tuning H_o (ties: higher Acc_s)
+is the one reported. The other
 hyperparameters (lambda 0.1, the LoRA's learning rate and steps) are those of
 configs/world_erase.yaml for every method, fixed before this protocol and never chosen on a
 report set, except MACE's use_pooler: false (--mace-option), chosen on the tuning sets
@@ -166,7 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--tuning-kept", type=int, default=None, help="default: 10 (world), 100 (world-large)")
     parser.add_argument("--report-kept", type=int, default=None, help="default: 10 (world), 200 (world-large)")
-    parser.add_argument("--grid", type=int, default=5, help="preservation scales tried per method (factor 3 apart)")
+    parser.add_argument("--grid", type=int, default=3, help="preservation scales tried per method (factor 3 apart)")
+    parser.add_argument("--extend", type=int, default=2, help="extra scales at most, tried while the best is on an edge")
     parser.add_argument("--images-per-concept", type=int, default=3, help="report runs")
     parser.add_argument("--tuning-images-per-concept", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
@@ -215,7 +218,13 @@ def main(argv=None) -> int:
             for method in methods:
                 grid = [None] if method == "none" else scale_grid(method, args.grid)
                 best = None
-                for scale in grid if len(grid) > 1 else []:
+                tried: list[float] = []
+                while len(grid) > 1:  # the grid, extended while its best value lies on an edge
+                    todo = [g for g in grid if g not in tried]
+                    if not todo:
+                        break
+                    scale = todo[0]
+                    tried.append(scale)
                     erased = split.erased(n, "tuning")
                     preserved = [names[c] for c in range(world.num_concepts) if c not in set(erased)]
                     work = Path(tempfile.mkdtemp(prefix=f"mace-quality-{method}-{n}-"))
@@ -234,6 +243,11 @@ def main(argv=None) -> int:
                     print(f"  tuning {n:4d} {method:7s} scale {scale:<8g} {scores.line()}", flush=True)
                     if best is None or (trial["h_o"], trial["acc_s"]) > (best["h_o"], best["acc_s"]):
                         best = trial
+                    if not [g for g in grid if g not in tried] and len(grid) < args.grid + args.extend:
+                        if best["scale"] == grid[0]:
+                            grid.insert(0, round(grid[0] / 3, 6))
+                        elif best["scale"] == grid[-1]:
+                            grid.append(round(grid[-1] * 3, 6))
                 scale = best["scale"] if best else grid[0]
                 erased = split.erased(n, "report")
                 preserved = [names[c] for c in range(world.num_concepts) if c not in set(erased)]
@@ -271,6 +285,7 @@ def main(argv=None) -> int:
     write_json_atomically(out, {
         "model": world.model, "images_per_concept": args.images_per_concept,
         "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps, "grid": args.grid,
+        "extend": args.extend,
         "mace_options": overrides,
         "erase_sets_disjoint": {str(n): split.disjoint(n) for n in sizes},
         "tuning_kept": [names[c] for c in split.tuning_kept], "report_kept": [names[c] for c in split.report_kept],

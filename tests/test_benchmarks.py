@@ -39,7 +39,7 @@ def test_bench_closed_form_smoke(tmp_path):
 @pytest.mark.slow
 def test_bench_erasure_quality_smoke(tmp_path):
     data = _run("bench_erasure_quality.py", "--sizes", "1", "--methods", "none,uce,mace", "--images-per-concept", "1",
-                "--tuning-images-per-concept", "1", "--grid", "2", "--background-images", "1", "--steps", "4",
+                "--tuning-images-per-concept", "1", "--grid", "2", "--extend", "0", "--background-images", "1", "--steps", "4",
                 "--lora-steps", "2", "--plot", str(tmp_path / "quality.png"), tmp_path=tmp_path)
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"none", "uce", "mace"}
