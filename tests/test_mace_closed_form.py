@@ -284,7 +284,9 @@ def test_refinement_statistics_streamed_in_odd_batches_equal_all_at_once(dtype):
     g = torch.Generator().manual_seed(4)
     old = torch.randn(10 * 77, 48, generator=g)  # 10 prompts, batches of 3: 3 + 3 + 3 + 1
     new = old + 0.1 * torch.randn(old.shape, generator=g)
-    stats = RefinementStatistics(48, dtype, chunk=100)  # chunk smaller than a batch, not a divisor
+    # Buffered until 500 tokens (after 3 batches, then the last at the end); float64 converts
+    # 100 tokens at a time: neither divides a batch.
+    stats = RefinementStatistics(48, dtype, chunk=100, buffer_tokens=500)
     batches = list(zip(_prompt_batches(old, 3), _prompt_batches(new, 3)))
     assert [b[0].shape[0] for b in batches] == [231, 231, 231, 77]
     for o, n in batches:
@@ -292,7 +294,8 @@ def test_refinement_statistics_streamed_in_odd_batches_equal_all_at_once(dtype):
     c_oo, c_no = refinement_statistics(old, new, dtype)
     x, y = old.double(), new.double()
     tol = dict(rtol=1e-12, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-3)
-    for got, at_once, written_out in ((stats.c_oo, c_oo, x.T @ x), (stats.c_no, c_no, y.T @ x)):
+    got_oo, got_no = stats.finish()
+    for got, at_once, written_out in ((got_oo, c_oo, x.T @ x), (got_no, c_no, y.T @ x)):
         torch.testing.assert_close(got.double(), at_once.double(), **tol)
         torch.testing.assert_close(got.double(), written_out, **tol)
     assert stats.tokens == 770
@@ -409,7 +412,8 @@ def test_fuse_streams_prompt_batches_per_concept(tiny_path, monkeypatch, tokens)
     loras = {c: {n: (torch.randn(1, lin.in_features, generator=g, dtype=torch.float64) * 0.1,
                      torch.randn(lin.out_features, 1, generator=g, dtype=torch.float64) * 0.1)
                  for n, lin in projections} for c in concepts}
-    prompts = {c: [f"a {style} of {c}" for style in ("photo", "drawing", "painting", "sketch", "render", "poster")[:2 + k * 2]]
+    styles = ("photo", "drawing", "painting", "sketch", "render", "poster")
+    prompts = {c: [f"a {style} of {c}" for style in styles[:2 + k * 2]]
                for k, c in enumerate(concepts)}  # 2, 4 and 6 prompts: batches of 3 split two of them
     before = _weights(pipe)
     events = []
@@ -429,7 +433,7 @@ def test_fuse_streams_prompt_batches_per_concept(tiny_path, monkeypatch, tokens)
     got = _weights(pipe)
     assert [e for e in events if e[0] == "encode"] == [("encode", n) for n in (2, 3, 1, 3, 3)]
     assert [e for e in events if e[0] == "add"] == [("add", i) for i in (0, 1, 1, 2, 2)]
-    assert events[1] == ("add", 0)  # the first batch is folded in before the second is encoded
+    assert events[1] == ("add", 0)  # the first batch goes to the statistics before the second is encoded
     monkeypatch.setattr(fusion, "encode_prompts", real_encode)
     per_concept = []
     for c in concepts:
