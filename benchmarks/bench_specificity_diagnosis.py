@@ -45,6 +45,8 @@ def variant_settings(variant: str) -> dict:
             out["use_pooler"] = False
         elif part == "concept-tokens":
             out["fusion_tokens"] = "concept"
+        elif part == "name-tokens":
+            out["fusion_tokens"] = "name"
         elif part.startswith("lp="):
             out["lora_preserve_scale"] = float(part[3:])
         else:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .images import image_files
 from .prompts import CONCEPT_TYPES
 
-FUSION_TOKENS = ("all", "concept")
+FUSION_TOKENS = ("all", "concept", "name")
 
 
 class ConfigError(ValueError):
@@ -130,8 +130,9 @@ class MACEConfig:
     concept_prompts_file: str | None = None  # optional prompt templates, one per line, {} = concept
     solve_jitter: float | None = None  # None: a singular system is an error; a float adds a reported ridge
     # Which tokens of a concept's prompts fusion maps as the concept's LoRA does: "all" (the
-    # original), or "concept": the concept name and the positions after it, the only ones the
-    # name can change in a causal text encoder (docs/design.md, section 8).
+    # original); "concept": the concept name and the positions after it, the only ones the
+    # name can change in a causal text encoder; "name": the name's own tokens, where the
+    # attention loss looks without use_pooler (docs/design.md, section 8).
     fusion_tokens: str = "all"
     # Weight of a term added to the LoRA loss: the relative squared change each concept's LoRA
     # makes to the keys and values of the preservation caches' tokens. 0 (the original): the

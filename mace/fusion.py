@@ -27,7 +27,7 @@ class FusionSettings:
     preserve_scale: float = 0.0
     method: str = "fast"
     jitter: float | None = None
-    tokens: str = "all"  # "all" tokens of each concept's prompts, or "concept": the name and after
+    tokens: str = "all"  # "all" tokens of each concept's prompts, "concept": the name and after, "name"
 
     @classmethod
     def from_config(cls, config: MACEConfig) -> FusionSettings:
@@ -60,8 +60,9 @@ def stack_loras(loras: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]]
     return LoraStack(As, Bs)
 
 
-def from_name_on(tokenizer, prompts: Sequence[str], name: str) -> torch.Tensor:
-    """(B, 77) bool: the positions from the first token of ``name`` on, in each prompt.
+def from_name_on(tokenizer, prompts: Sequence[str], name: str, *, name_only: bool = False) -> torch.Tensor:
+    """(B, 77) bool: the positions from the first token of ``name`` on, in each prompt (with
+    ``name_only``, the name's own tokens only).
 
     CLIP text encoders are causal: the embeddings before the name (the start token, a
     template's first words) are the same in every prompt that starts alike, whatever concept
@@ -74,7 +75,7 @@ def from_name_on(tokenizer, prompts: Sequence[str], name: str) -> torch.Tensor:
     for b, seq in enumerate(ids):
         first = next((i for i in range(len(seq) - len(piece) + 1) if piece and seq[i:i + len(piece)] == piece), None)
         if first is not None:
-            mask[b, first:] = True
+            mask[b, first:first + len(piece) if name_only else length] = True
     return mask
 
 
@@ -105,9 +106,9 @@ def fuse(
         original: the weights preservation anchors to (a pipeline, or tensors in projection
             order); default: the pipeline's current weights.
         method: "fast" (one grouped fuse_loras call and one solve) or "reference".
-        tokens: "all" (the original: every token of each prompt) or "concept": only the
+        tokens: "all" (the original: every token of each prompt), "concept": only the
             positions from the concept's name on (:func:`from_name_on`; the concept key of
-            ``loras`` is the name looked for).
+            ``loras`` is the name looked for), or "name": the name's own tokens only.
     """
     concepts = list(loras)
     if not concepts:
@@ -124,15 +125,15 @@ def fuse(
         if not lora:
             raise ValueError(f"fuse: the LoRA of {concept!r} has no cross-attention key/value layer of this model")
     stack = stack_loras(read, projections)
-    if tokens not in ("all", "concept"):
-        raise ValueError(f"fuse: tokens must be 'all' or 'concept', got {tokens!r}")
+    if tokens not in ("all", "concept", "name"):
+        raise ValueError(f"fuse: tokens must be 'all', 'concept' or 'name', got {tokens!r}")
     d = projections[0][1].in_features
     # The masks (77 booleans a prompt) are made up front, so a concept whose prompts never
     # name it fails before any encoding; the tokens themselves are streamed below.
     masks = {}
-    if tokens == "concept":
+    if tokens != "all":
         for c in concepts:
-            masks[c] = from_name_on(pipe.tokenizer, list(prompts[c]), c)
+            masks[c] = from_name_on(pipe.tokenizer, list(prompts[c]), c, name_only=tokens == "name")
             if not masks[c].any():
                 raise ValueError(f"fuse: no prompt of concept {c!r} contains its name, so it has no tokens to fuse")
 
@@ -142,7 +143,7 @@ def fuse(
             texts = list(prompts[c])
             for start in range(0, len(texts), batch_size):
                 e = encode_prompts(pipe, texts[start:start + batch_size], batch_size)
-                if tokens == "concept":
+                if tokens != "all":
                     e = e[masks[c][start:start + batch_size]]
                 yield i, e.reshape(-1, d)
 

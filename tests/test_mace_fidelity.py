@@ -344,6 +344,9 @@ def test_fusion_tokens_concept_fuses_only_the_name_and_later_positions(tiny_pipe
     mask = from_name_on(tiny_pipe.tokenizer, ["a photo of Qedark Draerba", "Qedark Draerba", "a dog"], "Qedark Draerba")
     assert mask[0].nonzero().min() == 4 and bool(mask[0, 4:].all())  # start, a, photo, of come first
     assert bool(mask[1, 1:].all()) and not bool(mask[1, 0]) and not bool(mask[2].any())
+    only = from_name_on(tiny_pipe.tokenizer, ["a photo of Qedark Draerba"], "Qedark Draerba", name_only=True)[0]
+    pieces = len(tiny_pipe.tokenizer("Qedark Draerba", add_special_tokens=False).input_ids)
+    assert only.nonzero().squeeze(1).tolist() == list(range(4, 4 + pieces))
 
     projections = cross_attention_projections(tiny_pipe.unet)
     g = torch.Generator().manual_seed(0)
