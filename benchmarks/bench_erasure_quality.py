@@ -16,8 +16,9 @@ them) are never in a report set.
 Search, the same for every method: each method's preservation scale, the knob that trades
 erasure against specificity, takes --grid values spaced by a factor 3 around the method's
 default, and the grid grows by a factor 3 beyond an edge while the best value lies on that
-edge (at most --extend more values); the value with the best tuning H_o (ties: higher Acc_s)
-is the one reported. The other
+edge (at most --extend more values); the value with the best tuning H_o (ties: higher Acc_s,
+then higher Acc_e, the gentler edit) is the one reported. The JSON is rewritten after every
+reported row, so an interrupted run keeps what it measured. The other
 hyperparameters (lambda 0.1, the LoRA's learning rate and steps) are those of
 configs/world_erase.yaml for every method, fixed before this protocol and never chosen on a
 report set, except MACE's use_pooler: false (--mace-option), chosen on the tuning sets
@@ -92,6 +93,11 @@ def split_concepts(world, tuning_kept: int, report_kept: int, seed: int = 0) -> 
     pool = order[:len(order) - tuning_kept - report_kept]
     pool = [c for c in pool if c not in avoid] + [c for c in pool if c in avoid]  # reported erasures avoid them too
     return Split(pool, tuning, report)
+
+
+def _rank(trial: dict) -> tuple[float, float, float]:
+    """Best tuning H_o; ties: higher Acc_s, then higher Acc_e (the gentler edit)."""
+    return trial["h_o"], trial["acc_s"], trial["acc_e"]
 
 
 def scale_grid(method: str, points: int) -> list[float]:
@@ -212,6 +218,19 @@ def main(argv=None) -> int:
     names = [c.name for c in world.concepts]
     rows, tuning = [], []
     start_all = time.perf_counter()
+    out = args.out or RESULTS / f"erasure_quality-{world.key}-cpu-{os.cpu_count()}cores.json"
+
+    def write(final: bool = False) -> None:
+        write_json_atomically(out, {
+            "model": world.model, "complete": final, "images_per_concept": args.images_per_concept,
+            "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps, "grid": args.grid,
+            "extend": args.extend, "mace_options": overrides,
+            "erase_sets_disjoint": {str(n): split.disjoint(n) for n in sizes},
+            "tuning_kept": [names[c] for c in split.tuning_kept], "report_kept": [names[c] for c in split.report_kept],
+            "tuning": tuning, "rows": rows, "seconds": round(time.perf_counter() - start_all, 1),
+        })
+        if final:
+            print(f"wrote {out}")
     for n in sizes:
         data_dirs = {role: Path(tempfile.mkdtemp(prefix=f"mace-quality-data-{role}-{n}-")) for role in ("tuning", "report")}
         try:
@@ -241,7 +260,7 @@ def main(argv=None) -> int:
                              **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o")}}
                     tuning.append(trial)
                     print(f"  tuning {n:4d} {method:7s} scale {scale:<8g} {scores.line()}", flush=True)
-                    if best is None or (trial["h_o"], trial["acc_s"]) > (best["h_o"], best["acc_s"]):
+                    if best is None or _rank(trial) > _rank(best):
                         best = trial
                     if not [g for g in grid if g not in tried] and len(grid) < args.grid + args.extend:
                         if best["scale"] == grid[0]:
@@ -266,6 +285,7 @@ def main(argv=None) -> int:
                        "eval_seconds": round(scores.seconds, 1), "tuning_h_o": best["h_o"] if best else None,
                        **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o", "h_g", "shift")}}
                 rows.append(row)
+                write()
                 print(f"{n:4d} {method:7s} scale {scale if scale is not None else '-'!s:8s} {scores.line()}  edit {seconds:.0f} s",
                       flush=True)
         finally:
@@ -281,17 +301,7 @@ def main(argv=None) -> int:
         scale = "-" if r["scale"] is None else f"{r['scale']:g}"
         print(f"| {r['concepts']} | {r['method']} | {scale} | {r['acc_e']:.3f} | {r['acc_g']:.3f} | {r['acc_s']:.3f} | "
               f"{r['h_o']:.3f} | {r['h_g']:.3f} | {r['shift']:.3f} | {r['edit_seconds']:.1f} |")
-    out = args.out or RESULTS / f"erasure_quality-{world.key}-cpu-{os.cpu_count()}cores.json"
-    write_json_atomically(out, {
-        "model": world.model, "images_per_concept": args.images_per_concept,
-        "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps, "grid": args.grid,
-        "extend": args.extend,
-        "mace_options": overrides,
-        "erase_sets_disjoint": {str(n): split.disjoint(n) for n in sizes},
-        "tuning_kept": [names[c] for c in split.tuning_kept], "report_kept": [names[c] for c in split.report_kept],
-        "tuning": tuning, "rows": rows, "seconds": round(time.perf_counter() - start_all, 1),
-    })
-    print(f"wrote {out}")
+    write(final=True)
     if args.plot:
         plot(rows, args.plot, f"{world.model}: report set, scales tuned on a disjoint set")
         print(f"wrote {args.plot}")

@@ -48,7 +48,8 @@ def test_bench_erasure_quality_smoke(tmp_path):
     # The same search for each edited method: two scales tried on the tuning sets, the best one reported.
     for method in ("uce", "mace"):
         trials = [t for t in data["tuning"] if t["method"] == method]
-        assert len(trials) == 2 and rows[method]["scale"] == max(trials, key=lambda t: (t["h_o"], t["acc_s"]))["scale"]
+        assert len(trials) == 2 and rows[method]["scale"] == max(trials, key=lambda t: (t["h_o"], t["acc_s"], t["acc_e"]))["scale"]
+    assert data["complete"] is True
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rows["none"]["shift"] == pytest.approx(0.0, abs=1e-6)  # the unedited model against itself
     assert rows["uce"]["shift"] > 0 and rows["mace"]["edit_seconds"] > 0
