@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     trained = [s for s in stages if s != "check"]
     if trained:  # how the shipped weights were made
         record = {"world": world.key, "seed": args.seed,
-                  "steps": {"vae": vae_steps, "classifier": classifier_steps, "ldm": ldm_steps},
+                  "steps": {k: v for k, v in (("vae", vae_steps), ("classifier", classifier_steps), ("ldm", ldm_steps))
+                            if k in trained},
                   "images_per_concept": per_concept, "threads": torch.get_num_threads(),
                   "seconds": {k: round(v, 1) for k, v in times.items() if k != "check"}}
         write_json_atomically(out / f"training-{'-'.join(trained)}.json", record)
