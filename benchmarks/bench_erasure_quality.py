@@ -186,7 +186,22 @@ def main(argv=None) -> int:
                              "tuning sets with bench_specificity_diagnosis.py)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of H_o and Acc_s against the number erased")
+    parser.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="only draw --plot from these results (a later file's row replaces an earlier one's)")
     args = parser.parse_args(argv)
+    if args.replot:
+        import json
+
+        if not args.plot:
+            parser.error("--replot needs --plot")
+        merged: dict = {}
+        for path in args.replot:
+            data = json.loads(path.read_text())
+            merged.update({(r["concepts"], r["method"]): r for r in data["rows"]})
+        plot(sorted(merged.values(), key=lambda r: r["concepts"]), args.plot,
+             f"{data['model']}: report set, scales tuned on a disjoint set")
+        print(f"wrote {args.plot}")
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
