@@ -176,19 +176,25 @@ class _ReferenceRefinement:
         self.tokens += int(old_tokens.shape[0])
 
     def solve(self, weights, lam, preserve, preserve_scale, jitter):
-        d = weights[0].shape[1]
-        eye = torch.eye(d, dtype=self.dtype)
-        out, jit = [], 0.0
-        for W, W64, m1, m2 in zip(weights, self.weights, self.mat1, self.mat2):
-            mat1 = lam * W64 + m1
-            mat2 = lam * eye + m2
-            if preserve is not None and preserve_scale:
-                mat1 = mat1 + preserve_scale * W64 @ preserve.to(self.dtype)
-                mat2 = mat2 + preserve_scale * preserve.to(self.dtype)
-            X, info = _solve((mat2 + mat2.T) / 2, mat1, jitter)
-            jit = max(jit, float(info.jitter))
-            out.append(X.to(W.dtype))
-        return out, SolveReport(self.tokens, jit)
+        eye = torch.eye(weights[0].shape[1], dtype=self.dtype)
+        return _solve_per_layer(weights, [lam * w + m1 for w, m1 in zip(self.weights, self.mat1)],
+                                [lam * eye + m2 for m2 in self.mat2], self.weights, preserve, preserve_scale, jitter,
+                                self.tokens)
+
+
+def _solve_per_layer(weights, mat1s, mat2s, anchors, preserve, scale, jitter, tokens) -> tuple[list[torch.Tensor], SolveReport]:
+    """The paper-literal solves, one per layer: X_l (mat2_l + s P) = mat1_l + s W0_l P, with
+    W0_l = ``anchors[l]``; each result in its projection's dtype."""
+    out, jit = [], 0.0
+    for w, mat1, mat2, w0 in zip(weights, mat1s, mat2s, anchors):
+        if preserve is not None and scale:
+            p = preserve.to(mat2.dtype)
+            mat1 = mat1 + scale * w0.to(mat2.dtype) @ p
+            mat2 = mat2 + scale * p
+        X, info = _solve((mat2 + mat2.T) / 2, mat1, jitter)
+        jit = max(jit, float(info.jitter))
+        out.append(X.to(w.dtype))
+    return out, SolveReport(tokens, jit)
 
 
 def refine_weights_streamed(
@@ -426,17 +432,8 @@ class _ReferenceFusion:
         self.tokens += int(tokens.shape[0])
 
     def solve(self, weights, preserve, scale, anchor, jitter):
-        out, jit = [], 0.0
-        for lay, w in enumerate(weights):
-            mat1, mat2 = self.mat1[lay], self.mat2[lay]
-            if preserve is not None:
-                w0 = (anchor[lay] if anchor is not None else w).to(self.dtype)
-                mat1 = mat1 + scale * w0 @ preserve.to(self.dtype)
-                mat2 = mat2 + scale * preserve.to(self.dtype)
-            X, info = _solve((mat2 + mat2.T) / 2, mat1, jitter)
-            jit = max(jit, float(info.jitter))
-            out.append(X.to(w.dtype))
-        return out, SolveReport(self.tokens, jit)
+        return _solve_per_layer(weights, self.mat1, self.mat2, anchor if anchor is not None else weights, preserve, scale,
+                                jitter, self.tokens)
 
 
 def fuse_weights_streamed(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import time
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..atomic import atomic_path, write_json_atomically
+from ..fingerprint import files_digest
 from ..tokenizer import clip_tokenizer
 from .classifier import GlyphClassifier
 from .concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, TRAIN_TEMPLATES, WORLD, WORLDS, GlyphWorld, fill
@@ -225,13 +225,6 @@ class LdmCheckpoint:
         return int(meta["step"])
 
 
-def _file_digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(directory.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: int = 192, batch: int = 64,
               checkpoint_dir: Path | None = None, checkpoint_every: int = 250) -> None:
     torch.manual_seed(seed)
@@ -262,7 +255,7 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
     first = 0
     if checkpoint_dir is not None:
         settings = {"world": world.key, "seed": seed, "steps": steps, "per_concept": per_concept, "batch": batch,
-                    "vae": _file_digest(out / "vae")}
+                    "vae": files_digest(sorted((out / "vae").glob("*.safetensors")))}
         checkpoint = LdmCheckpoint(checkpoint_dir, settings)
         first = checkpoint.load(modules, opt, g)
         if first:
