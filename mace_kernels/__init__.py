@@ -2,9 +2,10 @@
 
 Each op has a torch reference, a Triton kernel (GPU) and a C++ implementation (CPU); see
 :func:`backends` for what this installation has and ``MACE_KERNELS_BACKEND`` to force one.
+A default Triton kernel that fails on a GPU falls back to torch (see :func:`triton_failures`).
 """
 
-from ._backend import BACKENDS, backends
+from ._backend import BACKENDS, TritonFallbackWarning, backends, triton_failures
 from .closed_form_edit import closed_form_edit
 from .fuse_loras import fuse_loras
 from .lora_apply import lora_apply
@@ -18,10 +19,12 @@ __all__ = [
     "NotPositiveDefiniteError",
     "SPDJitterWarning",
     "SolveInfo",
+    "TritonFallbackWarning",
     "backends",
     "closed_form_edit",
     "fuse_loras",
     "lora_apply",
     "spd_solve",
     "token_covariance",
+    "triton_failures",
 ]

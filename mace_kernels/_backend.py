@@ -4,11 +4,19 @@ Every op has three implementations: ``"torch"`` (the readable reference), ``"tri
 the CPU under ``TRITON_INTERPRET=1``) and ``"cpp"`` (the CPU extension built by setup.py).
 The choice is, in order: the op's ``backend=`` argument, the ``MACE_KERNELS_BACKEND``
 environment variable, then the default for the tensors' device.
+
+The default on CUDA is Triton. A Triton kernel chosen by default that fails to compile or launch
+falls back to the op's torch implementation, with one TritonFallbackWarning per op naming the
+error: a new GPU, driver or Triton release must never turn an erasure into a crash. A backend
+asked for by name (argument or environment variable) never falls back: benchmarks and tests
+want the failure.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -75,17 +83,27 @@ def backends() -> dict[str, dict[str, object]]:
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Pick the backend for tensors on ``device``; a forced one that cannot run is an error."""
+    return select_backend(backend, device)[0]
+
+
+def _default_backend(device: torch.device) -> str:
+    """The backend an op uses on ``device`` when nothing names one."""
+    if device.type == "cuda" and _TRITON_ERROR is None:
+        return "triton"
+    if device.type == "cpu" and _CPP_ERROR is None:
+        return "cpp"
+    return "torch"
+
+
+def select_backend(backend: str | None, device: torch.device) -> tuple[str, bool]:
+    """``(backend, chosen_by_default)`` for tensors on ``device``; a named one that cannot run is an error."""
     source = "backend="
     if backend is None or backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip().lower()
         if env and env != "auto":
             backend, source = env, f"${ENV_VAR}="
     if backend is None or backend == "auto":
-        if device.type == "cuda" and _TRITON_ERROR is None:
-            return "triton"
-        if device.type == "cpu" and _CPP_ERROR is None:
-            return "cpp"
-        return "torch"
+        return _default_backend(device), True
     if backend not in BACKENDS:
         raise ValueError(
             f"unknown backend {source}{backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
@@ -102,7 +120,61 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "the triton backend needs CUDA tensors; on the CPU set TRITON_INTERPRET=1 "
                 "before importing mace_kernels (slow, for tests)"
             )
-    return backend
+    return backend, False
+
+
+class TritonFallbackWarning(RuntimeWarning):
+    """A default Triton kernel failed; the op runs its torch implementation from now on."""
+
+
+# op name -> the error of its Triton kernel, once it has failed in this process.
+_TRITON_FAILURES: dict[str, str] = {}
+
+
+def triton_failures() -> dict[str, str]:
+    """The ops whose default Triton kernel failed in this process, with the error."""
+    return dict(_TRITON_FAILURES)
+
+
+def implementation(op: str, table: dict, backend: str | None, device: torch.device):
+    """The entry of an op's dispatch table (a function or a tuple of primitives) to run.
+
+    A Triton entry chosen by default is wrapped so that a compile or launch failure switches
+    the op to its torch entry (the same position of the tuple), for this call and every later
+    one, warning once.
+    """
+    name, by_default = select_backend(backend, device)
+    if name != "triton" or not by_default:
+        return table[name]
+    if op in _TRITON_FAILURES:
+        return table["torch"]
+    chosen, reference = table["triton"], table["torch"]
+    if isinstance(chosen, tuple):
+        return tuple(_guarded(op, f, g) for f, g in zip(chosen, reference))
+    return _guarded(op, chosen, reference)
+
+
+def _guarded(op: str, kernel: Callable, reference: Callable) -> Callable:
+    def run(*args, **kwargs):
+        if op in _TRITON_FAILURES:
+            return reference(*args, **kwargs)
+        try:
+            return kernel(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the torch implementation would not fit either
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            _TRITON_FAILURES[op] = f"{type(exc).__name__}: {first_line}"
+            warnings.warn(
+                f"mace_kernels.{op}: the Triton kernel failed ({_TRITON_FAILURES[op]}); "
+                f"using the torch implementation of {op} from now on",
+                TritonFallbackWarning,
+                stacklevel=3,
+            )
+            return reference(*args, **kwargs)
+
+    run.__name__ = getattr(kernel, "__name__", "kernel")
+    return run
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import accumulation_dtype, cpp_ops, resolve_backend
+from ._backend import accumulation_dtype, cpp_ops, implementation
 from ._grouped_matmul import grouped_matmul
 from ._utils import shape_of
 
@@ -24,8 +24,8 @@ def closed_form_edit(
     when transform is float64, else float32.
     """
     weights, transform, acc = _canonical_inputs(weights, transform)
-    name = resolve_backend(backend, transform.device)
-    packed = _IMPLEMENTATIONS[name](weights, transform.to(acc))
+    run = implementation("closed_form_edit", _IMPLEMENTATIONS, backend, transform.device)
+    packed = run(weights, transform.to(acc))
     sizes = [w.shape[0] for w in weights]
     return [part.to(w.dtype) for part, w in zip(torch.split(packed, sizes), weights)]
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import accumulation_dtype, cpp_ops, resolve_backend
+from ._backend import accumulation_dtype, cpp_ops, implementation
 from ._grouped_matmul import grouped_matmul
 from ._utils import shape_of
 
@@ -44,8 +44,8 @@ def fuse_loras(
         float32.
     """
     A, B, C, base, base_transform, acc = _canonical_inputs(A, B, C, base, base_transform)
-    name = resolve_backend(backend, C.device)
-    packed = _IMPLEMENTATIONS[name](A, B, C.to(acc), base, None if base_transform is None else base_transform.to(acc))
+    run = implementation("fuse_loras", _IMPLEMENTATIONS, backend, C.device)
+    packed = run(A, B, C.to(acc), base, None if base_transform is None else base_transform.to(acc))
     return list(torch.split(packed, [b.shape[1] for b in B]))
 
 

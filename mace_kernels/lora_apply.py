@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._backend import accumulation_dtype, cpp_ops, resolve_backend
+from ._backend import accumulation_dtype, cpp_ops, implementation
 from ._grouped_matmul import grouped_matmul
 from ._segmented_outer import segmented_outer
 from ._utils import shape_of
@@ -47,8 +47,8 @@ def lora_apply(
         float64 input).
     """
     seg_lens = _canonical_inputs(x, weight, A, B, seg_lens, bias)
-    name = resolve_backend(backend, x.device)
-    return _LoraApply.apply(x, weight, A, B, bias, seg_lens, float(scale), name)
+    primitives = implementation("lora_apply", _PRIMITIVES, backend, x.device)
+    return _LoraApply.apply(x, weight, A, B, bias, seg_lens, float(scale), primitives)
 
 
 def _canonical_inputs(x, weight, A, B, seg_lens, bias) -> torch.Tensor:
@@ -87,22 +87,22 @@ def _canonical_inputs(x, weight, A, B, seg_lens, bias) -> torch.Tensor:
 
 class _LoraApply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, A, B, bias, seg_lens, scale, backend):
-        shrink, expand, _ = _PRIMITIVES[backend]
+    def forward(ctx, x, weight, A, B, bias, seg_lens, scale, primitives):
+        shrink, expand, _ = primitives
         x = x.contiguous()
         acc = accumulation_dtype(x.dtype)
         h = shrink(x, A, seg_lens)  # (T, r)
         y = F.linear(x, weight, bias).to(acc).contiguous()
         expand(y, h, B, seg_lens, scale)
         ctx.save_for_backward(x, weight, A, B, h, seg_lens)
-        ctx.scale, ctx.backend = scale, backend
+        ctx.scale, ctx.primitives = scale, primitives
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         x, weight, A, B, h, seg_lens = ctx.saved_tensors
-        scale, backend = ctx.scale, ctx.backend
-        shrink, expand, outer = _PRIMITIVES[backend]
+        scale = ctx.scale
+        shrink, expand, outer = ctx.primitives
         acc = h.dtype
         g = g.contiguous()
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import accumulation_dtype, cpp_ops, resolve_backend
+from ._backend import accumulation_dtype, cpp_ops, implementation
 from ._tile_configs import tile_config
 from ._triton import cdiv, jit, tl, triton
 from ._utils import shape_of
@@ -65,8 +65,7 @@ def spd_solve(
         runs in float64 when either is float64, else float32.
     """
     Mb, Rb, batch_shape, out_dtype = _canonical_inputs(M, R)
-    name = resolve_backend(backend, Mb.device)
-    factor, solve = _IMPLEMENTATIONS[name]
+    factor, solve = implementation("spd_solve", _IMPLEMENTATIONS, backend, Mb.device)
     L, ok, ratio = _checked_factor(factor, Mb)
     shift = torch.zeros(Mb.shape[0], dtype=Mb.dtype, device=Mb.device)
     if not bool(ok.all()):

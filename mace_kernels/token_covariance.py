@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import accumulation_dtype, cpp_ops, resolve_backend
+from ._backend import accumulation_dtype, cpp_ops, implementation
 from ._segmented_outer import segmented_outer, sort_by_segment
 from ._triton import triton
 from ._utils import shape_of
@@ -45,8 +45,8 @@ def token_covariance(
         float64 for float64 input, float32 otherwise.
     """
     x, y, seg, w, S = _canonical_inputs(x, y, mask, segment_ids, num_segments, weights)
-    name = resolve_backend(backend, x.device)
-    cxx, cyx = _IMPLEMENTATIONS[name](x, y, seg, w, S)
+    run = implementation("token_covariance", _IMPLEMENTATIONS, backend, x.device)
+    cxx, cyx = run(x, y, seg, w, S)
     if segment_ids is None:
         cxx = cxx[0]
         cyx = None if cyx is None else cyx[0]

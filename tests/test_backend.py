@@ -1,4 +1,5 @@
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -115,3 +116,94 @@ def test_backend_argument_wins_over_the_env_var(monkeypatch):
     mace_kernels.token_covariance(torch.randn(5, 3), backend="torch")
     mace_kernels.closed_form_edit([torch.randn(4, 6)], torch.randn(6, 6), backend="cpp")
     assert [(op, backend) for op, backend, _ in calls] == [("token_covariance", "torch"), ("closed_form_edit", "cpp")]
+
+
+@pytest.fixture
+def triton_by_default(monkeypatch):
+    """Make Triton the default on the CPU (the interpreter runs it), as it is on CUDA, with a
+    clean record of failed kernels."""
+    from mace_kernels import _backend
+
+    monkeypatch.setattr(_backend, "_default_backend", lambda device: "triton")
+    monkeypatch.setattr(_backend, "_TRITON_FAILURES", {})
+    return _backend
+
+
+def _broken(op, table, monkeypatch, calls):
+    """Replace the op's Triton entry by one that fails as a compile error would."""
+
+    def fail(*args, **kwargs):
+        calls.append(op)
+        raise RuntimeError("PassManager::run failed\nmore compiler output")
+
+    entry = table["triton"]
+    monkeypatch.setitem(table, "triton", tuple(fail for _ in entry) if isinstance(entry, tuple) else fail)
+
+
+def test_a_failing_default_triton_kernel_falls_back_to_torch(triton_by_default, monkeypatch):
+    """Every op: a default Triton kernel that fails gives the torch result, one warning naming
+    the op and the error, and later calls go straight to torch."""
+    failed: list[str] = []
+    for op, table_name in DISPATCH_TABLES.items():
+        _broken(op, getattr(importlib.import_module(f"mace_kernels.{op}"), table_name), monkeypatch, failed)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    with pytest.warns(mace_kernels.TritonFallbackWarning) as record:
+        first, _ = mace_kernels.token_covariance(x)
+        _call_every_op()
+    torch.testing.assert_close(first, x.T @ x)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == len(DISPATCH_TABLES), messages
+    for op in DISPATCH_TABLES:
+        (line,) = [m for m in messages if m.startswith(f"mace_kernels.{op}:")]
+        assert "RuntimeError: PassManager::run failed" in line and "more compiler output" not in line
+    assert set(mace_kernels.triton_failures()) == set(DISPATCH_TABLES)
+    # The Triton kernels were tried once each (lora_apply's forward: its first primitive).
+    assert sorted(failed) == sorted(DISPATCH_TABLES), failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        got, _ = mace_kernels.token_covariance(x)
+    torch.testing.assert_close(got, x.T @ x)
+    assert failed.count("token_covariance") == 1
+
+
+def test_lora_apply_falls_back_with_the_same_values_and_gradients(triton_by_default, monkeypatch):
+    module = importlib.import_module("mace_kernels.lora_apply")
+
+    failed: list[str] = []
+    _broken("lora_apply", module._PRIMITIVES, monkeypatch, failed)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    A = torch.randn(3, 2, 6, generator=g, dtype=torch.float64)
+    B = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+        y = mace_kernels.lora_apply(leaves[0], W, leaves[1], leaves[2], [4, 0, 5], scale=0.5, backend=backend)
+        y.pow(2).sum().backward()
+        return [y.detach()] + [t.grad for t in leaves]
+
+    with pytest.warns(mace_kernels.TritonFallbackWarning, match="mace_kernels.lora_apply"):
+        fallen = run(None)
+    for got, want in zip(fallen, run("torch")):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_named_triton_backend_never_falls_back(triton_by_default, monkeypatch):
+    """Asked for by name (argument or environment), a failing kernel raises: benchmarks want to know."""
+    module = importlib.import_module("mace_kernels.token_covariance")
+
+    _broken("token_covariance", module._IMPLEMENTATIONS, monkeypatch, [])
+    with pytest.raises(RuntimeError, match="PassManager"):
+        mace_kernels.token_covariance(torch.randn(4, 3), backend="triton")
+    monkeypatch.setenv("MACE_KERNELS_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="PassManager"):
+        mace_kernels.token_covariance(torch.randn(4, 3))
+    assert mace_kernels.triton_failures() == {}
+
+
+def test_a_working_default_triton_kernel_is_used(triton_by_default, monkeypatch):
+    calls = _record_dispatch(monkeypatch)
+    mace_kernels.token_covariance(torch.randn(6, 3))
+    assert [(op, backend) for op, backend, _ in calls] == [("token_covariance", "triton")]
+    assert mace_kernels.triton_failures() == {}
