@@ -83,16 +83,23 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _attack_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by mace attack and mace eval --attack (budgets are checked by mace.robustness)."""
+    p.add_argument("--text-budget", default=None, help="text attack: text-encoder prompt evaluations per concept (default 320)")
+    p.add_argument("--soft-budget", default=None, help="soft-prompt attack: gradient steps per concept (default 40)")
+    p.add_argument("--attack-images", type=int, default=4, help="images judged per concept and prompt")
+    p.add_argument("--success-share", type=float, default=0.5, help="share of those images that must show the concept")
+    p.add_argument("--template", default=None, help="the plain prompt around the concept (default: glyph world "
+                   "'a rendering showing {}', else 'a photo of {}')")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _split(names: str | None) -> list[str]:
     return [n.strip() for n in (names or "").split(",") if n.strip()]
 
 
-def _cmd_eval(args) -> int:
-    from pathlib import Path
-
-    from .atomic import write_json_atomically
-    from .pipelines import load_pipeline
-
+def _models_and_concepts(args, what: str = "evaluated") -> tuple[str, str | None, list[str]]:
+    """The edited model, the original (or None) and the erased concepts, from the flags or --config."""
     model, original, erased = args.model, args.original, _split(args.erased)
     if args.config:
         from .config import load_config
@@ -102,15 +109,99 @@ def _cmd_eval(args) -> int:
         original = original or config.pretrained_model_name_or_path
         erased = erased or [name for name, _ in config.concepts]
     if not model:
-        raise ValueError("give --model (or --config, whose final_save_path is evaluated)")
+        raise ValueError(f"give --model (or --config, whose final_save_path is {what})")
+    return model, original, erased
+
+
+def _attack_reports(args, pipe, before, erased: list[str], world=None, clip=None) -> dict:
+    """Run the attacks of --attack(s) on ``pipe``; the glyph world's classifier judges, or CLIP
+    zero-shot among the erased and --kept names."""
+    from .robustness import ClipJudge, WorldJudge, attack_success_rate, generated_targets, make_attacks, rendered_targets
+
+    attacks = make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget)
+    if not erased:
+        raise ValueError("no erased concepts to attack: give --erased (or --config)")
+    if clip is not None:
+        template = args.template or "a photo of {}"
+        judge = ClipJudge(clip, erased + _split(args.kept))
+        targets = generated_targets(before, template, steps=args.steps, guidance_scale=args.guidance) if before else None
+        if targets is None and any(a.name == "soft" for a in attacks):
+            raise ValueError("the soft-prompt attack on a real model needs --original (its images of each concept are the targets)")
+    else:
+        from .world.concepts import EVAL_TEMPLATES
+
+        template = args.template or EVAL_TEMPLATES[0]
+        judge, targets = WorldJudge(world), rendered_targets(world)
+    return attack_success_rate(pipe, erased, judge, attacks, targets=targets, template=template,
+                               images_per_concept=args.attack_images, success_share=args.success_share, steps=args.steps,
+                               guidance_scale=args.guidance, seed=args.seed, progress=not args.quiet)
+
+
+def _check_attack_flags(args) -> None:
+    """Bad budgets and attack names fail before any model is loaded."""
+    from .robustness import make_attacks
+
+    make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget)
+    if args.attack_images < 1:
+        raise ValueError(f"--attack-images must be at least 1, got {args.attack_images}")
+    if not 0 < args.success_share <= 1:
+        raise ValueError(f"--success-share must lie in (0, 1], got {args.success_share}")
+    if args.template is not None and args.template.count("{}") != 1:
+        raise ValueError(f"--template needs exactly one {{}} for the concept, got {args.template!r}")
+
+
+def _cmd_attack(args) -> int:
+    from pathlib import Path
+
+    from .atomic import write_json_atomically
+    from .pipelines import load_pipeline
+    from .robustness import summary_line
+
+    _check_attack_flags(args)
+    model, original, erased = _models_and_concepts(args, "attacked")
+    if not erased:
+        raise ValueError("give --erased (comma-separated concept names) or --config")
+    clip = world = None
+    if args.clip:
+        from .metrics import load_clip
+
+        clip = load_clip(args.clip)
+    else:
+        from .world import WORLD, get_world, world_of
+
+        world = get_world(args.world) if args.world else (world_of(str(original)) or world_of(str(model)) or WORLD)
+        for name in erased:
+            world.concept_by_name(name)  # an unknown concept fails before the model loads
+    pipe = load_pipeline(model, device=args.device)
+    before = load_pipeline(original, device=args.device) if (original and args.clip) else None
+    reports = _attack_reports(args, pipe, before, erased, world=world, clip=clip)
+    line = summary_line(reports)
+    out = Path(args.out) / "attack.json"
+    write_json_atomically(out, {"model": str(model), "original": str(original) if original else None, "erased": erased,
+                                "summary": line, "attacks": {k: r.to_dict() for k, r in reports.items()}})
+    print(f"{line}\nattack: {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .atomic import write_json_atomically
+    from .pipelines import load_pipeline
+
+    if args.attacks:
+        _check_attack_flags(args)
+    model, original, erased = _models_and_concepts(args)
     out = Path(args.out)
     pipe = load_pipeline(model, device=args.device)
     before = load_pipeline(original, device=args.device) if original else None
+    clip = world = None
     if args.clip:
         from .clip_eval import clip_evaluation
         from .metrics import load_clip
 
-        result = clip_evaluation(pipe, erased, _split(args.kept), load_clip(args.clip), original=before,
+        clip = load_clip(args.clip)
+        result = clip_evaluation(pipe, erased, _split(args.kept), clip, original=before,
                                  images_per_concept=args.images_per_concept, steps=args.steps,
                                  guidance_scale=args.guidance, progress=not args.quiet)
         line = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
@@ -125,6 +216,17 @@ def _cmd_eval(args) -> int:
                                 steps=args.steps, guidance_scale=args.guidance, csv_path=out / "prompts.csv",
                                 progress=not args.quiet, world=world)
         result, line = scores.to_dict(), scores.line()
+    if args.attacks:
+        from .robustness import summary_line
+
+        # The attack-success column: per erased concept, the share of its attacked images that show it.
+        reports = _attack_reports(args, pipe, before, erased, world=world, clip=clip)
+        for name, report in reports.items():
+            result[f"asr_{name}"] = report.asr
+            for row in report.concepts:
+                result.setdefault("per_concept", {}).setdefault(row.concept, {})[f"attack_{name}"] = row.hits / row.images
+        result["attack"] = {k: r.to_dict() for k, r in reports.items()}
+        line += "\n" + summary_line(reports)
     result.update(model=str(model), original=str(original) if original else None)
     write_json_atomically(out / "scores.json", result)
     print(f"{line}\nscores: {out / 'scores.json'}" + ("" if args.clip else f", prompts and seeds: {out / 'prompts.csv'}"))
@@ -169,7 +271,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="folder for scores.json (and prompts.csv)")
     ev.add_argument("--device", default=None)
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--attack", dest="attacks", default=None, metavar="text,soft",
+                    help="also attack each erased concept (mace attack) and add the attack success rate")
+    _attack_options(ev)
     ev.set_defaults(func=_cmd_eval)
+
+    at = sub.add_parser("attack", help="search prompts that bring erased concepts back; attack success rate (ASR)")
+    at.add_argument("--model", default=None, help="the edited pipeline (default: the config's final_save_path)")
+    at.add_argument("--config", default=None, help="a MACE config: its model, original and erased concepts")
+    at.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    at.add_argument("--original", default=None, help="the unedited pipeline (with --clip: the soft attack's target images)")
+    at.add_argument("--erased", default=None, help="comma-separated erased concept names")
+    at.add_argument("--kept", default=None, help="with --clip: more candidate names for the CLIP judge")
+    at.add_argument("--world", default=None, choices=["world", "world-large"],
+                    help="the glyph world of the concepts (default: that of --original or --model, else world)")
+    at.add_argument("--clip", default=None, help="CLIP model folder or hub id: judge real models by CLIP zero-shot")
+    at.add_argument("--attacks", default="text,soft", help="comma-separated: text (Ring-A-Bell-style), soft (UnlearnDiffAtk-style)")
+    _attack_options(at)
+    at.add_argument("--steps", type=int, default=20)
+    at.add_argument("--guidance", type=float, default=4.0)
+    at.add_argument("--out", required=True, help="folder for attack.json")
+    at.add_argument("--device", default=None)
+    at.add_argument("--quiet", action="store_true")
+    at.set_defaults(func=_cmd_attack)
 
     sample = sub.add_parser("sample", help="generate images from a prompt or a CSV of prompts and seeds")
     sample.add_argument("--model", required=True)

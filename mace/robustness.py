@@ -103,7 +103,7 @@ class TextAttack:
             raise ValueError(f"text attack search must be 'coordinate' or 'genetic', got {self.search!r}")
         if not 0 <= self.mutation <= 1:
             raise ValueError(f"text attack mutation must lie in [0, 1], got {self.mutation!r}")
-        if not isinstance(self.elite, int) or not 0 <= self.elite < self.batch:
+        if not isinstance(self.elite, int) or self.elite < 0 or (self.search == "genetic" and self.elite >= self.batch):
             raise ValueError(f"text attack elite must be an integer in [0, batch), got {self.elite!r}")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError("text attack templates must be a non-empty list of strings with a {} for the concept")
