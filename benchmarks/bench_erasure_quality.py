@@ -1,5 +1,5 @@
-"""Erasure quality on a glyph world: no edit, refinement only, full MACE and UCE, tuned on one set
-of concepts and reported on another.
+"""Erasure quality on a glyph world: no edit, refinement only, full MACE, UCE, SPEED and RECE, tuned
+on one set of concepts and reported on another.
 
     python benchmarks/bench_erasure_quality.py --world world-large     # 1, 5, 10, 100 erased
     python benchmarks/bench_erasure_quality.py --world world --sizes 1,5,10,100
@@ -14,16 +14,19 @@ Concepts that the shipped configs name (configs/*.yaml, whose settings were chos
 them) are never in a report set.
 
 Search, the same for every method: each method's preservation scale, the knob that trades
-erasure against specificity, takes --grid values spaced by a factor 3 around the method's
-default, and the grid grows by a factor 3 beyond an edge while the best value lies on that
+erasure against specificity (SPEED: its null-space threshold, the eigenvalue below which a
+direction of the kept concepts' embeddings may change), takes --grid values spaced by a factor 3
+around the method's default, and the grid grows by a factor 3 beyond an edge while the best value lies on that
 edge (at most --extend more values); the value with the best tuning H_o (ties: higher Acc_s,
 then higher Acc_e, the gentler edit) is the one reported. The JSON is rewritten after every
 reported row, so an interrupted run keeps what it measured. The other
 hyperparameters (lambda 0.1, the LoRA's learning rate and steps) are those of
 configs/world_erase.yaml for every method, fixed before this protocol and never chosen on a
 report set, except MACE's use_pooler: false (--mace-option), chosen on the tuning sets
-(bench_specificity_diagnosis.py). Preservation: MACE and refinement through a domain cache of prompts naming every
-concept that is not erased; UCE through those names' embeddings.
+(bench_specificity_diagnosis.py). SPEED and RECE keep their papers' other defaults (mace.speed,
+mace.rece; RECE with lambda 0.1 as above). Preservation: MACE and refinement through a domain cache
+of prompts naming every concept that is not erased; UCE and RECE through those names' embeddings;
+SPEED through their last word pieces (its prior set).
 
 Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Prints a table, writes JSON,
 and with --plot a PNG of H_o and Acc_s against the number of erased concepts.
@@ -47,11 +50,13 @@ from mace.atomic import write_json_atomically
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("none", "refine", "mace", "uce")
+METHODS = ("none", "refine", "mace", "uce", "speed", "rece")
 PRESERVE_TEMPLATES = 5  # MACE's preservation prompts per kept concept (its first object templates)
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "world_erase.yaml"
-DEFAULT_SCALE = {"refine": 3.0, "mace": 3.0, "uce": 0.1}  # the centre of each method's search
+# The centre of each method's search: the preservation scale (SPEED: the null-space threshold;
+# 0.1 for UCE, SPEED and RECE is their papers' default).
+DEFAULT_SCALE = {"refine": 3.0, "mace": 3.0, "uce": 0.1, "speed": 0.1, "rece": 0.1}
 
 
 def concept_order(seed: int = 0, world=None) -> list[int]:
@@ -112,6 +117,8 @@ def erase_with(method: str, world, names: list[str], preserved: list[str], work:
     from mace.config import config_from_dict, load_config
     from mace.erase import erase
     from mace.prompts import OBJECT_TEMPLATES
+    from mace.rece import rece
+    from mace.speed import speed
     from mace.uce import uce
     from mace.world import GENERIC_CONCEPT
 
@@ -119,9 +126,14 @@ def erase_with(method: str, world, names: list[str], preserved: list[str], work:
     base = load_config(CONFIG, check_paths=False)  # its model and preservation cache are replaced below
     if method == "none":
         return mace.load_pipeline(world.model), 0.0
-    if method == "uce":
+    if method in ("uce", "speed", "rece"):
         pipe = mace.load_pipeline(world.model)
-        uce(pipe, names, GENERIC_CONCEPT, preserved, lam=base.lamb, preserve_scale=scale)
+        if method == "uce":
+            uce(pipe, names, GENERIC_CONCEPT, preserved, lam=base.lamb, preserve_scale=scale)
+        elif method == "speed":
+            speed(pipe, names, GENERIC_CONCEPT, preserved, threshold=scale)
+        else:
+            rece(pipe, names, GENERIC_CONCEPT, preserved, lam=base.lamb, preserve_scale=scale)
         return pipe, time.perf_counter() - start
     values = base.to_dict()
     values.update(multi_concept=[[n, "object"] for n in names], mapping_concept=[GENERIC_CONCEPT] * len(names),

@@ -38,19 +38,23 @@ def test_bench_closed_form_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_bench_erasure_quality_smoke(tmp_path):
-    data = _run("bench_erasure_quality.py", "--sizes", "1", "--methods", "none,uce,mace", "--images-per-concept", "1",
+    data = _run("bench_erasure_quality.py", "--sizes", "1", "--methods", "none,uce,mace,speed,rece", "--images-per-concept", "1",
                 "--tuning-images-per-concept", "1", "--grid", "2", "--extend", "0", "--background-images", "1", "--steps", "4",
                 "--lora-steps", "2", "--plot", str(tmp_path / "quality.png"), tmp_path=tmp_path)
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"none", "uce", "mace"}
+    assert set(rows) == {"none", "uce", "mace", "speed", "rece"}
     assert len(data["tuning_kept"]) == 10 and len(data["report_kept"]) == 10
     assert set(data["tuning_kept"]).isdisjoint(data["report_kept"]) and data["erase_sets_disjoint"] == {"1": True}
     # The same search for each edited method: two scales tried on the tuning sets, the best one reported.
-    for method in ("uce", "mace"):
+    for method in ("uce", "mace", "speed", "rece"):
         trials = [t for t in data["tuning"] if t["method"] == method]
         assert len(trials) == 2 and rows[method]["scale"] == max(trials, key=lambda t: (t["h_o"], t["acc_s"], t["acc_e"]))["scale"]
+    # Each method's grid: factor-3 steps around its default (SPEED: the null-space threshold).
+    assert sorted(t["scale"] for t in data["tuning"] if t["method"] == "speed") == [0.1, 0.3]
+    assert sorted(t["scale"] for t in data["tuning"] if t["method"] == "rece") == [0.1, 0.3]
     assert data["complete"] is True
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rows["none"]["shift"] == pytest.approx(0.0, abs=1e-6)  # the unedited model against itself
     assert rows["uce"]["shift"] > 0 and rows["mace"]["edit_seconds"] > 0
+    assert rows["speed"]["shift"] > 0 and rows["rece"]["shift"] > 0  # both edit the model
     assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("acc_e", "acc_g", "acc_s", "h_o"))
