@@ -308,3 +308,23 @@ def test_rece_on_the_world(world_pipe):
         # original distance from the guide's; a kept text's move by about 9% of their size.
         assert float((c @ W1.T - g @ W1.T).norm() / (c @ W.T - g @ W.T).norm()) < 0.8
         assert _relative(kept_tokens, W1, W) < 0.15
+
+
+def test_pipeline_entry_points_reject_bad_input(world_pipe):
+    pipe, W0, _, _ = world_pipe
+    with pytest.raises(ValueError, match="no concepts to erase"):
+        speed(pipe, [], GUIDE)
+    with pytest.raises(ValueError, match="2 concepts but 3 guides"):
+        speed(pipe, [ERASED, KEPT[0]], [GUIDE] * 3)
+    with pytest.raises(ValueError, match="projections must be one of"):
+        speed(pipe, [ERASED], GUIDE, projections="q")
+    with pytest.raises(ValueError, match="null_clusters"):
+        speed(pipe, [ERASED], GUIDE, null_clusters=77)
+    with pytest.raises(ValueError, match="no concepts to erase"):
+        rece(pipe, [], GUIDE)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        rece(pipe, [ERASED], GUIDE, rounds=0)
+    with pytest.raises(ValueError, match="1 concepts but 2 guides"):
+        rece(pipe, [ERASED], [GUIDE, GUIDE])
+    for W, W1 in zip(W0, projection_weights(pipe.unet)):  # nothing was written
+        assert torch.equal(W1, W.float())
