@@ -165,6 +165,8 @@ def _cmd_attack(args) -> int:
     if args.clip:
         from .metrics import load_clip
 
+        if not original and "soft" in _split(args.attacks):
+            raise ValueError("the soft-prompt attack on a real model needs --original (its images of each concept are the targets)")
         clip = load_clip(args.clip)
     else:
         from .world import WORLD, get_world, world_of

@@ -442,8 +442,7 @@ def text_attack(pipe, concept: str, template: str = "a photo of {}", settings: T
         return ((emb - target) ** 2).mean((1, 2))
 
     k = s.num_tokens
-    first = s.batch if s.search == "genetic" else 1
-    if s.budget < first:
+    if s.budget < 1:
         return TextSearchResult(plain, [], 0, plain_distance, plain_distance, plain_distance, setup)
 
     if s.search == "coordinate":
@@ -455,7 +454,8 @@ def text_attack(pipe, concept: str, template: str = "a photo of {}", settings: T
         is_allowed = torch.zeros(vocab_size, dtype=torch.bool)
         is_allowed[allowed[allowed < vocab_size]] = True
         positions = maker.positions(k)
-        while used + 1 + s.batch <= s.budget:
+        while used + 2 <= s.budget:
+            n = min(s.batch, s.budget - used - 1)  # the last step may try fewer swaps
             # One gradient pass: d distance / d one-hot word choice, through the text encoder only.
             onehot = torch.zeros(k, vocab_size)
             onehot[torch.arange(k), best[0]] = 1
@@ -467,32 +467,33 @@ def text_attack(pipe, concept: str, template: str = "a photo of {}", settings: T
             used += 1
             grad = onehot.grad.masked_fill(~is_allowed, float("inf"))
             top = (-grad).topk(min(s.top_k, int(is_allowed.sum())), dim=1).indices
-            cand = best.repeat(s.batch, 1)
-            where = torch.randint(k, (s.batch,), generator=g)
-            pick = torch.randint(top.shape[1], (s.batch,), generator=g)
-            cand[torch.arange(s.batch), where] = top[where, pick]
+            cand = best.repeat(n, 1)
+            where = torch.randint(k, (n,), generator=g)
+            pick = torch.randint(top.shape[1], (n,), generator=g)
+            cand[torch.arange(n), where] = top[where, pick]
             d = distance(cand)
             if float(d.min()) < float(best_d[0]):
                 best, best_d = cand[d.argmin()][None], d.min()[None]
         words = best[0]
         end = float(best_d[0])
     else:
-        pop = allowed[torch.randint(len(allowed), (s.batch, k), generator=g)]
+        pop = allowed[torch.randint(len(allowed), (min(s.batch, s.budget), k), generator=g)]
         fit = distance(pop)
         start = float(fit.min())
-        children_per_generation = s.batch - s.elite
-        while used + children_per_generation <= s.budget:
+        while used < s.budget:
             order = fit.argsort()
             pop, fit = pop[order], fit[order]
-            # Tournament of two for each parent, uniform crossover, per-word mutation.
-            a = torch.randint(s.batch, (children_per_generation, 2), generator=g).min(1).values
-            b = torch.randint(s.batch, (children_per_generation, 2), generator=g).min(1).values
-            mix = torch.rand(children_per_generation, k, generator=g) < 0.5
+            size, elite = len(pop), min(s.elite, len(pop))
+            n = min(s.batch - elite, s.budget - used)  # the last generation may be smaller
+            # Parents by tournaments of two (ranks), uniform crossover, per-word mutation.
+            a = torch.randint(size, (n, 2), generator=g).min(1).values
+            b = torch.randint(size, (n, 2), generator=g).min(1).values
+            mix = torch.rand(n, k, generator=g) < 0.5
             kids = torch.where(mix, pop[a], pop[b])
-            mutate = torch.rand(children_per_generation, k, generator=g) < s.mutation
-            kids = torch.where(mutate, allowed[torch.randint(len(allowed), (children_per_generation, k), generator=g)], kids)
-            pop = torch.cat([pop[: s.elite], kids])
-            fit = torch.cat([fit[: s.elite], distance(kids)])
+            mutate = torch.rand(n, k, generator=g) < s.mutation
+            kids = torch.where(mutate, allowed[torch.randint(len(allowed), (n, k), generator=g)], kids)
+            pop = torch.cat([pop[:elite], kids])
+            fit = torch.cat([fit[:elite], distance(kids)])
         words = pop[fit.argmin()]
         end = float(fit.min())
     spelled = [spelling[int(i)] for i in words]

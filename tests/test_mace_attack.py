@@ -85,16 +85,17 @@ def test_unedited_model_is_found_by_its_plain_prompt_at_no_cost(world_pipe):
 
 
 def test_text_attack_spends_its_budget_on_the_text_encoder_only(erased_pipe):
-    for search, budget, unit in (("coordinate", 23, 1 + 6), ("genetic", 30, 6 - 2)):
+    for search, budget in (("coordinate", 23), ("genetic", 29)):
         settings = TextAttack(budget=budget, num_tokens=4, batch=6, elite=2, top_k=16, search=search, templates=FEW_TEMPLATES)
         with Calls(erased_pipe.unet) as unet, Calls(erased_pipe.text_encoder) as text:
             found = text_attack(erased_pipe, ERASED, TEMPLATE, settings, seed=3)
         assert unet.calls == 0  # text-only: the UNet is never run
         # Setup (direction over 3 templates with and without the concept, the target and the
-        # plain prompt), then exactly the search's prompts, as many whole steps as the budget allows.
+        # plain prompt), then exactly the search's prompts: the whole budget, but for a last
+        # unit the coordinate search cannot use (a gradient pass needs a candidate after it).
         assert found.setup_prompts == 2 * 3 + 2
         assert text.rows == found.setup_prompts + found.budget_used
-        assert budget - unit < found.budget_used <= budget
+        assert found.budget_used == (22 if search == "coordinate" else 29)
         assert found.distance_end <= found.distance_start
         assert len(found.words) == 4 and found.prompt == TEMPLATE.format(" ".join(found.words))
         assert found.prompt != TEMPLATE.format(ERASED)
@@ -184,5 +185,5 @@ def test_attacks_run_on_an_sdxl_shaped_pipe():
                                                                   SoftPromptAttack(budget=2, batch_size=1, target_images=2, probe_size=1)],
                                   targets=targets, images_per_concept=1, steps=2, progress=False)
     assert reports["text"].asr == reports["soft"].asr == 0.0
-    assert reports["text"].concepts[0].budget_used == 1 + (1 + 4) and reports["soft"].concepts[0].budget_used == 2
+    assert reports["text"].concepts[0].budget_used == 9 and reports["soft"].concepts[0].budget_used == 2
     assert reports["text"].concepts[0].prompt != "a photo of Emma Stone"
