@@ -23,7 +23,7 @@ beat.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +31,15 @@ import torch
 import mace_kernels as mk
 
 METHODS = ("fast", "reference")
+
+# Replaces a running sum by its sum over processes (mace.distributed.all_reduce_sum).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _reduce_count(reduce: Reduce, count):
+    """A token count (an int, or a list of ints) through ``reduce``."""
+    out = reduce(torch.tensor(count if isinstance(count, list) else [count], dtype=torch.int64)).tolist()
+    return out if isinstance(count, list) else out[0]
 
 
 @dataclass
@@ -127,6 +136,13 @@ class RefinementStatistics:
         self._flush()
         return self._c_oo, self._c_no
 
+    def reduce_sums(self, reduce: Reduce) -> None:
+        """Replace each running sum S (C_oo, C_no, the token count) by ``reduce(S)``, e.g. its sum
+        over processes that each added other batches (mace.distributed)."""
+        self._flush()
+        self._c_oo, self._c_no = reduce(self._c_oo), reduce(self._c_no)
+        self.tokens = _reduce_count(reduce, self.tokens)
+
 
 def refinement_statistics(old_tokens: torch.Tensor, new_tokens: torch.Tensor, dtype=torch.float64, chunk: int = 16384):
     """(C_oo, C_no) over aligned token pairs given all at once (one batch of
@@ -175,6 +191,11 @@ class _ReferenceRefinement:
             m2 += x.T @ x
         self.tokens += int(old_tokens.shape[0])
 
+    def reduce_sums(self, reduce: Reduce) -> None:
+        self.mat1 = [reduce(m) for m in self.mat1]
+        self.mat2 = [reduce(m) for m in self.mat2]
+        self.tokens = _reduce_count(reduce, self.tokens)
+
     def solve(self, weights, lam, preserve, preserve_scale, jitter):
         eye = torch.eye(weights[0].shape[1], dtype=self.dtype)
         return _solve_per_layer(weights, [lam * w + m1 for w, m1 in zip(self.weights, self.mat1)],
@@ -207,11 +228,15 @@ def refine_weights_streamed(
     method: str = "fast",
     dtype: torch.dtype = torch.float64,
     jitter: float | None = None,
+    combine: Callable[[object], bool] | None = None,
 ) -> tuple[list[torch.Tensor], SolveReport]:
     """Closed-form refinement from aligned token batches (e.g. a generator that encodes prompts).
 
     Each batch is (old_tokens, new_tokens), both (N_b, d); only the running statistics are
     kept between batches. Same result as :func:`refine_weights` on the concatenated tokens.
+    ``combine(statistics)``, when given, runs once every batch is in: it may merge other
+    processes' statistics in place (``mace.distributed.combine_statistics``) and says whether
+    this call solves; when it does not, the weights come back unchanged.
     """
     _check_method(method)
     d = weights[0].shape[1]
@@ -221,6 +246,8 @@ def refine_weights_streamed(
             raise ValueError(f"old and new tokens must both be (N, {d}), got {tuple(old_tokens.shape)} "
                              f"and {tuple(new_tokens.shape)}")
         acc.add(old_tokens, new_tokens)
+    if combine is not None and not combine(acc):
+        return list(weights), SolveReport(acc.tokens)
     if method == "fast":
         return solve_refinement(weights, acc, lam=lam, preserve=preserve, preserve_scale=preserve_scale, jitter=jitter)
     return acc.solve(weights, lam, preserve, preserve_scale, jitter)
@@ -367,6 +394,18 @@ class FusionStatistics:
         term = None if self.lora_term is None else [t.to(self.dtype) for t in self.lora_term]
         return self.sum_c.to(self.dtype), term
 
+    def reduce_sums(self, reduce: Reduce) -> None:
+        """Replace each running sum S (sum C_i, the LoRA term, the token counts) by ``reduce(S)``,
+        e.g. its sum over processes that each added other batches (mace.distributed)."""
+        self._covariances()
+        self._fold()
+        if self.lora_term is None:  # no token here; other processes may have some
+            d = self.sum_c.shape[0]
+            self.lora_term = [torch.zeros(b.shape[1], d, dtype=_accumulation(self.dtype)) for b in self.loras.B]
+        self.sum_c = reduce(self.sum_c)
+        self.lora_term = [reduce(t) for t in self.lora_term]
+        self.tokens = _reduce_count(reduce, self.tokens)
+
 
 def solve_fusion(
     weights: Sequence[torch.Tensor],
@@ -415,10 +454,10 @@ class _ReferenceFusion:
         self.weights = [w.to(dtype) for w in weights]
         self.loras = loras
         self.dtype = dtype
+        self.lam = lam
         d = weights[0].shape[1]
-        eye = torch.eye(d, dtype=dtype)
-        self.mat1 = [lam * w for w in self.weights]
-        self.mat2 = [lam * eye.clone() for _ in weights]
+        self.mat1 = [torch.zeros_like(w) for w in self.weights]  # sum ((W + dW_i) e) e^T per layer
+        self.mat2 = [torch.zeros(d, d, dtype=dtype) for _ in weights]  # sum e e^T per layer
         self.tokens = 0
 
     def add(self, concept: int, tokens: torch.Tensor) -> None:
@@ -431,9 +470,16 @@ class _ReferenceFusion:
             self.mat2[lay] += e.T @ e
         self.tokens += int(tokens.shape[0])
 
+    def reduce_sums(self, reduce: Reduce) -> None:
+        self.mat1 = [reduce(m) for m in self.mat1]
+        self.mat2 = [reduce(m) for m in self.mat2]
+        self.tokens = _reduce_count(reduce, self.tokens)
+
     def solve(self, weights, preserve, scale, anchor, jitter):
-        return _solve_per_layer(weights, self.mat1, self.mat2, anchor if anchor is not None else weights, preserve, scale,
-                                jitter, self.tokens)
+        eye = torch.eye(weights[0].shape[1], dtype=self.dtype)
+        return _solve_per_layer(weights, [self.lam * w + m1 for w, m1 in zip(self.weights, self.mat1)],
+                                [self.lam * eye + m2 for m2 in self.mat2], anchor if anchor is not None else weights,
+                                preserve, scale, jitter, self.tokens)
 
 
 def fuse_weights_streamed(
@@ -450,12 +496,13 @@ def fuse_weights_streamed(
     jitter: float | None = None,
     max_tokens_per_call: int = 32768,
     group: int = 64,
+    combine: Callable[[object], bool] | None = None,
 ) -> tuple[list[torch.Tensor], SolveReport]:
     """Closed-form fusion from token batches (e.g. a generator that encodes each concept's prompts).
 
     Each batch is (concept index i, (N_b, d) tokens of concept i's prompts); only running
     statistics are kept between batches. Same result as :func:`fuse_weights` on the
-    concatenated tokens of each concept.
+    concatenated tokens of each concept. ``combine`` as in :func:`refine_weights_streamed`.
     """
     _check_method(method)
     n, d = loras.num_concepts, weights[0].shape[1]
@@ -473,6 +520,9 @@ def fuse_weights_streamed(
         if tokens.dim() != 2 or tokens.shape[1] != d:
             raise ValueError(f"tokens of concept {concept} must be (N, {d}), got {tuple(tokens.shape)}")
         acc.add(concept, tokens)
+    if combine is not None and not combine(acc):
+        tokens = acc.tokens
+        return list(weights), SolveReport(sum(tokens) if isinstance(tokens, list) else tokens)
     if method == "fast":
         return solve_fusion(weights, acc, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
                             original=anchor, jitter=jitter)
