@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import mace_kernels as mk
 
+from . import distributed
 from .atomic import atomic_path
 from .fingerprint import files_digest
 from .models import encode_prompts, text_encoder_fingerprint, text_width
@@ -135,36 +136,55 @@ def build_preservation_cache(
     Every token of every prompt counts (start, words, end and padding: all of them reach the
     cross-attention). Resumes from ``out``'s partial file when a previous run was interrupted;
     returns at once when ``out`` is already complete for these prompts and this model.
+
+    Under torchrun every rank calls it with the same arguments (mace.distributed): each
+    encodes a contiguous share of the prompts, checkpointed to a partial file of its own
+    (``OUT.rank<r>-of-<n>.partial``, resumed only for the same share of the same prompts),
+    the statistics are summed over ranks and rank 0 writes ``out``; every rank returns it.
     """
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"cache path {out} must end in .safetensors")
+    if distributed.launched():
+        if pipe.device.type == "cuda":
+            pipe.to(distributed.local_device("cuda"))  # one GPU per rank on a node
+        distributed.init_from_env(pipe.device)
+    prompts = list(prompts)
     fingerprint = text_encoder_fingerprint(pipe)
     sha = _sha(prompts)
-    partial = out.with_name(out.name + ".partial")
-    if out.exists():
+    if out.exists():  # written only after every rank's last collective: the same answer on all
         done = load_preservation_cache(out, allow_partial=True)
         if done.prompts_sha256 == sha and done.fingerprint == fingerprint:
             return done
+    mine = distributed.shard(prompts)  # all of them in a single process
+    own = f".rank{distributed.rank()}-of-{distributed.world_size()}" if distributed.is_distributed() else ""
+    partial = out.with_name(f"{out.name}{own}.partial")
     d = text_width(pipe)
-    cache = PreservationCache(torch.zeros(d, d, dtype=torch.float64), 0, 0, model_id, fingerprint, sha)
+    # The partial file's hash is of this process's prompts: another share is never resumed.
+    cache = PreservationCache(torch.zeros(d, d, dtype=torch.float64), 0, 0, model_id, fingerprint, _sha(mine))
     if partial.exists():
         previous = load_preservation_cache(partial, allow_partial=True)
-        if previous.prompts_sha256 == sha and previous.fingerprint == fingerprint:
+        if previous.prompts_sha256 == cache.prompts_sha256 and previous.fingerprint == fingerprint:
             cache = previous
-    starts = range(cache.prompts, len(prompts), batch_size)
-    bar = tqdm(starts, desc=f"cache {out.name}", unit="batch", disable=not progress,
-               initial=cache.prompts // batch_size, total=-(-len(prompts) // batch_size))
+    starts = range(cache.prompts, len(mine), batch_size)
+    bar = tqdm(starts, desc=f"cache {out.name}", unit="batch", disable=not distributed.show_progress(progress),
+               initial=cache.prompts // batch_size, total=-(-len(mine) // batch_size))
     for step, start in enumerate(bar, 1):
-        chunk = list(prompts[start:start + batch_size])
+        chunk = list(mine[start:start + batch_size])
         emb = encode_prompts(pipe, chunk, batch_size=batch_size)
         cxx, _ = mk.token_covariance(emb.reshape(-1, d))
         cache.cov += cxx.to(torch.float64)
         cache.tokens += emb.shape[0] * emb.shape[1]
         cache.prompts = start + len(chunk)
-        if step % checkpoint_every == 0 and cache.prompts < len(prompts):
+        if step % checkpoint_every == 0 and cache.prompts < len(mine):
             cache.save(partial, partial=True)
-    cache.save(out)
+    if distributed.is_distributed():
+        cache.save(partial, partial=True)  # this share is done: a rerun after another rank failed keeps it
+        cache = PreservationCache(distributed.all_reduce_sum(cache.cov), distributed.sum_over_ranks(cache.tokens),
+                                  len(prompts), model_id, fingerprint, sha)
+        distributed.on_main(lambda: cache.save(out))
+    else:
+        cache.save(out)
     partial.unlink(missing_ok=True)
     return cache
 

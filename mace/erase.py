@@ -8,6 +8,9 @@
 
 Each stage's result carries the fingerprint of what it was computed from (run_state,
 lora_training), so a rerun redoes exactly what changed. One pipeline serves the whole run.
+
+Under torchrun each rank does its share of every stage (mace.distributed): its concepts'
+images and LoRAs, its share of the closed-form statistics; rank 0 solves and writes the models.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 import mace_kernels as mk
 
+from . import distributed
 from .atomic import save_pipeline_atomically
 from .cache import PreservationSettings, read_prompt_file
 from .config import ConfigError, MACEConfig
@@ -107,18 +111,25 @@ def _closed_form_errors(stage: str):
 
 
 def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool = True) -> ErasureSummary:
-    """Run the requested stages of MACE for ``config``; results whose inputs did not change are reused."""
+    """Run the requested stages of MACE for ``config``; results whose inputs did not change are reused.
+
+    Under torchrun (several processes) every rank runs this with the same config and does its
+    share (mace.distributed); the summary each rank returns covers all ranks' work.
+    """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    masker = _masker(config) if "prepare" in stages else None  # loaded before any work: fail early
+    device = distributed.local_device(config.device)
+    distributed.init_from_env(device)
+    progress = distributed.show_progress(progress)
+    masker = _masker(config, device) if "prepare" in stages else None  # loaded before any work: fail early
     output_dir = Path(config.output_dir)
     input_dir = Path(config.input_data_dir or output_dir / "data")
     refined_path, final_path = output_dir / "refined", Path(config.final_save_path)
     summary = ErasureSummary(concepts=[name for name, _ in config.concepts], refined_model=str(refined_path),
                              final_model=str(final_path))
     state = RunState(output_dir)
-    models = RunModels(config.pretrained_model_name_or_path, config.device, config.revision)
+    models = RunModels(config.pretrained_model_name_or_path, device, config.revision)
     models.saved_in("refined", refined_path)
     models.saved_in("final", final_path)
     pairs = concept_pairs(config)
@@ -134,11 +145,12 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
         with _timed(summary, "prepare"):
             pipe = models.use("original")
             settings = GenerationSettings.from_config(config, resolution(pipe, config))
-            with _precision(config):
+            with _precision(config):  # each rank its share of the concepts
                 made = sum(generate_concept_data(pipe, name, mapping, kind, input_dir, settings,
                                                  prompts=[p.old for p in pairs[name]], progress=progress,
                                                  masker=masker, with_masks=config.use_gsam_mask)
-                           for (name, kind), mapping in zip(config.concepts, config.mapping_concept))
+                           for (name, kind), mapping in distributed.shard(zip(config.concepts, config.mapping_concept)))
+            made = distributed.sum_over_ranks(made)  # every rank's images are there after this
             if made:
                 summary.wrote.append(f"{made} image(s) in {input_dir}")
             else:
@@ -156,11 +168,9 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
                 with _closed_form_errors("refine"):
                     refine(pipe, [p for name in pairs for p in pairs[name]], lam=refine_settings.lam,
                            preserve=refine_settings.preserve.matrix(pipe), preserve_scale=refine_settings.preserve_scale,
-                           all_words=refine_settings.all_words, method=refine_settings.method, jitter=refine_settings.jitter)
-                models.keep("refined")
-                state.forget("refine")
-                save_pipeline_atomically(pipe, refined_path)
-                state.mark_done("refine", refine_fp)
+                           all_words=refine_settings.all_words, method=refine_settings.method, jitter=refine_settings.jitter,
+                           distributed=True)
+                _save(models, "refined", refined_path, state, "refine", refine_fp)
                 summary.wrote.append(f"refined model {refined_path}")
 
     needs_refined = [s for s in ("train", "fuse") if s in stages]
@@ -174,15 +184,17 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
         with _timed(summary, "train"):
             pipe = models.use("refined")
             _require_data(input_dir, config)
-            result = train_concept_loras(pipe, concepts, LoraTrainingSettings.from_config(config, resolution(pipe, config)),
-                                         input_data_dir=input_dir, output_dir=output_dir, progress=progress,
-                                         preserve=_lora_preserve(config, pipe))
-            summary.trained = dict(result.trained)
-            lora_fps = result.fingerprints
-            if result.trained:
-                changed = [n for n, why in result.trained.items() if why != "new"]
+            settings = LoraTrainingSettings.from_config(config, resolution(pipe, config))
+            # Each rank trains its share of the concepts; one LoRA shared by all concepts is rank 0's.
+            mine = distributed.shard(concepts) if settings.separate else (concepts if distributed.is_main() else [])
+            result = train_concept_loras(pipe, mine, settings, input_data_dir=input_dir, output_dir=output_dir,
+                                         progress=progress, preserve=_lora_preserve(config, pipe))
+            summary.trained = distributed.merge_dicts(result.trained)  # every rank's, once all LoRAs are saved
+            lora_fps = distributed.merge_dicts(result.fingerprints)
+            if summary.trained:
+                changed = [n for n, why in summary.trained.items() if why != "new"]
                 note = f" (retrained, inputs changed: {', '.join(changed)})" if changed else ""
-                summary.wrote.append(f"{len(result.trained)} LoRA(s) in {output_dir / 'lora'}{note}")
+                summary.wrote.append(f"{len(summary.trained)} LoRA(s) in {output_dir / 'lora'}{note}")
             else:
                 summary.skipped.append("train")
 
@@ -202,26 +214,40 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
                          {n: [p.old for p in pairs[n]] for n in pairs}, lam=fuse_settings.lam,
                          preserve=fuse_settings.preserve.matrix(pipe), preserve_scale=fuse_settings.preserve_scale,
                          original=models.weights("original"), method=fuse_settings.method, jitter=fuse_settings.jitter,
-                         tokens=fuse_settings.tokens)
-                models.keep("final")
-                state.forget("fuse")
-                save_pipeline_atomically(pipe, final_path)
-                state.mark_done("fuse", fuse_fp)
+                         tokens=fuse_settings.tokens, distributed=True)
+                _save(models, "final", final_path, state, "fuse", fuse_fp)
                 summary.wrote.append(f"final model {final_path}")
 
     if "report" in stages and (final_path / "model_index.json").exists():
         with _timed(summary, "report"):
-            summary.report = str(_report(config, models, summary))
+            report = distributed.on_main(lambda: _report(config, models, summary))  # rank 0 writes it
+            summary.report = str(report or Path(config.output_dir) / "report.html")
             summary.wrote.append(f"report {summary.report}")
     return summary
 
 
-def _masker(config: MACEConfig):
+def _save(models: RunModels, version: str, path: Path, state: RunState, stage: str, fingerprint: str) -> None:
+    """Keep the pipeline's weights as ``version``, save it to ``path`` and mark ``stage`` done.
+
+    Rank 0 keeps and saves (it alone solved); the others wait and read the weights from
+    ``path`` when they need them (RunModels).
+    """
+    state.forget(stage)
+
+    def keep_and_save():
+        models.keep(version)
+        save_pipeline_atomically(models.pipe, path)
+
+    distributed.on_main(keep_and_save)
+    state.mark_done(stage, fingerprint)
+
+
+def _masker(config: MACEConfig, device):
     """The Grounded-SAM masker when the config asks for it and a concept needs masks."""
     if (config.mask_method != "grounded_sam" or not config.use_gsam_mask or not config.generate_data
             or all(kind == "style" for _, kind in config.concepts)):
         return None
-    return GroundedSamMasker.from_pretrained(config.grounding_model, config.sam_model, device=config.device)
+    return GroundedSamMasker.from_pretrained(config.grounding_model, config.sam_model, device=device)
 
 
 def _require_data(input_dir: Path, config: MACEConfig) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed as dist
 from .cache import PreservationCache, PreservationSettings
 from .closed_form import LoraStack, SolveReport, fuse_weights_streamed
 from .config import MACEConfig
@@ -93,6 +94,7 @@ def fuse(
     jitter: float | None = None,
     batch_size: int = 64,
     tokens: str = "all",
+    distributed: bool = False,
 ) -> SolveReport:
     """Fuse one LoRA per concept into the pipeline's cross-attention projections, in place.
 
@@ -109,6 +111,11 @@ def fuse(
         tokens: "all" (the original: every token of each prompt), "concept": only the
             positions from the concept's name on (:func:`from_name_on`; the concept key of
             ``loras`` is the name looked for), or "name": the name's own tokens only.
+        distributed: every rank of a torch.distributed run calls it with the same arguments
+            (mace.distributed): each rank encodes its share of the (concept, prompt batch)
+            units, the statistics are summed over ranks and rank 0 alone solves and edits its
+            pipeline; the other ranks' pipelines are left as they were. In a single-process run
+            it changes nothing.
     """
     concepts = list(loras)
     if not concepts:
@@ -137,15 +144,18 @@ def fuse(
             if not masks[c].any():
                 raise ValueError(f"fuse: no prompt of concept {c!r} contains its name, so it has no tokens to fuse")
 
+    texts = [list(prompts[c]) for c in concepts]
+    units = [(i, start) for i in range(len(concepts)) for start in range(0, len(texts[i]), batch_size)]
+    if distributed:
+        units = dist.shard(units)
+
     def batches():
         """(concept index, tokens) one prompt batch at a time: only running statistics are kept."""
-        for i, c in enumerate(concepts):
-            texts = list(prompts[c])
-            for start in range(0, len(texts), batch_size):
-                e = encode_prompts(pipe, texts[start:start + batch_size], batch_size)
-                if tokens != "all":
-                    e = e[masks[c][start:start + batch_size]]
-                yield i, e.reshape(-1, d)
+        for i, start in units:
+            e = encode_prompts(pipe, texts[i][start:start + batch_size], batch_size)
+            if tokens != "all":
+                e = e[masks[concepts[i]][start:start + batch_size]]
+            yield i, e.reshape(-1, d)
 
     anchor = None
     if original is not None:
@@ -153,6 +163,7 @@ def fuse(
     report = edit_projections(pipe.unet, lambda weights: fuse_weights_streamed(
         weights, stack, batches(), lam=lam, preserve=preserve, preserve_scale=preserve_scale,
         original=anchor, method=method, dtype=dtype, jitter=jitter,
+        combine=dist.combine_statistics if distributed else None,
     ))
     report.extra["concepts"] = len(concepts)
     return report

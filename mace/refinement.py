@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed as dist
 from .cache import PreservationCache, PreservationSettings
 from .closed_form import SolveReport, refine_weights_streamed
 from .config import MACEConfig
@@ -126,6 +127,7 @@ def refine(
     dtype: torch.dtype = torch.float64,
     jitter: float | None = None,
     batch_size: int = 64,
+    distributed: bool = False,
 ) -> SolveReport:
     """Closed-form refinement of every cross-attention key/value projection, in place.
 
@@ -134,15 +136,22 @@ def refine(
     over the aligned tokens of the (old_prompt, new_prompt) pairs; ``preserve`` is the d x d
     statistic of the preserved prompts (a cache or a tensor), s = ``preserve_scale``.
     ``method="fast"`` shares one d x d solve across layers; ``"reference"`` is paper-literal.
+    With ``distributed`` (every rank of a torch.distributed run calls it with the same
+    arguments, see mace.distributed) each rank encodes its share of the pairs, the statistics
+    are summed over ranks and rank 0 alone solves and edits its pipeline; the other ranks'
+    pipelines are left as they were. In a single-process run it changes nothing.
     """
     pairs = _as_pairs(pairs)
+    count = len(pairs)
+    if distributed:
+        pairs = dist.shard(pairs)
     if isinstance(preserve, PreservationCache):
         preserve = preserve.cov
     # The prompts are encoded while the statistics accumulate, one batch at a time.
-    batches = aligned_pair_batches(pipe, pairs, all_words=all_words, batch_size=batch_size)
+    batches = aligned_pair_batches(pipe, pairs, all_words=all_words, batch_size=batch_size) if pairs else iter(())
     report = edit_projections(pipe.unet, lambda weights: refine_weights_streamed(
         weights, batches, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
-        method=method, dtype=dtype, jitter=jitter,
+        method=method, dtype=dtype, jitter=jitter, combine=dist.combine_statistics if distributed else None,
     ))
-    report.extra["pairs"] = len(pairs)
+    report.extra["pairs"] = count
     return report

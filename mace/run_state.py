@@ -2,7 +2,8 @@
 
 - ``RunState``: ``<output_dir>/.mace_state.json`` maps each finished stage to the fingerprint
   of everything it was computed from; a stage is skipped only when its fingerprint is the
-  same and its output exists (docs/design.md, section 4).
+  same and its output exists (docs/design.md, section 4). Under torchrun every rank keeps
+  the same state; rank 0 alone writes the file and decides whether a stage is done.
 - ``RunModels``: MACE changes only the cross-attention key/value projections, so the original,
   refined and final models are one pipeline with three sets of those weights. The pipeline is
   loaded once; each set is a CPU snapshot swapped in when a stage needs it, and a set that an
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .atomic import write_json_atomically
 from .models import cross_attention_projections, projection_weights, read_projection_weights, set_projection_weights
 from .pipelines import load_pipeline
@@ -38,15 +40,20 @@ class RunState:
             self.stages = {k: v for k, v in loaded.items() if isinstance(v, str)} if isinstance(loaded, dict) else {}
 
     def is_done(self, stage: str, fingerprint: str, model_folder: str | os.PathLike) -> bool:
-        """The stage finished under this fingerprint and its saved model is there."""
-        return self.stages.get(stage) == fingerprint and (Path(model_folder) / "model_index.json").exists()
+        """The stage finished under this fingerprint and its saved model is there (rank 0's
+        answer on every rank: what runs next must be the same on all of them)."""
+        return distributed.agree(self.stages.get(stage) == fingerprint and (Path(model_folder) / "model_index.json").exists())
 
     def mark_done(self, stage: str, fingerprint: str) -> None:
         self.stages[stage] = fingerprint
-        write_json_atomically(self.path, self.stages)
+        self._write()
 
     def forget(self, stage: str) -> None:
         if self.stages.pop(stage, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        if distributed.is_main():
             write_json_atomically(self.path, self.stages)
 
 
