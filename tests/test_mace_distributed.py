@@ -247,3 +247,37 @@ def test_statistics_summed_over_ranks_equal_one_process(method, split):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
         assert report.tokens == want_report.tokens
         assert all(torch.equal(a, b) for a, b in zip(untouched, weights))  # the rank that does not solve
+
+
+def test_a_cache_rank_checkpoints_and_resumes_its_own_share(tiny_pipe, tmp_path, monkeypatch):
+    """Rank 1 of 2 (simulated in this process): it encodes the second half of the prompts,
+    checkpoints them to a partial file of its own and resumes from it after an interruption."""
+    import mace.cache as cache_mod
+
+    prompts = [f"a photo of a cat number {i}" for i in range(14)]
+    for name, value in (("is_distributed", lambda: True), ("rank", lambda: 1), ("world_size", lambda: 2),
+                        ("all_reduce_sum", lambda t: t), ("sum_over_ranks", lambda n: n), ("on_main", lambda fn: None)):
+        monkeypatch.setattr(distributed, name, value)
+    real, calls = cache_mod.encode_prompts, []
+
+    def interrupted(pipe, batch, batch_size=64):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(pipe, batch, batch_size)
+
+    out = tmp_path / "c.safetensors"
+    monkeypatch.setattr(cache_mod, "encode_prompts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mace.build_preservation_cache(tiny_pipe, prompts, out, batch_size=2, checkpoint_every=1, progress=False)
+    partial = tmp_path / "c.safetensors.rank1-of-2.partial"
+    assert mace.load_preservation_cache(partial, allow_partial=True).prompts == 4  # 2 of its 4 batches
+    calls.clear()
+    monkeypatch.setattr(cache_mod, "encode_prompts", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    share = mace.build_preservation_cache(tiny_pipe, prompts, out, batch_size=2, checkpoint_every=1, progress=False)
+    assert calls == [2, 1]  # only the prompts after its checkpoint
+    emb = real(tiny_pipe, prompts[7:]).reshape(-1, 64).double()  # rank 1's share: the last 7 prompts
+    torch.testing.assert_close(share.cov, emb.T @ emb, rtol=1e-5, atol=1e-3)
+    # All prompts counted; the tokens are rank 1's own here (the sum over ranks is simulated as identity).
+    assert (share.prompts, share.tokens) == (len(prompts), 7 * 77)
+    assert not partial.exists() and not out.exists()  # rank 0 writes the cache
