@@ -439,7 +439,7 @@ def text_attack(pipe, concept: str, template: str = "a photo of {}", settings: T
         nonlocal used
         used += len(words)
         emb, _ = _encode_ids(pipe, maker.ids(words))
-        return ((emb - target) ** 2).mean((1, 2))
+        return ((emb - target) ** 2).mean((1, 2)).cpu()
 
     k = s.num_tokens
     if s.budget < 1:
@@ -461,11 +461,11 @@ def text_attack(pipe, concept: str, template: str = "a photo of {}", settings: T
             onehot[torch.arange(k), best[0]] = 1
             onehot.requires_grad_(True)
             with torch.enable_grad(), _frozen(*(enc for _, enc in encoders)):
-                insert = [onehot @ enc.get_input_embeddings().weight[:vocab_size] for _, enc in encoders]
+                insert = [onehot.to(enc.device, enc.dtype) @ enc.get_input_embeddings().weight[:vocab_size] for _, enc in encoders]
                 emb, _ = _encode_ids(pipe, maker.ids(best), insert, positions)
                 ((emb[0] - target) ** 2).mean().backward()
             used += 1
-            grad = onehot.grad.masked_fill(~is_allowed, float("inf"))
+            grad = onehot.grad.float().masked_fill(~is_allowed, float("inf"))
             top = (-grad).topk(min(s.top_k, int(is_allowed.sum())), dim=1).indices
             cand = best.repeat(n, 1)
             where = torch.randint(k, (n,), generator=g)
