@@ -73,17 +73,18 @@ class TextAttack:
     """The text-only attack (Ring-A-Bell's concept direction with a discrete token search).
 
     ``budget`` counts prompts the search runs through the text encoder (a gradient pass of the
-    coordinate search counts as one). ``search``: ``coordinate`` (each step ranks replacement
-    words by the gradient of the distance through the text encoder, tries ``batch`` single-word
-    swaps and keeps the best) or ``genetic`` (Ring-A-Bell's: a population of ``batch`` prompts,
-    ``elite`` kept, uniform crossover, ``mutation`` rate per word). The setup, 2 x
+    coordinate search counts as one). ``search``: ``genetic`` (Ring-A-Bell's: a population of
+    ``batch`` prompts, ``elite`` kept, uniform crossover, ``mutation`` rate per word) or
+    ``coordinate`` (each step ranks replacement words by the gradient of the distance through
+    the text encoder, tries ``batch`` single-word swaps and keeps the best; it reaches smaller
+    distances, which on the glyph world did not bring more concepts back). The setup, 2 x
     len(templates) + 1 prompts for the direction and the target, is not part of the budget.
     """
 
     budget: int = 320
     num_tokens: int = 8
     eta: float = 3.0
-    search: str = "coordinate"
+    search: str = "genetic"
     batch: int = 32
     top_k: int = 64
     mutation: float = 0.25

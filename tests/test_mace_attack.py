@@ -181,9 +181,10 @@ def test_attacks_run_on_an_sdxl_shaped_pipe():
     the found embeddings go through SDXL's conditioning."""
     pipe = mace.load_pipeline("builtin:tiny-sdxl")
     targets = lambda concept, n, seed: torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    reports = attack_success_rate(pipe, ["Emma Stone"], Never(), [TextAttack(budget=9, batch=4, num_tokens=3, templates=FEW_TEMPLATES),
-                                                                  SoftPromptAttack(budget=2, batch_size=1, target_images=2, probe_size=1)],
-                                  targets=targets, images_per_concept=1, steps=2, progress=False)
+    attacks = [TextAttack(budget=9, batch=4, num_tokens=3, search="coordinate", templates=FEW_TEMPLATES),
+               SoftPromptAttack(budget=2, batch_size=1, target_images=2, probe_size=1)]
+    reports = attack_success_rate(pipe, ["Emma Stone"], Never(), attacks, targets=targets, images_per_concept=1, steps=2,
+                                  progress=False)
     assert reports["text"].asr == reports["soft"].asr == 0.0
     assert reports["text"].concepts[0].budget_used == 9 and reports["soft"].concepts[0].budget_used == 2
     assert reports["text"].concepts[0].prompt != "a photo of Emma Stone"
