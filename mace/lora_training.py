@@ -269,7 +269,8 @@ def train_concept_loras(
     if settings.uses_prior:
         with torch.no_grad():
             prior = PreservationData(
-                load_preservation_images(settings.preserve_data_dir, settings.resolution, settings.num_class_images))
+                load_preservation_images(settings.preserve_data_dir, settings.resolution, settings.num_class_images)
+                .to(pipe.vae.device))
     size = settings.concepts_per_batch if settings.separate else len(todo)
     groups = [todo[i:i + size] for i in range(0, len(todo), size)]
     steps = settings.max_train_steps
@@ -282,6 +283,8 @@ def train_concept_loras(
             data = []
             for name, kind, pairs in group:
                 images, masks = load_concept_data(input_data_dir, name, kind, settings.resolution, settings.use_masks)
+                # On the model's device once: a step then moves only its noise and indices there.
+                images, masks = images.to(pipe.vae.device), None if masks is None else masks.to(pipe.vae.device)
                 data.append(ConceptData(name, kind, pairs, images, masks, random.Random(seed_for(settings.seed, name)),
                                         torch.Generator().manual_seed(seed_for(settings.seed, name))))
             lora = _train_group(pipe, data, settings, prior, bar, preserve)
@@ -340,7 +343,8 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update(len(data) if settings.separate else 1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            if not bar.disable:  # reading the loss waits for the device: only when someone looks
+                bar.set_postfix(loss=f"{float(loss):.3f}")
     return lora
 
 
@@ -348,8 +352,11 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
 def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings, prior: PreservationData | None) -> dict:
     """One step's batch: for each concept in turn its ``train_batch_size`` samples and, with
     ``prior``, as many preservation samples right after them (the layout AttentionTargets
-    describes). Each concept's draws come from its own generators."""
+    describes). Each concept's draws come from its own generators, on the CPU, so that a seed gives
+    the same batch on every device; the images already live on the model's device, and what
+    moves there per step is the drawn noise and timesteps."""
     per = settings.train_batch_size
+    device = pipe.vae.device
     prompts, masks, images, gens, captions = [], [], [], [], []
     any_mask = any(d.masks is not None for d in data)
     for d in data:
@@ -361,11 +368,11 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
             i = int(torch.randint(0, d.images.shape[0], (1,), generator=d.generator))
             rows.append(d.images[i])
             if any_mask:
-                masks.append(d.masks[i] if d.masks is not None else torch.ones(1, *d.images.shape[-2:]))
+                masks.append(d.masks[i] if d.masks is not None else torch.ones(1, *d.images.shape[-2:], device=device))
         images.append(torch.stack(rows))
         if prior is not None:
             picks = torch.randint(0, prior.images.shape[0], (per,), generator=d.generator)
-            images.append(prior.images[picks])
+            images.append(prior.images[picks.to(device)])
             captions += [settings.preserve_prompt] * per
         gens += [d.generator] * (2 if prior is not None else 1)
     embeddings = encode_prompts(pipe, captions)  # batch order: each concept's rows, then its prior rows
@@ -373,11 +380,12 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
     latents, noise, timesteps = [], [], []
     for segment, g in zip(images, gens):
         dist = vae.encode(segment).latent_dist
-        sample = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)) * vae.config.scaling_factor
+        draw = torch.randn(dist.mean.shape, generator=g).to(device, dist.mean.dtype)
+        sample = (dist.mean + dist.std * draw) * vae.config.scaling_factor
         latents.append(torch.zeros_like(sample) if settings.no_real_image else sample)
-        noise.append(torch.randn(dist.mean.shape, generator=g))
+        noise.append(torch.randn(dist.mean.shape, generator=g).to(device, dist.mean.dtype))
         timesteps.append(sample_timesteps(segment.shape[0], pipe.scheduler.config.num_train_timesteps,
-                                          settings.importance_sampling, g))
+                                          settings.importance_sampling, g).to(device))
     return {
         "latents": torch.cat(latents),
         "noise": torch.cat(noise),

@@ -431,3 +431,55 @@ def test_lora_preserve_scale_makes_loras_leave_the_preserved_tokens_alone(tiny_p
     with pytest.raises(ConfigError, match="needs a preservation cache"):
         train_concept_loras(tiny_pipe, concepts, LoraTrainingSettings(**common, preserve_scale=1.0),
                             input_data_dir=tmp_path / "data", output_dir=tmp_path / "none", progress=False)
+
+
+def _scalar_reads(pipe, concepts, size, data_dir, out, steps, progress, monkeypatch):
+    """Which functions read a tensor's value back to Python (a device sync on a GPU) inside the
+    training loop, by the innermost frame in mace, mace_kernels or torch.optim."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mace import lora_training
+
+    reads: collections.Counter = collections.Counter()
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                frames = [f for f in traceback.extract_stack()
+                          if any(part in f.filename for part in ("/mace/", "/mace_kernels/", "/torch/optim/"))]
+                reads[frames[-1].name if frames else "?"] += 1
+            return func(*args, **(kwargs or {}))
+
+    loop = getattr(lora_training._train_group, "__wrapped__", lora_training._train_group)
+
+    def recorded(*args, **kwargs):
+        with Recorder():
+            return loop(*args, **kwargs)
+
+    recorded.__wrapped__ = loop  # a second call wraps the loop itself, not this wrapper
+
+    monkeypatch.setattr(lora_training, "_train_group", recorded)
+    settings = lora_training.LoraTrainingSettings(rank=1, learning_rate=1e-3, max_train_steps=steps, train_batch_size=1,
+                                                  importance_sampling=True, use_pooler=True, concepts_per_batch=2,
+                                                  resolution=size, seed=0)
+    lora_training.train_concept_loras(pipe, concepts, settings, input_data_dir=data_dir, output_dir=out, progress=progress)
+    return reads
+
+
+def test_a_training_step_reads_back_only_host_values(tiny_pipe, tmp_path, monkeypatch):
+    """Profiled on the CPU: per step, the values read back to Python are the sampler's index
+    draws (CPU generators), lora_apply's checks of its segment lengths (a CPU tensor) and the
+    optimiser's step counters (CPU tensors), none from the model's outputs; the loss is read
+    (one device sync per step) only when the progress bar shows it."""
+    concepts, size = _prepared(tmp_path, tiny_pipe, ["ship", "tower"])
+    data = tmp_path / "data"
+    quiet = _scalar_reads(tiny_pipe, concepts, size, data, tmp_path / "a", 2, False, monkeypatch)
+    assert set(quiet) <= {"_sample_batch", "_canonical_inputs", "_single_tensor_adam", "_multi_tensor_adam",
+                          "_get_value", "_fused_adam", "adamw", "adam"}, quiet
+    assert quiet["_sample_batch"] == 2 * 2  # one image index per concept and step
+    assert quiet["_canonical_inputs"] == 2 * 14 * 2  # two checks of seg_lens per LoRA layer (14) and step
+    shown = _scalar_reads(tiny_pipe, concepts, size, data, tmp_path / "b", 2, True, monkeypatch)
+    assert {k: shown[k] - quiet[k] for k in shown if shown[k] != quiet[k]} == {"_train_group": 2}
