@@ -16,26 +16,28 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _cmd_cache(args) -> int:
+    from . import distributed
     from .cache import build_preservation_cache, read_prompt_file
     from .pipelines import load_pipeline
 
     prompts = read_prompt_file(args.prompts)
     start = time.perf_counter()
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=distributed.local_device(args.device))  # torchrun: this rank's GPU
     cache = build_preservation_cache(pipe, prompts, args.out, model_id=args.model, batch_size=args.batch_size)
-    print(f"cache {args.out}: {cache.prompts} prompts, {cache.tokens} tokens, d = {cache.cov.shape[0]}, "
+    distributed.print_summary(f"cache {args.out}: {cache.prompts} prompts, {cache.tokens} tokens, d = {cache.cov.shape[0]}, "
           f"text encoder {cache.fingerprint}, {time.perf_counter() - start:.1f} s")
     return 0
 
 
 def _cmd_erase(args, stages=None) -> int:
+    from . import distributed
     from .config import load_config
     from .erase import STAGES, erase
 
     config = load_config(args.config, args.set)
     chosen = tuple(stages or (args.stages.split(",") if args.stages else STAGES))
     summary = erase(config, chosen, progress=not args.quiet)
-    print(summary.line())
+    distributed.print_summary(summary.line())  # under torchrun: once, by rank 0
     return 0
 
 
