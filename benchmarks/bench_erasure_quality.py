@@ -28,8 +28,12 @@ mace.rece; RECE with lambda 0.1 as above). Preservation: MACE and refinement thr
 of prompts naming every concept that is not erased; UCE and RECE through those names' embeddings;
 SPEED through their last word pieces (its prior set).
 
-Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Prints a table, writes JSON,
-and with --plot a PNG of H_o and Acc_s against the number of erased concepts.
+Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Robustness (--attacks): on
+each reported model, mace.robustness attacks the first --attack-concepts erased concepts (the
+same ones for every method) with the text-only search and the soft-prompt attack at their
+default budgets; ASR is the share of them the classifier finds again (plain: before any attack).
+Attacks play no part in choosing a scale. Prints a table, writes JSON, and with --plot a PNG of
+H_o and Acc_s against the number of erased concepts.
 """
 
 from __future__ import annotations
@@ -196,6 +200,11 @@ def main(argv=None) -> int:
     parser.add_argument("--mace-option", action="append", default=["use_pooler=false"], metavar="KEY=VALUE",
                         help="MACE and refinement: a config key to change (default: use_pooler=false, chosen on the "
                              "tuning sets with bench_specificity_diagnosis.py)")
+    parser.add_argument("--attacks", default="text,soft", help="attacks on each reported model ('' for none)")
+    parser.add_argument("--attack-concepts", type=int, default=10, help="erased concepts attacked per reported model")
+    parser.add_argument("--attack-images", type=int, default=4, help="images per attacked concept")
+    parser.add_argument("--text-budget", type=int, default=None, help="text attack: prompt evaluations (default: its own)")
+    parser.add_argument("--soft-budget", type=int, default=None, help="soft attack: gradient steps (default: its own)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of H_o and Acc_s against the number erased")
     parser.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
@@ -240,6 +249,10 @@ def main(argv=None) -> int:
     if args.lora_steps is not None:
         overrides["max_train_steps"] = args.lora_steps
     classifier = load_classifier(world)
+    from mace.robustness import WorldJudge, attack_success_rate, make_attacks, rendered_targets
+    from mace.world.concepts import EVAL_TEMPLATES
+
+    attacks = make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget) if args.attacks else []
     original_background = background_images_of(mace.load_pipeline(world.model), background_images=args.background_images,
                                                steps=args.steps, progress=False)
     names = [c.name for c in world.concepts]
@@ -252,6 +265,9 @@ def main(argv=None) -> int:
             "model": world.model, "complete": final, "images_per_concept": args.images_per_concept,
             "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps, "grid": args.grid,
             "extend": args.extend, "mace_options": overrides,
+            "attacks": {"settings": [{"name": a.name, "budget": a.budget} for a in attacks],
+                        "concepts_per_model": args.attack_concepts, "images_per_concept": args.attack_images,
+                        "template": EVAL_TEMPLATES[0]} if attacks else None,
             "erase_sets_disjoint": {str(n): split.disjoint(n) for n in sizes},
             "tuning_kept": [names[c] for c in split.tuning_kept], "report_kept": [names[c] for c in split.report_kept],
             "tuning": tuning, "rows": rows, "seconds": round(time.perf_counter() - start_all, 1),
@@ -306,15 +322,28 @@ def main(argv=None) -> int:
                                             original_background=original_background, images_per_concept=args.images_per_concept,
                                             background_images=args.background_images, steps=args.steps, progress=False,
                                             world=world)
+                    robustness = {}
+                    if attacks:
+                        attacked = [names[c] for c in erased[:args.attack_concepts]]
+                        reports = attack_success_rate(pipe, attacked, WorldJudge(world), attacks,
+                                                      targets=rendered_targets(world), template=EVAL_TEMPLATES[0],
+                                                      images_per_concept=args.attack_images, steps=args.steps,
+                                                      seed=0, progress=False)
+                        robustness = {"asr_plain": round(next(iter(reports.values())).plain_asr, 4),
+                                      **{f"asr_{k}": round(r.asr, 4) for k, r in reports.items()},
+                                      "attacked": len(attacked),
+                                      "attack_seconds": round(sum(r.seconds for r in reports.values()), 1)}
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
                 row = {"concepts": n, "method": method, "scale": scale, "edit_seconds": round(seconds, 1),
                        "eval_seconds": round(scores.seconds, 1), "tuning_h_o": best["h_o"] if best else None,
-                       **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o", "h_g", "shift")}}
+                       **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o", "h_g", "shift")},
+                       **robustness}
                 rows.append(row)
                 write()
-                print(f"{n:4d} {method:7s} scale {scale if scale is not None else '-'!s:8s} {scores.line()}  edit {seconds:.0f} s",
-                      flush=True)
+                asr = "  ".join(f"{k} {v:.2f}" for k, v in robustness.items() if k.startswith("asr_"))
+                print(f"{n:4d} {method:7s} scale {scale if scale is not None else '-'!s:8s} {scores.line()}  edit {seconds:.0f} s"
+                      f"  {asr}", flush=True)
         finally:
             for d in data_dirs.values():
                 shutil.rmtree(d, ignore_errors=True)
@@ -322,12 +351,15 @@ def main(argv=None) -> int:
     print(f"\nErasure quality on {world.model}: report set of {len(split.report_kept)} kept concepts, scales chosen on a "
           f"disjoint tuning set of {len(split.tuning_kept)} ({args.images_per_concept} images per concept and prompt kind, "
           f"{args.steps} steps), CPU threads {torch.get_num_threads()}")
-    print("| concepts | method | scale | Acc_e | Acc_g | Acc_s | H_o | H_g | shift | edit time (s) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    asr_keys = [k for k in ("asr_plain", *(f"asr_{a.name}" for a in attacks)) if attacks]
+    print("| concepts | method | scale | Acc_e | Acc_g | Acc_s | H_o | H_g | shift | edit time (s) |"
+          + "".join(f" {k.replace('asr_', 'ASR ')} |" for k in asr_keys))
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(asr_keys))
     for r in rows:
         scale = "-" if r["scale"] is None else f"{r['scale']:g}"
         print(f"| {r['concepts']} | {r['method']} | {scale} | {r['acc_e']:.3f} | {r['acc_g']:.3f} | {r['acc_s']:.3f} | "
-              f"{r['h_o']:.3f} | {r['h_g']:.3f} | {r['shift']:.3f} | {r['edit_seconds']:.1f} |")
+              f"{r['h_o']:.3f} | {r['h_g']:.3f} | {r['shift']:.3f} | {r['edit_seconds']:.1f} |"
+              + "".join(f" {r[k]:.2f} |" if k in r else " - |" for k in asr_keys))
     write(final=True)
     if args.plot:
         plot(rows, args.plot, f"{world.model}: report set, scales tuned on a disjoint set")

@@ -40,9 +40,15 @@ def test_bench_closed_form_smoke(tmp_path):
 def test_bench_erasure_quality_smoke(tmp_path):
     data = _run("bench_erasure_quality.py", "--sizes", "1", "--methods", "none,uce,mace,speed,rece", "--images-per-concept", "1",
                 "--tuning-images-per-concept", "1", "--grid", "2", "--extend", "0", "--background-images", "1", "--steps", "4",
-                "--lora-steps", "2", "--plot", str(tmp_path / "quality.png"), tmp_path=tmp_path)
+                "--lora-steps", "2", "--plot", str(tmp_path / "quality.png"), "--attacks", "text,soft", "--text-budget", "3",
+                "--soft-budget", "2", "--attack-images", "1", tmp_path=tmp_path)
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"none", "uce", "mace", "speed", "rece"}
+    # Every reported model is attacked with the stated budgets; a concept its plain prompt already
+    # shows counts as found by every attack.
+    assert [(a["name"], a["budget"]) for a in data["attacks"]["settings"]] == [("text", 3), ("soft", 2)]
+    for r in rows.values():
+        assert r["attacked"] == 1 and 0 <= r["asr_plain"] <= min(r["asr_text"], r["asr_soft"]) <= 1, r
     assert len(data["tuning_kept"]) == 10 and len(data["report_kept"]) == 10
     assert set(data["tuning_kept"]).isdisjoint(data["report_kept"]) and data["erase_sets_disjoint"] == {"1": True}
     # The same search for each edited method: two scales tried on the tuning sets, the best one reported.
