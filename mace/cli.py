@@ -237,6 +237,19 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _erasure_options(p: argparse.ArgumentParser, *, original: str, kept: str, clip: str) -> None:
+    """Which erasure a command looks at (mace eval, mace attack): the models, the concepts, the judge."""
+    p.add_argument("--model", default=None, help="the edited pipeline (default: the config's final_save_path)")
+    p.add_argument("--config", default=None, help="a MACE config: its model, original and erased concepts")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--original", default=None, help=original)
+    p.add_argument("--erased", default=None, help="comma-separated erased concept names")
+    p.add_argument("--kept", default=None, help=kept)
+    p.add_argument("--world", default=None, choices=["world", "world-large"],
+                   help="the glyph world of the concepts (default: that of --original or --model, else world)")
+    p.add_argument("--clip", default=None, help=clip)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mace", description="MACE: mass concept erasure in diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,15 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     ev = sub.add_parser("eval", help="measure an erasure: Acc_e/Acc_g/Acc_s/H_o on the glyph world, or CLIP metrics")
-    ev.add_argument("--model", default=None, help="the edited pipeline (default: the config's final_save_path)")
-    ev.add_argument("--config", default=None, help="a MACE config: its model, original and erased concepts")
-    ev.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    ev.add_argument("--original", default=None, help="the unedited pipeline (for the shift score / FID)")
-    ev.add_argument("--erased", default=None, help="comma-separated erased concept names")
-    ev.add_argument("--kept", default=None, help="comma-separated kept concepts (glyph world default: all others)")
-    ev.add_argument("--world", default=None, choices=["world", "world-large"],
-                    help="the glyph world of the concepts (default: that of --original or --model, else world)")
-    ev.add_argument("--clip", default=None, help="CLIP model folder or hub id: CLIP metrics for real models")
+    _erasure_options(ev, original="the unedited pipeline (for the shift score / FID)",
+                     kept="comma-separated kept concepts (glyph world default: all others)",
+                     clip="CLIP model folder or hub id: CLIP metrics for real models")
     ev.add_argument("--images-per-concept", type=int, default=5)
     ev.add_argument("--background-images", type=int, default=16, help="per background and template (shift score)")
     ev.add_argument("--steps", type=int, default=20)
@@ -281,15 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
 
     at = sub.add_parser("attack", help="search prompts that bring erased concepts back; attack success rate (ASR)")
-    at.add_argument("--model", default=None, help="the edited pipeline (default: the config's final_save_path)")
-    at.add_argument("--config", default=None, help="a MACE config: its model, original and erased concepts")
-    at.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    at.add_argument("--original", default=None, help="the unedited pipeline (with --clip: the soft attack's target images)")
-    at.add_argument("--erased", default=None, help="comma-separated erased concept names")
-    at.add_argument("--kept", default=None, help="with --clip: more candidate names for the CLIP judge")
-    at.add_argument("--world", default=None, choices=["world", "world-large"],
-                    help="the glyph world of the concepts (default: that of --original or --model, else world)")
-    at.add_argument("--clip", default=None, help="CLIP model folder or hub id: judge real models by CLIP zero-shot")
+    _erasure_options(at, original="the unedited pipeline (with --clip: the soft attack's target images)",
+                     kept="with --clip: more candidate names for the CLIP judge",
+                     clip="CLIP model folder or hub id: judge real models by CLIP zero-shot")
     at.add_argument("--attacks", default="text,soft", help="comma-separated: text (Ring-A-Bell-style), soft (UnlearnDiffAtk-style)")
     _attack_options(at)
     at.add_argument("--steps", type=int, default=20)
