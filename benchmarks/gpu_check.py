@@ -90,8 +90,36 @@ def main() -> int:
         good = res < (1e-10 if dtype == torch.float64 else 1e-4)
         print(f"{'ok ' if good else 'BAD'} spd_solve batch=3 d=768 m=24960 {dtype} residual {res:.2e}")
         ok &= good
+    ok &= check_streamed_stages(dev)
     print("all ok" if ok else "MISMATCHES")
     return 0 if ok else 1
+
+
+def check_streamed_stages(dev: str) -> bool:
+    """The closed-form stages as mace erase runs them on a GPU: tokens from the text encoder on
+    the GPU, projection weights on the CPU (mace.models.edit_projections). Their statistics
+    follow the tokens, the solves the weights; the result must equal an all-CPU run."""
+    from mace.closed_form import LoraStack, fuse_weights_streamed, refine_weights_streamed
+
+    ok = True
+    torch.manual_seed(1)
+    d, outs, n, r = 96, [40, 96, 7], 5, 3
+    weights = [torch.randn(o, d) for o in outs]
+    preserve = (lambda e: e.T @ e)(torch.randn(300, d, dtype=torch.float64))
+    old = [torch.randn(int(k), d) for k in torch.randint(1, 400, (4,))]
+    new = [t + 0.1 * torch.randn_like(t) for t in old]
+    stack = LoraStack([torch.randn(n, r, d) for _ in outs], [0.1 * torch.randn(n, o, r) for o in outs])
+    concept_tokens = [(i % n, torch.randn(int(k), d)) for i, k in enumerate(torch.randint(1, 300, (9,)))]
+    for dtype in (torch.float64, torch.float32):
+        for method in ("fast", "reference"):
+            kw = dict(lam=0.1, preserve=preserve, preserve_scale=2.0, method=method, dtype=dtype)
+            ref, _ = refine_weights_streamed(weights, zip(old, new), **kw)
+            got, _ = refine_weights_streamed(weights, [(a.to(dev), b.to(dev)) for a, b in zip(old, new)], **kw)
+            ok &= check(f"refinement, tokens on {dev} ({method}, {dtype})", got, ref, torch.float32)
+            ref, _ = fuse_weights_streamed(weights, stack, concept_tokens, **kw, group=2)
+            got, _ = fuse_weights_streamed(weights, stack, [(i, t.to(dev)) for i, t in concept_tokens], **kw, group=2)
+            ok &= check(f"fusion, tokens on {dev} ({method}, {dtype})", got, ref, torch.float32)
+    return ok
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def _lhs(d: int, lam: float, cov: torch.Tensor, preserve: torch.Tensor | None, s
     M = cov.to(dtype).clone()
     M.diagonal().add_(lam)
     if preserve is not None and scale:
-        M += scale * preserve.to(dtype)
+        M += scale * preserve.to(device=M.device, dtype=dtype)
     return M
 
 
@@ -107,7 +107,9 @@ class RefinementStatistics:
         if old_tokens.shape != new_tokens.shape or old_tokens.dim() != 2 or old_tokens.shape[1] != d:
             raise ValueError(f"old and new tokens must both be (N, {d}), got {tuple(old_tokens.shape)} "
                              f"and {tuple(new_tokens.shape)}")
-        self._buffer.append((old_tokens, new_tokens))
+        if self.tokens == 0 and self._c_oo.device != old_tokens.device:  # the sums live where the tokens do
+            self._c_oo, self._c_no = self._c_oo.to(old_tokens.device), self._c_no.to(old_tokens.device)
+        self._buffer.append((old_tokens, new_tokens.to(old_tokens.device)))
         self._buffered += int(old_tokens.shape[0])
         self.tokens += int(old_tokens.shape[0])
         if self._buffered >= self.buffer_tokens:
@@ -169,7 +171,8 @@ def solve_refinement(
     M = _lhs(d, lam, c_oo, preserve, preserve_scale, dtype)
     N = _lhs(d, lam, c_no, preserve, preserve_scale, dtype)
     T, info = _solve(M, N, jitter)
-    return mk.closed_form_edit(weights, T), SolveReport(stats.tokens, float(info.jitter), float(info.condition_lower_bound))
+    report = SolveReport(stats.tokens, float(info.jitter), float(info.condition_lower_bound))
+    return mk.closed_form_edit(weights, T.to(weights[0].device)), report
 
 
 class _ReferenceRefinement:
@@ -180,11 +183,12 @@ class _ReferenceRefinement:
         self.dtype = dtype
         d = weights[0].shape[1]
         self.mat1 = [torch.zeros_like(w) for w in self.weights]  # sum (W e_n) e_o^T per layer
-        self.mat2 = [torch.zeros(d, d, dtype=dtype) for _ in weights]  # sum e_o e_o^T per layer
+        self.mat2 = [torch.zeros(d, d, dtype=dtype, device=w.device) for w in self.weights]  # sum e_o e_o^T per layer
         self.tokens = 0
 
     def add(self, old_tokens: torch.Tensor, new_tokens: torch.Tensor) -> None:
-        x, y = old_tokens.to(self.dtype), new_tokens.to(self.dtype)
+        device = self.weights[0].device
+        x, y = old_tokens.to(device, self.dtype), new_tokens.to(device, self.dtype)
         for W, m1, m2 in zip(self.weights, self.mat1, self.mat2):
             values = y @ W.T  # W e_n for every token
             m1 += values.T @ x
@@ -197,7 +201,7 @@ class _ReferenceRefinement:
         self.tokens = _reduce_count(reduce, self.tokens)
 
     def solve(self, weights, lam, preserve, preserve_scale, jitter):
-        eye = torch.eye(weights[0].shape[1], dtype=self.dtype)
+        eye = torch.eye(weights[0].shape[1], dtype=self.dtype, device=self.weights[0].device)
         return _solve_per_layer(weights, [lam * w + m1 for w, m1 in zip(self.weights, self.mat1)],
                                 [lam * eye + m2 for m2 in self.mat2], self.weights, preserve, preserve_scale, jitter,
                                 self.tokens)
@@ -209,8 +213,8 @@ def _solve_per_layer(weights, mat1s, mat2s, anchors, preserve, scale, jitter, to
     out, jit = [], 0.0
     for w, mat1, mat2, w0 in zip(weights, mat1s, mat2s, anchors):
         if preserve is not None and scale:
-            p = preserve.to(mat2.dtype)
-            mat1 = mat1 + scale * w0.to(mat2.dtype) @ p
+            p = preserve.to(mat2.device, mat2.dtype)
+            mat1 = mat1 + scale * w0.to(mat2.device, mat2.dtype) @ p
             mat2 = mat2 + scale * p
         X, info = _solve((mat2 + mat2.T) / 2, mat1, jitter)
         jit = max(jit, float(info.jitter))
@@ -337,7 +341,9 @@ class FusionStatistics:
         self.tokens[concept] += int(tokens.shape[0])
         if tokens.shape[0] == 0:
             return
-        self._buffer.append((concept, tokens))
+        if self.lora_term is None and not self._pending and self.sum_c.device != tokens.device:
+            self.sum_c = self.sum_c.to(tokens.device)  # the sums live where the tokens do
+        self._buffer.append((concept, tokens.to(self.sum_c.device)))
         self._buffered += int(tokens.shape[0])
         self._buffered_concepts.add(concept)
         if self._buffered >= self.max_tokens_per_call or len(self._buffered_concepts) >= self.group:
@@ -352,11 +358,11 @@ class FusionStatistics:
         concepts = list(dict.fromkeys(c for c, _ in buffer))
         segment = {c: k for k, c in enumerate(concepts)}
         x = buffer[0][1] if len(buffer) == 1 else torch.cat([t for _, t in buffer])
-        seg = torch.repeat_interleave(torch.tensor([segment[c] for c, _ in buffer]),
-                                      torch.tensor([t.shape[0] for _, t in buffer]))
+        seg = torch.repeat_interleave(torch.tensor([segment[c] for c, _ in buffer], device=x.device),
+                                      torch.tensor([t.shape[0] for _, t in buffer], device=x.device))
         del buffer
         acc = self.sum_c.dtype
-        parts = torch.zeros(len(concepts), *self.sum_c.shape, dtype=acc)
+        parts = torch.zeros(len(concepts), *self.sum_c.shape, dtype=acc, device=x.device)
         for start in range(0, x.shape[0], self.max_tokens_per_call):
             part = x[start:start + self.max_tokens_per_call]
             cxx, _ = mk.token_covariance(part.to(acc) if acc == torch.float64 else part,
@@ -375,11 +381,12 @@ class FusionStatistics:
     def _fold(self) -> None:
         if not self._pending:
             return
-        ids = torch.tensor(list(self._pending))
+        lora_device = self.loras.A[0].device
+        ids = torch.tensor(list(self._pending), device=lora_device)
         C = torch.stack(list(self._pending.values())).to(self.dtype)
         self._pending = {}
         self.sum_c += C.sum(0).to(self.sum_c.dtype)
-        term = mk.fuse_loras([a[ids] for a in self.loras.A], [b[ids] for b in self.loras.B], C)
+        term = mk.fuse_loras([a[ids] for a in self.loras.A], [b[ids] for b in self.loras.B], C.to(lora_device))
         if self.lora_term is None:
             self.lora_term = term
         else:
@@ -401,7 +408,8 @@ class FusionStatistics:
         self._fold()
         if self.lora_term is None:  # no token here; other processes may have some
             d = self.sum_c.shape[0]
-            self.lora_term = [torch.zeros(b.shape[1], d, dtype=_accumulation(self.dtype)) for b in self.loras.B]
+            self.lora_term = [torch.zeros(b.shape[1], d, dtype=_accumulation(self.dtype), device=b.device)
+                              for b in self.loras.B]
         self.sum_c = reduce(self.sum_c)
         self.lora_term = [reduce(t) for t in self.lora_term]
         self.tokens = _reduce_count(reduce, self.tokens)
@@ -426,6 +434,7 @@ def solve_fusion(
     if stats.sum_c.shape[0] != d:
         raise ValueError(f"statistics are {stats.sum_c.shape[0]} wide, the projections read {d}")
     sum_c, lora_term = stats.finish()
+    sum_c = sum_c.to(weights[0].device)
     with_preserve = preserve is not None and preserve_scale != 0.0
     M = _lhs(d, lam, sum_c, preserve, preserve_scale if with_preserve else 0.0, dtype)
     wd = [w.to(dtype) for w in weights]
@@ -434,14 +443,15 @@ def solve_fusion(
     else:
         numer = mk.closed_form_edit(wd, _lhs(d, lam, sum_c, None, 0.0, dtype))
         if with_preserve:
-            anchored = mk.closed_form_edit([w0.to(dtype) for w0 in original], preserve_scale * preserve.to(dtype))
+            anchored = mk.closed_form_edit([w0.to(dtype) for w0 in original],
+                                           preserve_scale * preserve.to(device=M.device, dtype=dtype))
             for a, b in zip(numer, anchored):
                 a += b
             del anchored
     del wd
     if lora_term is not None:
         for a, b in zip(numer, lora_term):  # in place: each term is as large as the projections
-            a += b
+            a += b.to(a.device)
     X, info = _solve(M, torch.cat(numer), jitter)
     new = [part.to(w.dtype) for part, w in zip(torch.split(X, [w.shape[0] for w in weights]), weights)]
     return new, SolveReport(sum(stats.tokens), float(info.jitter), float(info.condition_lower_bound))
@@ -457,13 +467,14 @@ class _ReferenceFusion:
         self.lam = lam
         d = weights[0].shape[1]
         self.mat1 = [torch.zeros_like(w) for w in self.weights]  # sum ((W + dW_i) e) e^T per layer
-        self.mat2 = [torch.zeros(d, d, dtype=dtype) for _ in weights]  # sum e e^T per layer
+        self.mat2 = [torch.zeros(d, d, dtype=dtype, device=w.device) for w in self.weights]  # sum e e^T per layer
         self.tokens = 0
 
     def add(self, concept: int, tokens: torch.Tensor) -> None:
-        e = tokens.to(self.dtype)
+        e = tokens.to(self.weights[0].device, self.dtype)
         for lay, w in enumerate(self.weights):
-            A, B = self.loras.A[lay][concept].to(self.dtype), self.loras.B[lay][concept].to(self.dtype)
+            A = self.loras.A[lay][concept].to(w.device, self.dtype)
+            B = self.loras.B[lay][concept].to(w.device, self.dtype)
             fused = w + B @ A  # W_r + dW_i
             values = e @ fused.T
             self.mat1[lay] += values.T @ e
@@ -476,7 +487,7 @@ class _ReferenceFusion:
         self.tokens = _reduce_count(reduce, self.tokens)
 
     def solve(self, weights, preserve, scale, anchor, jitter):
-        eye = torch.eye(weights[0].shape[1], dtype=self.dtype)
+        eye = torch.eye(weights[0].shape[1], dtype=self.dtype, device=self.weights[0].device)
         return _solve_per_layer(weights, [self.lam * w + m1 for w, m1 in zip(self.weights, self.mat1)],
                                 [self.lam * eye + m2 for m2 in self.mat2], anchor if anchor is not None else weights,
                                 preserve, scale, jitter, self.tokens)
