@@ -19,7 +19,10 @@ direction of the kept concepts' embeddings may change), takes --grid values spac
 around the method's default, and the grid grows by a factor 3 beyond an edge while the best value lies on that
 edge (at most --extend more values); the value with the best tuning H_o (ties: higher Acc_s,
 then higher Acc_e, the gentler edit) is the one reported. The JSON is rewritten after every
-reported row, so an interrupted run keeps what it measured. The other
+tuning trial and reported row, and a rerun with the same --out resumes: it reuses the trials and
+rows measured under the same settings (world weights and classifier, concept split, images,
+steps, grid, MACE options, attacks), adds those of new sizes or methods to the same file, and
+refuses a file measured under other settings (--fresh replaces it). The other
 hyperparameters (lambda 0.1, the LoRA's learning rate and steps) are those of
 configs/world_erase.yaml for every method, fixed before this protocol and never chosen on a
 report set, except MACE's use_pooler: false (--mace-option), chosen on the tuning sets
@@ -56,6 +59,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("none", "refine", "mace", "uce", "speed", "rece")
 PRESERVE_TEMPLATES = 5  # MACE's preservation prompts per kept concept (its first object templates)
+# Raised when a change to this script or to the methods changes what a trial or row measures; a
+# resume then refuses older results. (The package's commit is not part of the settings, so that a
+# run of several hours may go on across commits that do not change the numbers.)
+PROTOCOL = 1
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "world_erase.yaml"
 # The centre of each method's search: the preservation scale (SPEED: the null-space threshold;
@@ -157,6 +164,51 @@ def erase_with(method: str, world, names: list[str], preserved: list[str], work:
     return mace.load_pipeline(path), time.perf_counter() - start
 
 
+def measurement_settings(world, args, overrides: dict, attacks: list, split: Split) -> dict:
+    """Everything a measured trial or row depends on besides its size and method: a resume reuses
+    results only when all of it is equal."""
+    from mace.fingerprint import files_digest
+    from mace.world import weights_dir, weights_fingerprint
+
+    names = [c.name for c in world.concepts]
+    classifier = sorted((weights_dir(world) / "classifier").glob("*"))
+    return {
+        "protocol": PROTOCOL, "world": world.key,
+        "weights": weights_fingerprint(world), "classifier": files_digest(classifier),
+        "erase_pool": [names[c] for c in split.erase_pool], "tuning_kept": [names[c] for c in split.tuning_kept],
+        "report_kept": [names[c] for c in split.report_kept], "images_per_concept": args.images_per_concept,
+        "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps,
+        "background_images": args.background_images, "grid": args.grid, "extend": args.extend,
+        "mace_options": overrides, "attacks": [[a.name, a.budget] for a in attacks],
+        "attack_concepts": args.attack_concepts if attacks else None,
+        "attack_images": args.attack_images if attacks else None,
+    }
+
+
+def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float]:
+    """The tuning trials and reported rows already in ``out``, keyed by (size, method, scale) and
+    (size, method), and the seconds they took; none when ``out`` does not exist. A file measured
+    under other settings is refused with a one-line error, never mixed in."""
+    import json
+
+    if not out.exists():
+        return {}, {}, 0.0
+    try:
+        data = json.loads(out.read_text())
+        old = data.get("settings")
+        trials = {(t["concepts"], t["method"], t["scale"]): t for t in data["tuning"]}
+        rows = {(r["concepts"], r["method"]): r for r in data["rows"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: cannot resume from {out}: not a results file of this benchmark ({error}); "
+                         f"pass --fresh to replace it or choose another --out") from None
+    if old != settings:
+        key = next((k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k]), "settings")
+        raise SystemExit(f"error: {out} holds results measured under other settings ({key} differs); "
+                         f"pass --fresh to replace them or choose another --out")
+    print(f"resuming from {out}: {len(trials)} tuning trials and {len(rows)} rows measured under these settings")
+    return trials, rows, float(data.get("seconds", 0.0))
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -207,6 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--soft-budget", type=int, default=None, help="soft attack: gradient steps (default: its own)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of H_o and Acc_s against the number erased")
+    parser.add_argument("--fresh", action="store_true", help="replace the results in --out instead of resuming them")
     parser.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
                         help="only draw --plot from these results (a later file's row replaces an earlier one's)")
     args = parser.parse_args(argv)
@@ -253,27 +306,49 @@ def main(argv=None) -> int:
     from mace.world.concepts import EVAL_TEMPLATES
 
     attacks = make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget) if args.attacks else []
+    names = [c.name for c in world.concepts]
+    out = args.out or RESULTS / f"erasure_quality-{world.key}-cpu-{os.cpu_count()}cores.json"
+    settings = measurement_settings(world, args, overrides, attacks, split)
+    done_trials, done_rows, seconds_before = ({}, {}, 0.0) if args.fresh else resume_from(out, settings)
     original_background = background_images_of(mace.load_pipeline(world.model), background_images=args.background_images,
                                                steps=args.steps, progress=False)
-    names = [c.name for c in world.concepts]
-    rows, tuning = [], []
     start_all = time.perf_counter()
-    out = args.out or RESULTS / f"erasure_quality-{world.key}-cpu-{os.cpu_count()}cores.json"
 
     def write(final: bool = False) -> None:
+        order = {m: i for i, m in enumerate(METHODS)}
         write_json_atomically(out, {
-            "model": world.model, "complete": final, "images_per_concept": args.images_per_concept,
+            "model": world.model, "complete": final, "settings": settings,
+            "images_per_concept": args.images_per_concept,
             "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps, "grid": args.grid,
             "extend": args.extend, "mace_options": overrides,
             "attacks": {"settings": [{"name": a.name, "budget": a.budget} for a in attacks],
                         "concepts_per_model": args.attack_concepts, "images_per_concept": args.attack_images,
                         "template": EVAL_TEMPLATES[0]} if attacks else None,
-            "erase_sets_disjoint": {str(n): split.disjoint(n) for n in sizes},
+            "erase_sets_disjoint": {str(n): split.disjoint(n) for n in sorted({*sizes, *(k[0] for k in done_rows)})},
             "tuning_kept": [names[c] for c in split.tuning_kept], "report_kept": [names[c] for c in split.report_kept],
-            "tuning": tuning, "rows": rows, "seconds": round(time.perf_counter() - start_all, 1),
+            "tuning": sorted(done_trials.values(), key=lambda t: (t["concepts"], order[t["method"]])),
+            "rows": sorted(done_rows.values(), key=lambda r: (r["concepts"], order[r["method"]])),
+            "seconds": round(seconds_before + time.perf_counter() - start_all, 1),
         })
         if final:
             print(f"wrote {out}")
+
+    def tuning_trial(n: int, method: str, scale: float, data_dir: Path) -> dict:
+        erased = split.erased(n, "tuning")
+        preserved = [names[c] for c in range(world.num_concepts) if c not in set(erased)]
+        work = Path(tempfile.mkdtemp(prefix=f"mace-quality-{method}-{n}-"))
+        try:
+            torch.manual_seed(0)
+            pipe, _ = erase_with(method, world, [names[c] for c in erased], preserved, work, scale, overrides, data_dir)
+            scores = evaluate_world(pipe, erased, split.tuning_kept, classifier=classifier,
+                                    images_per_concept=args.tuning_images_per_concept, background_images=0,
+                                    steps=args.steps, progress=False, world=world)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"  tuning {n:4d} {method:7s} scale {scale:<8g} {scores.line()}", flush=True)
+        return {"concepts": n, "method": method, "scale": scale,
+                **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o")}}
+
     for n in sizes:
         data_dirs = {role: Path(tempfile.mkdtemp(prefix=f"mace-quality-data-{role}-{n}-")) for role in ("tuning", "report")}
         try:
@@ -287,22 +362,13 @@ def main(argv=None) -> int:
                         break
                     scale = todo[0]
                     tried.append(scale)
-                    erased = split.erased(n, "tuning")
-                    preserved = [names[c] for c in range(world.num_concepts) if c not in set(erased)]
-                    work = Path(tempfile.mkdtemp(prefix=f"mace-quality-{method}-{n}-"))
-                    try:
-                        torch.manual_seed(0)
-                        pipe, seconds = erase_with(method, world, [names[c] for c in erased], preserved, work, scale,
-                                                   overrides, data_dirs["tuning"])
-                        scores = evaluate_world(pipe, erased, split.tuning_kept, classifier=classifier,
-                                                images_per_concept=args.tuning_images_per_concept, background_images=0,
-                                                steps=args.steps, progress=False, world=world)
-                    finally:
-                        shutil.rmtree(work, ignore_errors=True)
-                    trial = {"concepts": n, "method": method, "scale": scale,
-                             **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o")}}
-                    tuning.append(trial)
-                    print(f"  tuning {n:4d} {method:7s} scale {scale:<8g} {scores.line()}", flush=True)
+                    trial = done_trials.get((n, method, scale))
+                    if trial is None:
+                        trial = tuning_trial(n, method, scale, data_dirs["tuning"])
+                        done_trials[(n, method, scale)] = trial
+                        write()
+                    else:
+                        print(f"  tuning {n:4d} {method:7s} scale {scale:<8g} (resumed) H_o {trial['h_o']:.3f}", flush=True)
                     if best is None or _rank(trial) > _rank(best):
                         best = trial
                     if not [g for g in grid if g not in tried] and len(grid) < args.grid + args.extend:
@@ -311,6 +377,10 @@ def main(argv=None) -> int:
                         elif best["scale"] == grid[-1]:
                             grid.append(round(grid[-1] * 3, 6))
                 scale = best["scale"] if best else grid[0]
+                if (n, method) in done_rows:
+                    print(f"{n:4d} {method:7s} (resumed) H_o {done_rows[(n, method)]['h_o']:.3f}", flush=True)
+                    continue
+                erased = split.erased(n, "report")
                 erased = split.erased(n, "report")
                 preserved = [names[c] for c in range(world.num_concepts) if c not in set(erased)]
                 work = Path(tempfile.mkdtemp(prefix=f"mace-quality-{method}-{n}-"))
@@ -339,7 +409,7 @@ def main(argv=None) -> int:
                        "eval_seconds": round(scores.seconds, 1), "tuning_h_o": best["h_o"] if best else None,
                        **{k: round(getattr(scores, k), 4) for k in ("acc_e", "acc_g", "acc_s", "h_o", "h_g", "shift")},
                        **robustness}
-                rows.append(row)
+                done_rows[(n, method)] = row
                 write()
                 asr = "  ".join(f"{k} {v:.2f}" for k, v in robustness.items() if k.startswith("asr_"))
                 print(f"{n:4d} {method:7s} scale {scale if scale is not None else '-'!s:8s} {scores.line()}  edit {seconds:.0f} s"
@@ -355,14 +425,14 @@ def main(argv=None) -> int:
     print("| concepts | method | scale | Acc_e | Acc_g | Acc_s | H_o | H_g | shift | edit time (s) |"
           + "".join(f" {k.replace('asr_', 'ASR ')} |" for k in asr_keys))
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(asr_keys))
-    for r in rows:
+    for r in sorted(done_rows.values(), key=lambda r: (r["concepts"], METHODS.index(r["method"]))):
         scale = "-" if r["scale"] is None else f"{r['scale']:g}"
         print(f"| {r['concepts']} | {r['method']} | {scale} | {r['acc_e']:.3f} | {r['acc_g']:.3f} | {r['acc_s']:.3f} | "
               f"{r['h_o']:.3f} | {r['h_g']:.3f} | {r['shift']:.3f} | {r['edit_seconds']:.1f} |"
               + "".join(f" {r[k]:.2f} |" if k in r else " - |" for k in asr_keys))
     write(final=True)
     if args.plot:
-        plot(rows, args.plot, f"{world.model}: report set, scales tuned on a disjoint set")
+        plot(list(done_rows.values()), args.plot, f"{world.model}: report set, scales tuned on a disjoint set")
         print(f"wrote {args.plot}")
     return 0
 

@@ -20,6 +20,34 @@ def _run(script, *args, tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_erasure_quality_resumes_only_under_the_same_settings(tmp_path):
+    out = tmp_path / "result.json"
+    quick = ["--sizes", "1", "--methods", "none,uce", "--images-per-concept", "1", "--tuning-images-per-concept", "1",
+             "--grid", "2", "--extend", "0", "--background-images", "1", "--steps", "3", "--attacks", "", "--out", str(out)]
+
+    def bench(*extra):
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_erasure_quality.py"), *quick, *extra],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+    first = bench()
+    assert first.returncode == 0, first.stderr
+    measured = json.loads(out.read_text())
+    assert [r["method"] for r in measured["rows"]] == ["none", "uce"] and len(measured["tuning"]) == 2
+    # The same settings: every trial and row is reused as measured (timings included), nothing re-run.
+    again = bench()
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout and "(resumed)" in again.stdout
+    resumed = json.loads(out.read_text())
+    assert resumed["rows"] == measured["rows"] and resumed["tuning"] == measured["tuning"]
+    assert resumed["settings"] == measured["settings"] and resumed["complete"] is True
+    # Other settings: a one-line error naming the file and the setting; the results stay as they were.
+    other = bench("--steps", "4")
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert other.stderr.strip().count("\n") == 0 and str(out) in other.stderr and "steps differs" in other.stderr
+    assert json.loads(out.read_text()) == resumed
+
+
+@pytest.mark.slow
 def test_bench_kernels_smoke(tmp_path):
     data = _run("bench_kernels.py", "--smoke", "--repeats", "1", "--budget", "0", tmp_path=tmp_path)
     ops = {row["op"] for row in data["rows"]}
