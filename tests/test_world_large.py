@@ -69,10 +69,21 @@ def test_glyph_judge_names_two_tone_concepts():
     assert judge("plain grey", images[:1]) == f"classifier: {c.description}"
 
 
-def _tiny_ldm(out, checkpoints, steps, *, checkpoint_every=2):
+def _tiny_ldm(out, checkpoints, steps, *, checkpoint_every=2, cycles=1):
     from mace.world.train import train_ldm
 
-    train_ldm(WORLD, out, steps, seed=3, per_concept=1, batch=4, checkpoint_dir=checkpoints, checkpoint_every=checkpoint_every)
+    train_ldm(WORLD, out, steps, seed=3, per_concept=1, batch=4, checkpoint_dir=checkpoints, checkpoint_every=checkpoint_every,
+              cycles=cycles)
+
+
+def _same_weights(a_dir, b_dir):
+    from safetensors.torch import load_file
+
+    for component in ("unet", "text_encoder"):
+        a = load_file(next((a_dir / component).glob("*.safetensors")))
+        b = load_file(next((b_dir / component).glob("*.safetensors")))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), component
 
 
 @pytest.fixture()
@@ -138,3 +149,21 @@ def test_missing_world_weights_name_the_training_command(tmp_path, monkeypatch, 
         model.weights_fingerprint.cache_clear()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "builtin:world-large" in err[0] and "--world world-large" in err[0]
+
+
+def test_a_finished_ldm_run_continues_into_more_cosine_cycles_as_if_asked_for_at_once(vae_folder):
+    """Two cycles of 2 steps in one run end where one cycle, then a rerun asking for two, ends;
+    a checkpoint past the steps asked for is refused."""
+    runs = {}
+    for name in ("straight", "continued"):
+        runs[name] = vae_folder / name
+        runs[name].mkdir()
+        (runs[name] / "vae").symlink_to(vae_folder / "vae")
+    _tiny_ldm(runs["straight"], vae_folder / "ck-straight", 2, checkpoint_every=100, cycles=2)
+    _tiny_ldm(runs["continued"], vae_folder / "ck-continued", 2, checkpoint_every=100, cycles=1)
+    assert json.loads((vae_folder / "ck-continued" / "checkpoint.json").read_text())["step"] == 2  # the cycle's end
+    _tiny_ldm(runs["continued"], vae_folder / "ck-continued", 2, checkpoint_every=100, cycles=2)
+    assert json.loads((vae_folder / "ck-continued" / "checkpoint.json").read_text())["step"] == 4
+    _same_weights(runs["straight"], runs["continued"])
+    with pytest.raises(SystemExit, match="past the 2 steps"):
+        _tiny_ldm(runs["continued"], vae_folder / "ck-continued", 2, checkpoint_every=100, cycles=1)

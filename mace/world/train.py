@@ -226,7 +226,15 @@ class LdmCheckpoint:
 
 
 def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: int = 192, batch: int = 64,
-              checkpoint_dir: Path | None = None, checkpoint_every: int = 250) -> None:
+              checkpoint_dir: Path | None = None, checkpoint_every: int = 250, cycles: int = 1) -> None:
+    """Train the UNet and text encoder for ``cycles`` cosine cycles of ``steps`` steps each (warm
+    restarts: the learning rate warms up again at the start of every cycle). A step's learning
+    rate does not depend on how many cycles follow, so the first k cycles of a longer run are a
+    run of k cycles: a finished run's checkpoint continues into more cycles, bit for bit as if
+    they had been asked for from the start."""
+    if cycles < 1:
+        raise ValueError(f"cycles must be >= 1, got {cycles}")
+    total = steps * cycles
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = _load_vae(out)
@@ -258,12 +266,15 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
                     "vae": files_digest(sorted((out / "vae").glob("*.safetensors")))}
         checkpoint = LdmCheckpoint(checkpoint_dir, settings)
         first = checkpoint.load(modules, opt, g)
+        if first > total:
+            raise SystemExit(f"{checkpoint_dir} holds a checkpoint at step {first}, past the {total} steps asked for "
+                             f"({cycles} cycle(s) of {steps}); ask for more cycles or pass another --checkpoint-dir")
         if first:
-            print(f"resuming the text-to-image training at step {first} of {steps} from {checkpoint_dir}")
-    bar = tqdm(range(first, steps), desc="text-to-image", initial=first, total=steps)
+            print(f"resuming the text-to-image training at step {first} of {total} from {checkpoint_dir}")
+    bar = tqdm(range(first, total), desc="text-to-image", initial=first, total=total)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * _cosine(step, steps, 200)
+            group["lr"] = 1e-3 * _cosine(step % steps, steps, 200)
         rows = torch.randint(labels.numel(), (batch,), generator=g)
         texts = [caption(int(labels[r]), int(backgrounds[r]), g, world) for r in rows]
         texts = ["" if torch.rand(1, generator=g).item() < 0.1 else t for t in texts]  # for classifier-free guidance
@@ -286,7 +297,7 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
                     s.lerp_(p, 1 - decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or (step + 1) % steps == 0):
             checkpoint.save(step + 1, modules, opt, g)
     _save_stage(out, "unet", lambda d: _half(ema).save_pretrained(d))
     _save_stage(out, "text_encoder", lambda d: _half(ema_text).save_pretrained(d))
@@ -310,8 +321,9 @@ def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> di
     return record
 
 
-# Per world: (VAE, classifier, latent diffusion) steps, rendered images per concept, check images per concept.
-DEFAULTS = {"world": (1500, 1200, 4000, 192, 5), "world-large": (1500, 2500, 8000, 96, 3)}
+# Per world: (VAE, classifier, latent diffusion) steps (the latter per cosine cycle), rendered images
+# per concept, check images per concept, latent diffusion cycles.
+DEFAULTS = {"world": (1500, 1200, 4000, 192, 5, 1), "world-large": (1500, 2500, 6000, 96, 3, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -322,7 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--classifier-steps", type=int, default=None)
-    parser.add_argument("--ldm-steps", type=int, default=None)
+    parser.add_argument("--ldm-steps", type=int, default=None, help="text-to-image steps per cosine cycle")
+    parser.add_argument("--ldm-cycles", type=int, default=None,
+                        help="cosine cycles (warm restarts); a finished run's checkpoint continues into more")
     parser.add_argument("--per-concept", type=int, default=None, help="rendered images per concept the text-to-image model sees")
     parser.add_argument("--check-images", type=int, default=None, help="images per name and per alias in the check stage")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
@@ -331,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     world = WORLDS[args.world]
-    vae_steps, classifier_steps, ldm_steps, per_concept, check_images = DEFAULTS[world.key]
+    vae_steps, classifier_steps, ldm_steps, per_concept, check_images, ldm_cycles = DEFAULTS[world.key]
+    ldm_cycles = args.ldm_cycles or ldm_cycles
     vae_steps = args.vae_steps or vae_steps
     classifier_steps = args.classifier_steps or classifier_steps
     ldm_steps = args.ldm_steps or ldm_steps
@@ -356,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             train_classifier(world, out, classifier_steps, args.seed + 1)
         elif stage == "ldm":
             train_ldm(world, out, ldm_steps, args.seed + 2, per_concept=per_concept, checkpoint_dir=checkpoint_dir,
-                      checkpoint_every=args.checkpoint_every)
+                      checkpoint_every=args.checkpoint_every, cycles=ldm_cycles)
         else:
             quality = check_model(world, out, check_images)
             write_json_atomically(out / "quality.json", quality)
@@ -366,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         record = {"world": world.key, "seed": args.seed,
                   "steps": {k: v for k, v in (("vae", vae_steps), ("classifier", classifier_steps), ("ldm", ldm_steps))
                             if k in trained},
+                  **({"ldm_cycles": ldm_cycles} if "ldm" in trained else {}),
                   "images_per_concept": per_concept, "threads": torch.get_num_threads(),
                   "seconds": {k: round(v, 1) for k, v in times.items() if k != "check"}}
         write_json_atomically(out / f"training-{'-'.join(trained)}.json", record)
