@@ -349,7 +349,7 @@ class FusionStatistics:
         self.tokens[concept] += int(tokens.shape[0])
         if tokens.shape[0] == 0:
             return
-        if self.lora_term is None and not self._pending and self.sum_c.device != tokens.device:
+        if sum(self.tokens) == tokens.shape[0] and self.sum_c.device != tokens.device:  # the first tokens
             self.sum_c = self.sum_c.to(tokens.device)  # the sums live where the tokens do
         self._buffer.append((concept, tokens.to(self.sum_c.device)))
         self._buffered += int(tokens.shape[0])
