@@ -30,6 +30,27 @@ def test_large_world_has_over_500_uniquely_named_two_tone_concepts():
     assert WORLD.concepts[0].name == "Qedark Draerba" and WORLD.concepts[0].lower_colour is None
 
 
+def test_drawing_errors_separate_wrong_shapes_from_wrong_colours():
+    from mace.world.train import drawing_errors
+
+    def find(shape, colour, lower):
+        return next(c.index for c in LARGE_WORLD.concepts if (c.shape, c.colour, c.lower_colour) == (shape, colour, lower))
+
+    hexagon = find("hexagon", "red", "blue")
+    disc_same_colours = find("disc", "red", "blue")
+    hexagon_other = find("hexagon", "red", "orange")
+    disc_other = find("disc", "orange", "yellow")
+    square = find("square", "red", "blue")
+    requested = [hexagon, hexagon, hexagon, hexagon, hexagon, square]
+    predicted = [hexagon, disc_same_colours, hexagon_other, disc_other, LARGE_WORLD.none_class, square]
+    errors = drawing_errors(LARGE_WORLD, requested, predicted)
+    assert {k: errors[k] for k in ("right", "shape_wrong", "colour_wrong", "both_wrong", "no_concept")} == {
+        "right": 2, "shape_wrong": 1, "colour_wrong": 1, "both_wrong": 1, "no_concept": 1}
+    assert errors["by_shape"] == {"hexagon": 0.2, "square": 1.0}
+    with pytest.raises(ValueError):
+        drawing_errors(LARGE_WORLD, [hexagon], [])
+
+
 def test_two_tone_glyph_has_its_upper_colour_above_and_lower_colour_below_the_middle():
     concept = next(c for c in LARGE_WORLD.concepts if c.shape == "square" and c.colour == "red" and c.lower_colour == "blue")
     image = (render(torch.tensor([concept.index]), backgrounds=torch.tensor([0]), generator=torch.Generator().manual_seed(5),

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -304,20 +306,56 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
     _save_stage(out, "scheduler", lambda d: build_scheduler().save_pretrained(d))
 
 
+def drawing_errors(world: GlyphWorld, requested: list[int], predicted: list[int]) -> dict:
+    """What a model draws wrong, read by the classifier: how many images show the requested
+    concept, the right colouring with the wrong shape, the right shape with a wrong colour, both
+    wrong, or no concept; and per shape, the share of its images that are right. Separates a model
+    that cannot tell names apart from one that cannot draw a fine distinction between shapes."""
+    counts = dict.fromkeys(("right", "shape_wrong", "colour_wrong", "both_wrong", "no_concept"), 0)
+    by_shape: dict[str, list[int]] = {}
+    for want, got in zip(requested, predicted, strict=True):
+        concept = world.concepts[want]
+        tally = by_shape.setdefault(concept.shape, [0, 0])
+        tally[1] += 1
+        if got == want:
+            counts["right"] += 1
+            tally[0] += 1
+        elif got == world.none_class:
+            counts["no_concept"] += 1
+        else:
+            drawn = world.concepts[got]
+            same_shape = drawn.shape == concept.shape
+            same_colours = (drawn.colour, drawn.lower_colour) == (concept.colour, concept.lower_colour)
+            counts["shape_wrong" if same_colours else "colour_wrong" if same_shape else "both_wrong"] += 1
+    return {**counts, "by_shape": {shape: round(right / total, 3) for shape, (right, total) in sorted(by_shape.items())}}
+
+
 def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> dict:
     """What the trained model draws for every concept's name and alias, on held-out templates,
     read by the classifier: the quality bar the erasure measurements rest on."""
     pipe = StableDiffusionPipeline(**load_world_components(out, world), tokenizer=clip_tokenizer(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    scores = evaluate_world(pipe, list(range(world.num_concepts)), [], classifier=GlyphClassifier.from_pretrained(out / "classifier"),
-                            images_per_concept=images_per_concept, background_images=0, world=world)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "check.csv"
+        scores = evaluate_world(pipe, list(range(world.num_concepts)), [], classifier=GlyphClassifier.from_pretrained(out / "classifier"),
+                                images_per_concept=images_per_concept, background_images=0, world=world, csv_path=table)
+        with table.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    index = {c.name: c.index for c in world.concepts} | {"none": world.none_class}
     worst = sorted(scores.per_concept.items(), key=lambda kv: kv[1]["erased"])[:5]
     record = {"name_accuracy": scores.acc_e, "alias_accuracy": scores.acc_g, "images": scores.images,
               "images_per_concept": images_per_concept, "seconds": round(scores.seconds, 1),
               "worst_names": {k: v["erased"] for k, v in worst}}
+    for kind, key in (("erased", "name_errors"), ("alias", "alias_errors")):
+        chosen = [r for r in rows if r["kind"] == kind]
+        record[key] = drawing_errors(world, [index[r["concept"]] for r in chosen], [index[r["predicted"]] for r in chosen])
     print(f"{world.model}: classifier finds the requested concept in {scores.acc_e:.3f} of images prompted by name, "
           f"{scores.acc_g:.3f} by alias ({scores.images} images, held-out templates)")
+    errors = record["name_errors"]
+    print(f"name prompts: {errors['right']} right, {errors['shape_wrong']} wrong shape only, {errors['colour_wrong']} wrong "
+          f"colour only, {errors['both_wrong']} both wrong, {errors['no_concept']} no concept; right by shape: "
+          + ", ".join(f"{shape} {share:.2f}" for shape, share in errors["by_shape"].items()))
     return record
 
 
