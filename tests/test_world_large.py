@@ -90,11 +90,11 @@ def test_glyph_judge_names_two_tone_concepts():
     assert judge("plain grey", images[:1]) == f"classifier: {c.description}"
 
 
-def _tiny_ldm(out, checkpoints, steps, *, checkpoint_every=2, cycles=1):
+def _tiny_ldm(out, checkpoints, steps, *, checkpoint_every=2, cycles=1, context_from=None):
     from mace.world.train import train_ldm
 
     train_ldm(WORLD, out, steps, seed=3, per_concept=1, batch=4, checkpoint_dir=checkpoints, checkpoint_every=checkpoint_every,
-              cycles=cycles)
+              cycles=cycles, context_from=context_from)
 
 
 def _same_weights(a_dir, b_dir):
@@ -188,3 +188,45 @@ def test_a_finished_ldm_run_continues_into_more_cosine_cycles_as_if_asked_for_at
     _same_weights(runs["straight"], runs["continued"])
     with pytest.raises(SystemExit, match="past the 2 steps"):
         _tiny_ldm(runs["continued"], vae_folder / "ck-continued", 2, checkpoint_every=100, cycles=1)
+
+
+def test_context_words_pad_half_the_captions_and_never_use_a_held_out_word():
+    import re
+
+    from mace.world.concepts import CONTEXT_WORDS, EVAL_BACKGROUND_TEMPLATES, EVAL_TEMPLATES, TRAIN_TEMPLATES
+    from mace.world.train import caption
+
+    held_out = {w for t in EVAL_TEMPLATES + EVAL_BACKGROUND_TEMPLATES for w in re.findall(r"[a-z]+", t)}
+    assert not held_out & set(CONTEXT_WORDS)
+    c = LARGE_WORLD.concepts[11]
+    plain = [caption(11, 0, torch.Generator().manual_seed(i), LARGE_WORLD) for i in range(200)]
+    padded = [caption(11, 0, torch.Generator().manual_seed(i), LARGE_WORLD, context=True) for i in range(200)]
+    templates = {t.replace("{bg}", "black") for t in TRAIN_TEMPLATES}
+    assert all(p.replace(c.name, "{}").replace(c.alias, "{}") in templates for p in plain)
+    changed = 0
+    for text, base in zip(padded, plain, strict=True):
+        assert base in text  # the caption itself is drawn as without context words
+        head, tail = text.split(base, 1)
+        extra = head.split() + tail.split()
+        assert len(head.split()) <= 3 and len(tail.split()) <= 3 and set(extra) <= set(CONTEXT_WORDS)
+        changed += bool(extra)
+    assert 60 <= changed <= 120  # half get 0-3 words before and 0-3 after (1 in 16 of them get none)
+
+
+def test_context_words_start_at_their_step_and_a_plain_checkpoint_before_it_continues(vae_folder):
+    """A run with context words from step 2 ends where a plain run to step 2, continued with them,
+    ends, and not where a plain run ends; a plain checkpoint past step 2 is refused."""
+    runs = {}
+    for name in ("straight", "continued", "plain"):
+        runs[name] = vae_folder / name
+        runs[name].mkdir()
+        (runs[name] / "vae").symlink_to(vae_folder / "vae")
+    _tiny_ldm(runs["straight"], vae_folder / "ck-straight", 2, checkpoint_every=100, cycles=2, context_from=2)
+    _tiny_ldm(runs["continued"], vae_folder / "ck-continued", 2, checkpoint_every=100, cycles=1)
+    _tiny_ldm(runs["continued"], vae_folder / "ck-continued", 2, checkpoint_every=100, cycles=2, context_from=2)
+    _same_weights(runs["straight"], runs["continued"])
+    _tiny_ldm(runs["plain"], vae_folder / "ck-plain", 2, checkpoint_every=100, cycles=2)
+    with pytest.raises(AssertionError):
+        _same_weights(runs["straight"], runs["plain"])
+    with pytest.raises(SystemExit, match="other settings"):
+        _tiny_ldm(runs["plain"], vae_folder / "ck-plain", 2, checkpoint_every=100, cycles=3, context_from=2)

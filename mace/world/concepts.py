@@ -71,6 +71,24 @@ EVAL_TEMPLATES = (
     "a clear view of {}",
 )
 
+# Everyday words a caption may be padded with (mace.world.train, --context-from): they teach the
+# text encoder to read a name whatever words surround it, so that words it never saw (such as the
+# held-out templates') do not scramble the name. None of them occurs in the held-out
+# templates (EVAL_TEMPLATES, EVAL_BACKGROUND_TEMPLATES).
+CONTEXT_WORDS = (
+    "about", "above", "after", "again", "almost", "along", "also", "always", "another", "around", "away", "back",
+    "basic", "before", "behind", "below", "best", "big", "bright", "by", "centre", "close", "cold", "colour",
+    "could", "dark", "day", "done", "down", "each", "early", "easy", "even", "every", "far", "fast", "few", "find",
+    "first", "for", "found", "from", "front", "full", "good", "great", "half", "hand", "happy", "has", "have", "high",
+    "home", "how", "just", "keep", "kind", "large", "last", "late", "left", "light", "like", "little", "long", "made",
+    "make", "many", "may", "more", "most", "much", "must", "near", "new", "next", "nice", "night", "now", "often",
+    "old", "once", "only", "open", "other", "our", "out", "over", "own", "page", "part", "place", "plain", "quite",
+    "really", "right", "round", "same", "say", "see", "seen", "set", "shown", "side", "simple", "small", "so", "some",
+    "soon", "still", "such", "sure", "take", "than", "that", "then", "there", "these", "thing", "time", "today", "too",
+    "top", "under", "up", "used", "very", "was", "way", "we", "well", "what", "when", "where", "which", "while",
+    "without", "work", "would", "yes", "yet", "you", "your",
+)
+
 # Prompts that name no concept, for the distribution-shift score.
 BACKGROUND_TEMPLATES = ("an empty {bg} background", "a blank {bg} canvas", "plain {bg}")
 EVAL_BACKGROUND_TEMPLATES = ("nothing but {bg}", "a {bg} backdrop with nothing on it")
