@@ -15,6 +15,7 @@ from mace.world import (
     EVAL_TEMPLATES,
     NONE_CLASS,
     TRAIN_TEMPLATES,
+    WORLD,
     WORLD_MODEL,
     concept_by_name,
     load_classifier,
@@ -134,6 +135,17 @@ def test_world_model_draws_what_it_is_asked_and_uce_erases_it(world_pipe, tmp_pa
         rows = list(csv.DictReader(f))
     assert rows[0].keys() >= {"prompt", "evaluation_seed", "case_number", "kind", "predicted"}
     assert len(rows) == before.images
+
+
+def test_check_measures_the_training_templates_too(world_pipe):
+    """The check stage's second measurement: names and aliases on the templates the model was
+    trained on, read by the classifier against the concept each prompt asked for."""
+    from mace.world.train import training_template_accuracy
+
+    concepts = [concept_by_name(n).index for n in [ERASED, *KEPT]]
+    shares = training_template_accuracy(world_pipe, load_classifier(), WORLD, concepts, images_per_concept=2)
+    # Measured: 1.0 and 1.0 (20 images); a prompt scored against the wrong concept would read ~0.
+    assert shares["name"] >= 0.8 and shares["alias"] >= 0.8
 
 
 @pytest.mark.slow
