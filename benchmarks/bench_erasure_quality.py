@@ -381,7 +381,6 @@ def main(argv=None) -> int:
                     print(f"{n:4d} {method:7s} (resumed) H_o {done_rows[(n, method)]['h_o']:.3f}", flush=True)
                     continue
                 erased = split.erased(n, "report")
-                erased = split.erased(n, "report")
                 preserved = [names[c] for c in range(world.num_concepts) if c not in set(erased)]
                 work = Path(tempfile.mkdtemp(prefix=f"mace-quality-{method}-{n}-"))
                 try:
