@@ -17,6 +17,7 @@ from mace.world import (
     TRAIN_TEMPLATES,
     WORLD,
     WORLD_MODEL,
+    WORLDS,
     concept_by_name,
     load_classifier,
     render,
@@ -135,6 +136,24 @@ def test_world_model_draws_what_it_is_asked_and_uce_erases_it(world_pipe, tmp_pa
         rows = list(csv.DictReader(f))
     assert rows[0].keys() >= {"prompt", "evaluation_seed", "case_number", "kind", "predicted"}
     assert len(rows) == before.images
+
+
+@pytest.mark.parametrize("key", ["world"])
+def test_shipped_model_passes_its_drawing_bar(key):
+    """quality.json is the check stage's measurement of the shipped weights (their fingerprint)
+    and meets the bar the erasure measurements rest on: on held-out templates the classifier
+    finds the named concept in >= 90% of the images prompted by name and >= 80% by alias."""
+    from mace.fingerprint import files_digest
+    from mace.world.model import weights_dir, weights_fingerprint
+
+    world = WORLDS[key]
+    quality = json.loads((weights_dir(world) / "quality.json").read_text())
+    assert quality["weights"] == weights_fingerprint(world)
+    assert quality["classifier"] == files_digest(sorted((weights_dir(world) / "classifier").glob("*")))
+    assert quality["images"] == 2 * quality["images_per_concept"] * world.num_concepts
+    assert quality["name_accuracy"] >= 0.9 and quality["alias_accuracy"] >= 0.8
+    trained = quality["training_templates"]
+    assert trained["name_accuracy"] >= quality["name_accuracy"] - 0.05
 
 
 def test_check_measures_the_training_templates_too(world_pipe):

@@ -35,9 +35,14 @@ def _require_weights(component: str, directory: Path | None = None, world: Glyph
 @cache  # every load of a world model asks; the shipped files do not change under a process
 def weights_fingerprint(world: GlyphWorld = WORLD) -> str:
     """A short hash of a world's shipped UNet, text encoder and VAE weights."""
+    return weights_fingerprint_of(None, world)
+
+
+def weights_fingerprint_of(directory: Path | None, world: GlyphWorld = WORLD) -> str:
+    """A short hash of the UNet, text encoder and VAE weights in ``directory`` (default: shipped)."""
     h = hashlib.sha256()
     for component in ("unet", "text_encoder", "vae"):
-        for f in sorted(_require_weights(component, world=world).glob("*.safetensors")):
+        for f in sorted(_require_weights(component, directory, world).glob("*.safetensors")):
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
