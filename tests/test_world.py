@@ -138,7 +138,7 @@ def test_world_model_draws_what_it_is_asked_and_uce_erases_it(world_pipe, tmp_pa
     assert len(rows) == before.images
 
 
-@pytest.mark.parametrize("key", ["world"])
+@pytest.mark.parametrize("key", ["world", "world-large"])
 def test_shipped_model_passes_its_drawing_bar(key):
     """quality.json is the check stage's measurement of the shipped weights (their fingerprint)
     and meets the bar the erasure measurements rest on: on held-out templates the classifier
