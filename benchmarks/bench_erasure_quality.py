@@ -167,14 +167,13 @@ def erase_with(method: str, world, names: list[str], preserved: list[str], work:
 def measurement_settings(world, args, overrides: dict, attacks: list, split: Split) -> dict:
     """Everything a measured trial or row depends on besides its size and method: a resume reuses
     results only when all of it is equal."""
-    from mace.fingerprint import files_digest
-    from mace.world import weights_dir, weights_fingerprint
+    from mace.world import weights_fingerprint
+    from mace.world.model import classifier_digest
 
     names = [c.name for c in world.concepts]
-    classifier = sorted((weights_dir(world) / "classifier").glob("*"))
     return {
         "protocol": PROTOCOL, "world": world.key,
-        "weights": weights_fingerprint(world), "classifier": files_digest(classifier),
+        "weights": weights_fingerprint(world), "classifier": classifier_digest(world=world),
         "erase_pool": [names[c] for c in split.erase_pool], "tuning_kept": [names[c] for c in split.tuning_kept],
         "report_kept": [names[c] for c in split.report_kept], "images_per_concept": args.images_per_concept,
         "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps,

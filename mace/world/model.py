@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from ..fingerprint import files_digest
 from .classifier import GlyphClassifier
 from .concepts import WORLD, GlyphWorld
 
@@ -45,6 +46,11 @@ def weights_fingerprint_of(directory: Path | None, world: GlyphWorld = WORLD) ->
         for f in sorted(_require_weights(component, directory, world).glob("*.safetensors")):
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
+
+
+def classifier_digest(directory: Path | None = None, world: GlyphWorld = WORLD) -> str:
+    """A hash of the classifier files in ``directory`` (default: the world's shipped weights)."""
+    return files_digest(sorted(((directory or weights_dir(world)) / "classifier").glob("*")))
 
 
 def load_world_components(directory: Path | None = None, world: GlyphWorld = WORLD) -> dict:

@@ -42,7 +42,7 @@ from ..tokenizer import clip_tokenizer
 from .classifier import GlyphClassifier
 from .concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONTEXT_WORDS, TRAIN_TEMPLATES, WORLD, WORLDS, GlyphWorld, fill
 from .evaluate import evaluate_world
-from .model import load_world_components, weights_dir, weights_fingerprint_of
+from .model import classifier_digest, load_world_components, weights_dir, weights_fingerprint_of
 from .render import IMAGE_SIZE, render
 
 STAGES = ("vae", "classifier", "ldm", "check")
@@ -387,7 +387,7 @@ def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> di
             rows = list(csv.DictReader(f))
     index = {c.name: c.index for c in world.concepts} | {"none": world.none_class}
     worst = sorted(scores.per_concept.items(), key=lambda kv: kv[1]["erased"])[:5]
-    record = {"weights": weights_fingerprint_of(out, world), "classifier": files_digest(sorted((out / "classifier").glob("*"))),
+    record = {"weights": weights_fingerprint_of(out, world), "classifier": classifier_digest(out, world),
               "name_accuracy": scores.acc_e, "alias_accuracy": scores.acc_g, "images": scores.images,
               "images_per_concept": images_per_concept, "seconds": round(scores.seconds, 1),
               "worst_names": {k: v["erased"] for k, v in worst}}
