@@ -92,3 +92,34 @@ def test_bench_erasure_quality_smoke(tmp_path):
     assert rows["uce"]["shift"] > 0 and rows["mace"]["edit_seconds"] > 0
     assert rows["speed"]["shift"] > 0 and rows["rece"]["shift"] > 0  # both edit the model
     assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("acc_e", "acc_g", "acc_s", "h_o"))
+
+
+def test_concept_geometry_fit_finds_an_additive_code_and_only_that():
+    """bench_concept_geometry's fit: an erased concept whose embedding is the sum of its shape's and
+    its colouring's parts is predicted from the other concepts (R^2 near 1), the prediction is a
+    combination of kept rows only, and embeddings with no such code get R^2 near or below 0."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_concept_geometry import additive_prediction, additive_r2
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    g = torch.Generator().manual_seed(0)
+    shapes, colours = [f"s{i % 7}" for i in range(70)], [f"c{i // 7}" for i in range(70)]
+    part_s, part_c = torch.randn(7, 16, generator=g, dtype=torch.float64), torch.randn(10, 16, generator=g, dtype=torch.float64)
+    noise = 0.05 * torch.randn(70, 16, generator=g, dtype=torch.float64)
+    additive = torch.stack([part_s[i % 7] + part_c[i // 7] for i in range(70)]) + noise
+    erased = [3, 18, 40, 66]
+    assert additive_r2(additive, [shapes, colours], erased) > 0.99
+    unrelated = torch.randn(70, 16, generator=g, dtype=torch.float64)
+    assert additive_r2(unrelated, [shapes, colours], erased) < 0.1
+    # Changing the erased rows changes nothing in their prediction: it is made of kept rows only.
+    changed = additive.clone()
+    changed[erased] += 100.0
+    assert torch.allclose(additive_prediction(changed, [shapes, colours], erased),
+                          additive_prediction(additive, [shapes, colours], erased))
+    # (N, positions, d) tensors are predicted position by position.
+    stacked = torch.stack([additive, unrelated], dim=1)
+    assert torch.allclose(additive_prediction(stacked, [shapes, colours], erased)[:, 0],
+                          additive_prediction(additive, [shapes, colours], erased))
