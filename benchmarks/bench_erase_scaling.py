@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 for stage, row in run["stages"].items():
                     row["ratio_to_baseline"] = row["seconds"] / max(base["stages"][stage]["seconds"], 1e-9)
             runs.append(run)
+            # The final models' temporary folders are for the comparison above, not for the record.
             write_json_atomically(out, {"device": args.device, "cores": cores, "config": "configs/world_erase.yaml",
-                                        "overrides": overrides, "runs": runs})
+                                        "overrides": overrides,
+                                        "runs": [{k: v for k, v in r.items() if k != "final"} for r in runs]})
     print()
     header = f"{'n':>4} {'procs':>5} " + " ".join(f"{s:>16}" for s in STAGES) + f" {'peak MB/rank':>14} {'diff':>8}"
     print(header)
