@@ -192,6 +192,17 @@ def main(argv=None) -> int:
         world = get_world(key)
         large = world.num_concepts > 200
         split = split_concepts(world, 100 if large else 10, 200 if large else 10)
+        # A size is measured only when the kept concepts outnumber the fit's parts (1 + one per
+        # shape and colouring level); otherwise the fit is underdetermined and says nothing.
+        parts = 1 + len({c.shape for c in world.concepts}) + len({c.description for c in world.concepts}) // len(
+            {c.shape for c in world.concepts})
+        sizes = [n for n in (int(s) for s in args.sizes.split(",")) if n <= len(split.erase_pool)
+                 and world.num_concepts - n > parts]
+        skipped = [s for s in args.sizes.split(",") if int(s) not in sizes]
+        if skipped:
+            print(f"{key}: sizes {','.join(skipped)} skipped: too few kept concepts for a fit of {parts} parts")
+        if not sizes:
+            continue
         pipe = mace.load_pipeline(world.model)
         shapes = [c.shape for c in world.concepts]
         colourings = [c.description.split(" ")[0] for c in world.concepts]
@@ -201,9 +212,7 @@ def main(argv=None) -> int:
                                                            [c.lower_colour for c in world.concepts]]
         for template_kind, template in TEMPLATES.items():
             for position, x in embeddings_at(pipe, world, template).items():
-                for n in (int(s) for s in args.sizes.split(",")):
-                    if n > len(split.erase_pool):
-                        continue
+                for n in sizes:
                     erased = split.erased(n, "report")
                     for factor_name, factors in factor_sets.items():
                         r2 = additive_r2(x, factors, erased)
@@ -219,14 +228,14 @@ def main(argv=None) -> int:
                         print(f"| {key} | {n} | {template_kind} | {position} | {factor_name} | {r2:.3f} | {control:.3f} |",
                               flush=True)
         if args.draw:
-            n = max(int(s) for s in args.sizes.split(",") if int(s) <= len(split.erase_pool))
+            n = max(sizes)
             factors = list(factor_sets.values())[-1]
             shares = draw_predictions(pipe, world, factors, split.erased(n, "report"),
                                       images_per_concept=args.images_per_concept, steps=args.steps)
             drawn.append({"world": key, "erased": n, "factors": list(factor_sets)[-1], **shares})
             print(f"{key}, {n} erased, drawn from: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()), flush=True)
         if args.oracle_scales:
-            n = max(int(s) for s in args.sizes.split(",") if int(s) <= len(split.erase_pool))
+            n = max(sizes)
             oracle += oracle_edit_scores(world, split, n, [float(s) for s in args.oracle_scales.split(",")],
                                          images_per_concept=args.images_per_concept, steps=args.steps)
     out = args.out or RESULTS / "concept_geometry.json"
