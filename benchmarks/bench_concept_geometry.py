@@ -62,15 +62,23 @@ def one_hot(labels: list[str]) -> torch.Tensor:
     return out
 
 
+def fit_parts(factors: list[list[str]]) -> int:
+    """Columns of the additive model: mu and one part per level of each factor."""
+    return 1 + sum(len(set(f)) for f in factors)
+
+
+def shuffled(factors: list[list[str]], rng: random.Random) -> list[list[str]]:
+    """The factors with the concepts' attributes permuted together (the control)."""
+    order = list(range(len(factors[0])))
+    rng.shuffle(order)
+    return [[f[i] for i in order] for f in factors]
+
+
 def additive_r2(x: torch.Tensor, factors: list[list[str]], erased: list[int], ridge: float = 1e-6) -> float:
     """R^2 of the erased rows of ``x`` predicted by mu + sum of per-level parts fitted on the others."""
-    design = torch.cat([torch.ones(len(x), 1, dtype=torch.float64), *(one_hot(f) for f in factors)], dim=1)
     gone = set(erased)
-    kept = [i for i in range(len(x)) if i not in gone]
-    a, y = design[kept], x[kept]
-    coef = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=torch.float64), a.T @ y)
-    mu = y.mean(dim=0)
-    pred = design[erased] @ coef
+    mu = x[[i for i in range(len(x)) if i not in gone]].mean(dim=0)
+    pred = additive_prediction(x, factors, erased, ridge)
     return float(1 - ((x[erased] - pred) ** 2).sum() / ((x[erased] - mu) ** 2).sum())
 
 
@@ -92,26 +100,26 @@ def draw_predictions(pipe, world, factors: list[list[str]], erased: list[int], *
     from mace.models import encode_prompts
     from mace.world import load_classifier
     from mace.world.concepts import EVAL_TEMPLATES, fill
+    from mace.world.evaluate import evaluation_prompts
 
     classifier = load_classifier(world)
     by_template = {t: encode_prompts(pipe, [fill(t, c.name) for c in world.concepts]).double() for t in EVAL_TEMPLATES}
     negative = encode_prompts(pipe, [""])
     conditions: dict[str, dict[str, torch.Tensor]] = {"own embeddings": {t: e[erased] for t, e in by_template.items()},
                                                       "kept concepts' parts": {}, "shuffled attributes": {}}
-    rng = random.Random(0)
-    order = list(range(world.num_concepts))
-    rng.shuffle(order)
+    control = shuffled(factors, random.Random(0))
     for t, e in by_template.items():
         conditions["kept concepts' parts"][t] = additive_prediction(e, factors, erased)
-        conditions["shuffled attributes"][t] = additive_prediction(e, [[f[i] for i in order] for f in factors], erased)
+        conditions["shuffled attributes"][t] = additive_prediction(e, control, erased)
+    # The evaluation's own name prompts and seeds; each prompt's template says which fit it takes.
+    prompts = [p for p in evaluation_prompts(erased, [], images_per_concept=images_per_concept, background_images=0,
+                                             world=world) if p.kind == "erased"]
+    template_of = {fill(t, world.concepts[c].name): t for c in erased for t in EVAL_TEMPLATES}
+    row_of = {c: row for row, c in enumerate(erased)}
+    seeds, targets = [p.seed for p in prompts], [p.concept for p in prompts]
     out = {}
     for name, table in conditions.items():
-        embeds, seeds, targets = [], [], []
-        for row, c in enumerate(erased):
-            for i in range(images_per_concept):
-                embeds.append(table[EVAL_TEMPLATES[(c + i) % len(EVAL_TEMPLATES)]][row])
-                seeds.append(1000 * c + i)
-                targets.append(c)
+        embeds = [table[template_of[p.prompt]][row_of[p.concept]] for p in prompts]
         images = []
         for start in range(0, len(embeds), 128):
             chunk = torch.stack(embeds[start:start + 128]).float()
@@ -161,8 +169,9 @@ def oracle_edit_scores(world, split, n: int, scales: list[float], *, images_per_
 def embeddings_at(pipe, world, template: str) -> dict[str, torch.Tensor]:
     """(concepts, d) embeddings at the name's last word piece and at the end-of-text token."""
     from mace.models import encode_prompts
+    from mace.world.concepts import fill
 
-    prompts = [template.format(c.name) for c in world.concepts]
+    prompts = [fill(template, c.name) for c in world.concepts]
     emb = encode_prompts(pipe, prompts).double()
     ids = pipe.tokenizer(prompts, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
     rows = torch.arange(len(prompts))
@@ -178,7 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--draw", action="store_true", help="also draw from the kept concepts' parts (the UNet runs)")
     parser.add_argument("--images-per-concept", type=int, default=3, help="--draw: images per erased concept")
     parser.add_argument("--steps", type=int, default=20, help="--draw: sampling steps")
-    parser.add_argument("--oracle-scales", default="", help="large world: preservation scales of the oracle edit")
+    parser.add_argument("--oracle-scales", default="", help="preservation scales of the oracle edit")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -192,10 +201,15 @@ def main(argv=None) -> int:
         world = get_world(key)
         large = world.num_concepts > 200
         split = split_concepts(world, 100 if large else 10, 200 if large else 10)
-        # A size is measured only when the kept concepts outnumber the fit's parts (1 + one per
-        # shape and colouring level); otherwise the fit is underdetermined and says nothing.
-        parts = 1 + len({c.shape for c in world.concepts}) + len({c.description for c in world.concepts}) // len(
-            {c.shape for c in world.concepts})
+        shapes = [c.shape for c in world.concepts]
+        colourings = [c.description.split(" ")[0] for c in world.concepts]
+        factor_sets = {"shape + colouring": [shapes, colourings]}
+        if large:
+            factor_sets["shape + upper + lower colour"] = [shapes, [c.colour for c in world.concepts],
+                                                           [c.lower_colour for c in world.concepts]]
+        # A size is measured only when the kept concepts outnumber the fit's parts; otherwise the
+        # fit is underdetermined and says nothing.
+        parts = max(fit_parts(f) for f in factor_sets.values())
         sizes = [n for n in (int(s) for s in args.sizes.split(",")) if n <= len(split.erase_pool)
                  and world.num_concepts - n > parts]
         skipped = [s for s in args.sizes.split(",") if int(s) not in sizes]
@@ -204,12 +218,6 @@ def main(argv=None) -> int:
         if not sizes:
             continue
         pipe = mace.load_pipeline(world.model)
-        shapes = [c.shape for c in world.concepts]
-        colourings = [c.description.split(" ")[0] for c in world.concepts]
-        factor_sets = {"shape + colouring": [shapes, colourings]}
-        if large:
-            factor_sets["shape + upper + lower colour"] = [shapes, [c.colour for c in world.concepts],
-                                                           [c.lower_colour for c in world.concepts]]
         for template_kind, template in TEMPLATES.items():
             for position, x in embeddings_at(pipe, world, template).items():
                 for n in sizes:
@@ -217,11 +225,7 @@ def main(argv=None) -> int:
                     for factor_name, factors in factor_sets.items():
                         r2 = additive_r2(x, factors, erased)
                         rng = random.Random(0)
-                        controls = []
-                        for _ in range(args.shuffles):
-                            order = list(range(world.num_concepts))
-                            rng.shuffle(order)
-                            controls.append(additive_r2(x, [[f[i] for i in order] for f in factors], erased))
+                        controls = [additive_r2(x, shuffled(factors, rng), erased) for _ in range(args.shuffles)]
                         control = sum(controls) / len(controls)
                         results.append({"world": key, "erased": n, "template": template_kind, "position": position,
                                         "factors": factor_name, "r2": round(r2, 4), "r2_shuffled": round(control, 4)})
