@@ -123,3 +123,26 @@ def test_concept_geometry_fit_finds_an_additive_code_and_only_that():
     stacked = torch.stack([additive, unrelated], dim=1)
     assert torch.allclose(additive_prediction(stacked, [shapes, colours], erased)[:, 0],
                           additive_prediction(additive, [shapes, colours], erased))
+
+
+def test_concept_geometry_counts_the_fit_parts_and_shuffles_attributes_together():
+    """The fit has one column for mu and one per attribute level (so the small world at 100 erased,
+    20 kept for 23 parts, is underdetermined and skipped), and the control permutes a concept's
+    attributes together, keeping every level's count."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_concept_geometry import fit_parts, shuffled
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from mace.world import get_world
+
+    world = get_world("world")
+    factors = [[c.shape for c in world.concepts], [c.colour for c in world.concepts]]
+    assert fit_parts(factors) == 1 + 12 + 10 == 23
+    assert world.num_concepts - 100 < fit_parts(factors) < world.num_concepts - 10
+    control = shuffled(factors, random.Random(0))
+    assert control != factors and all(sorted(a) == sorted(b) for a, b in zip(control, factors))
+    pairs = set(zip(*factors))
+    assert set(zip(*control)) <= pairs and len(set(zip(*control))) == len(pairs)
