@@ -43,6 +43,11 @@ def main(argv: list[str]) -> int:
     record = {"rank": distributed.rank(), "seconds": seconds, "peak_mb": round(peak_mb, 1)}
     if torch.cuda.is_available():
         record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    # Default Triton kernels that failed and fell back to torch (op -> error): a GPU run
+    # records whether its numbers came from the kernels.
+    import mace_kernels
+
+    record["triton_failures"] = mace_kernels.triton_failures()
     write_json_atomically(stats / f"rank{distributed.rank()}.json", record)
     return 0
 

@@ -13,10 +13,11 @@ CUDA each rank takes its own GPU, so N may not exceed the GPUs present.
 
 Per stage the table shows the slowest rank's seconds (ranks meet at the stage's end, so this is
 the stage's wall time), the ratio of N-process to 1-process time, and the largest peak resident
-memory over the ranks (the model loaded included). The runs also check that N processes wrote
-the same final weights as 1 (largest relative difference over the edited projections). On a
-2-core machine two ranks share the cores that one process's threads used: compare the ratios,
-not the seconds, and only from one run of this script.
+memory over the ranks (the model loaded included; on CUDA the JSON adds each rank's peak GPU
+memory and names any default Triton kernel that failed and fell back to torch). The runs also
+check that N processes wrote the same final weights as 1 (largest relative difference over the
+edited projections). On a 2-core machine two ranks share the cores that one process's threads
+used: compare the ratios, not the seconds, and only from one run of this script.
 """
 
 from __future__ import annotations
@@ -108,15 +109,27 @@ def run_size(n: int, processes: int, device: str, threads: int, overrides: dict,
     work = Path(tempfile.mkdtemp(prefix=f"erase-scaling-{n}-{processes}-"))
     config, prompts = write_config(n, work, device, overrides)
     rows: dict[str, dict] = {}
+    fallbacks: dict[str, str] = {}
+
+    def stage_row(ranks: list[dict], stage: str) -> dict:
+        row = {"seconds": max(r["seconds"].get(stage, 0.0) for r in ranks), "peak_mb": [r["peak_mb"] for r in ranks]}
+        if any("cuda_peak_mb" in r for r in ranks):
+            row["cuda_peak_mb"] = [r.get("cuda_peak_mb") for r in ranks]
+        return row
+
     stats = work / "stats-cache"
     wall = launch(processes, ["cache", str(prompts), str(work / "keep.safetensors"), device], stats, threads)
     ranks = read_ranks(stats)
-    rows["cache"] = {"seconds": max(r["seconds"]["cache"] for r in ranks), "peak_mb": [r["peak_mb"] for r in ranks]}
+    rows["cache"] = stage_row(ranks, "cache")
+    for r in ranks:
+        fallbacks.update(r.get("triton_failures", {}))
     stats = work / "stats-erase"
     wall += launch(processes, ["erase", str(config)], stats, threads)
     ranks = read_ranks(stats)
     for stage in STAGES[1:]:
-        rows[stage] = {"seconds": max(r["seconds"].get(stage, 0.0) for r in ranks), "peak_mb": [r["peak_mb"] for r in ranks]}
+        rows[stage] = stage_row(ranks, stage)
+    for r in ranks:
+        fallbacks.update(r.get("triton_failures", {}))
     final = work / "run" / "final"
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
@@ -128,7 +141,7 @@ def run_size(n: int, processes: int, device: str, threads: int, overrides: dict,
         final.rename(target)
         final = target
     return {"concepts": n, "processes": processes, "device": device, "threads_per_rank": threads,
-            "wall_seconds": round(wall, 1), "stages": rows, "final": str(final)}
+            "wall_seconds": round(wall, 1), "stages": rows, "triton_fallbacks": fallbacks, "final": str(final)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,22 +2,53 @@
 # On a CUDA machine that already has torch and triton: build nothing (the C++ backend is for
 # CPUs), check the Triton kernels against the torch reference on the GPU, then benchmark.
 # Results go to $OUT (or benchmarks/results/) for committing under benchmarks/results/.
+#
+# Each step has its own time limit (seconds; GPU_CHECK_LIMIT_SCALE multiplies them), so a step
+# that hangs leaves the others' results; the whole script stays within about 9 minutes.
+# A machine without network access that lacks some of the package's Python dependencies
+# (diffusers, or one of its own dependencies) can take them as wheels: MACE_WHEELS=FOLDER
+# installs every FOLDER/*.whl (no dependency resolution, no index) into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MACE_KERNELS_NO_EXTENSION=1 PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
+scale="${GPU_CHECK_LIMIT_SCALE:-1}"
+status=0
+
+step() {  # step SECONDS LOG COMMAND...: run with a limit, output to the terminal and to LOG
+    local limit log rc
+    limit=$(python3 -c "print(max(1, round($1 * $scale)))")
+    log=$2
+    shift 2
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "TIMED OUT after ${limit}s: $*" | tee -a "$log"
+    fi
+    [ "$rc" -eq 0 ] || status=1
+}
+
+if [ -n "${MACE_WHEELS:-}" ]; then
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$MACE_WHEELS"/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$site"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
-python3 benchmarks/bench_kernels.py --device cuda --out "$out/kernels-gpu.json" 2>&1 | tee "$out/kernels-gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+step 240 "$out/gpu_check.txt" python3 benchmarks/gpu_check.py
+step 150 "$out/kernels-gpu.txt" python3 benchmarks/bench_kernels.py --device cuda --out "$out/kernels-gpu.json"
 # The whole workflow on the GPU: `mace erase` of 10 glyph-world concepts (and 1 vs 2 ranks under
 # torchrun when the machine has two GPUs). It needs the package's Python dependencies
 # (diffusers, transformers); a machine without them says so and stops here.
 if python3 -c "import diffusers, transformers, safetensors, yaml" 2>/dev/null; then
     gpus=$(nvidia-smi -L | wc -l)
     procs=1; [ "$gpus" -ge 2 ] && procs=1,2
-    python3 benchmarks/bench_erase_scaling.py --device cuda --sizes 10 --processes "$procs" \
-        --out "$out/erase_scaling-gpu.json" 2>&1 | tee "$out/erase_scaling-gpu.txt"
+    step 150 "$out/erase_scaling-gpu.txt" python3 benchmarks/bench_erase_scaling.py --device cuda --sizes 10 \
+        --processes "$procs" --out "$out/erase_scaling-gpu.json"
 else
-    echo "mace erase on the GPU skipped: diffusers/transformers/pyyaml are not installed here" | tee "$out/erase_scaling-gpu.txt"
+    echo "mace erase on the GPU skipped: diffusers/transformers/pyyaml are not installed here (see MACE_WHEELS)" \
+        | tee "$out/erase_scaling-gpu.txt"
+    status=1
 fi
+exit "$status"

@@ -124,7 +124,10 @@ def segmented_outer(
         max_len = int((offsets[1:] - offsets[:-1]).max()) if S > 0 else 0
     E, D = z.shape[1], x.shape[1]
     cfg = tile_config("segmented_outer")
-    native = cfg["native_dot"] and weights is None and z.dtype in (torch.float16, torch.bfloat16)
+    # tl.dot takes two operands of one dtype: the LoRA gradients pair fp16/bf16 outputs with
+    # fp32 activations, which go through the fp32 path.
+    native = (cfg["native_dot"] and weights is None and z.dtype == x.dtype
+              and z.dtype in (torch.float16, torch.bfloat16))
     block_e = 16 if E <= 16 else cfg["block_e"]
     block_d = cfg["block_d"]
     if symmetric:

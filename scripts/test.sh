@@ -10,5 +10,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-ruff check mace_kernels mace tests benchmarks setup.py
+ruff check mace_kernels mace tests benchmarks scripts setup.py
 python -m pytest tests -q "$@"
