@@ -18,11 +18,14 @@ are not compiled). Exit status 1 when any case fails to compile or exceeds the s
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +52,19 @@ class CompileOnlyDriver:
         return 0
 
 
+def ptxas_resources(log: str) -> dict:
+    """Registers per thread and spilled bytes from a ``ptxas -v`` report (None when absent)."""
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"registers": int(registers.group(1)) if registers else None,
+            "spill_store_bytes": int(spills.group(1)) if spills else None,
+            "spill_load_bytes": int(spills.group(2)) if spills else None}
+
+
 def compile_cases(arch: int) -> tuple[list[dict], list[dict]]:
     """(compiled kernels, failed cases) for compute capability ``arch``."""
     import torch
+    from triton import knobs
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -62,22 +75,28 @@ def compile_cases(arch: int) -> tuple[list[dict], list[dict]]:
 
     compiled: list[dict] = []
     launch = JITFunction.run
+    ptxas_stats: dict[int, dict] = {}  # id(compiled kernel) -> registers and spills from ptxas -v
 
     def compile_without_launch(self, *args, grid, warmup, **kwargs):
-        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        log = io.StringIO()
+        with redirect_stdout(log):  # Triton prints ptxas's -v report (knobs.nvidia.dump_ptxas_log)
+            kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        if id(kernel) not in ptxas_stats:
+            ptxas_stats[id(kernel)] = ptxas_resources(log.getvalue())
         meta = kernel.metadata
         names = self.arg_names
         constants = {names[k[0]] if isinstance(k, tuple) and len(k) == 1 else str(k): v
                      for k, v in sorted(kernel.src.constants.items(), key=str)}
         compiled.append({"kernel": self.__name__, "case": current[0], "arch": arch, "num_warps": meta.num_warps,
                          "num_stages": meta.num_stages, "shared_bytes": meta.shared,
-                         "cubin_bytes": len(kernel.asm["cubin"]),
+                         "cubin_bytes": len(kernel.asm["cubin"]), **ptxas_stats[id(kernel)],
                          "constexprs": {k: v for k, v in constants.items() if isinstance(v, (bool, int, float, str))},
                          "pointer_types": sorted({t for t in kernel.src.signature.values() if t.startswith("*")})})
         return kernel
 
     current = [""]
     failures: list[dict] = []
+    dump_log, knobs.nvidia.dump_ptxas_log = knobs.nvidia.dump_ptxas_log, True
     previous = driver._active  # None until a real driver was asked for (none exists here)
     driver.set_active(CompileOnlyDriver(arch))
     JITFunction.run = compile_without_launch
@@ -97,6 +116,7 @@ def compile_cases(arch: int) -> tuple[list[dict], list[dict]]:
         _backend.select_backend = select
         JITFunction.run = launch
         driver._active = previous
+        knobs.nvidia.dump_ptxas_log = dump_log
     return compiled, failures
 
 
@@ -130,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         compiled += c
         failures += f
     over = [k for k in compiled if k["shared_bytes"] > SHARED_MEMORY_LIMIT[k["arch"]]]
-    print(f"{'arch':>4} {'kernel':<24} {'warps':>5} {'stages':>6} {'shared B':>9} {'cubin B':>8}  constexprs")
+    print(f"{'arch':>4} {'kernel':<24} {'warps':>5} {'regs':>4} {'spill B':>7} {'shared B':>9} {'cubin B':>8}  constexprs")
     seen = set()
     for k in compiled:
         key = (k["arch"], k["kernel"], json.dumps(k["constexprs"], sort_keys=True), tuple(k["pointer_types"]))
@@ -138,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seen.add(key)
         consts = " ".join(f"{n}={v}" for n, v in k["constexprs"].items())
-        print(f"{k['arch']:>4} {k['kernel']:<24} {k['num_warps']:>5} {k['num_stages']:>6} {k['shared_bytes']:>9} "
+        print(f"{k['arch']:>4} {k['kernel']:<24} {k['num_warps']:>5} {k['registers'] or '?':>4} "
+              f"{k['spill_store_bytes'] if k['spill_store_bytes'] is not None else '?':>7} {k['shared_bytes']:>9} "
               f"{k['cubin_bytes']:>8}  {' '.join(k['pointer_types'])} {consts}")
     for f in failures:
         print(f"FAILED sm_{f['arch']} {f['case']}: {f['error']}")
