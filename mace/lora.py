@@ -228,6 +228,7 @@ def train_step(
     loss_scale: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """One forward/backward pass over a batch of k concepts' samples; returns the loss.
 
@@ -238,6 +239,8 @@ def train_step(
     (gradient accumulation passes 1 / steps); ``autocast_dtype`` runs the UNet in float16 or
     bfloat16 (mixed precision) while the LoRA parameters and the loss stay float32.
     ``added_cond_kwargs``: the UNet's added conditions (SDXL, see models.added_conditions).
+    ``grad_scaler``: fp16's dynamic loss scaling; the backward pass runs on the scaled loss,
+    and the caller unscales before clipping (the loss returned is unscaled).
     """
     hooks.targets = targets
     targets.layer_norms.clear()
@@ -250,7 +253,8 @@ def train_step(
     if targets.prior_sizes is not None and sum(targets.prior_sizes) > 0:
         target = prediction_target(scheduler, latents, noise, timesteps)
         loss = loss + prior_loss_weight * prior_preservation_loss(prediction, target, targets)
-    (loss * loss_scale).backward()
+    scaled = loss * loss_scale
+    (grad_scaler.scale(scaled) if grad_scaler is not None else scaled).backward()
     return loss.detach()
 
 

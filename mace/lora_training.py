@@ -318,6 +318,10 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
                              power=settings.lr_power)
     pick = random.Random(seed_for(settings.seed, "shared"))
     accumulate = settings.gradient_accumulation_steps
+    # fp16's small range lets gradients underflow: dynamic loss scaling, as mixed-precision
+    # training does (the original runs through accelerate, which adds it for fp16). bf16 has
+    # float32's range and needs none; disabled, the scaler passes everything through.
+    scaler = torch.amp.GradScaler(lora.A[0].device.type, enabled=settings.autocast_dtype == torch.float16)
     if settings.preserve_scale > 0:
         device = lora.A[0].device
         preserve = _require_preserve(preserve).to(device=device, dtype=torch.float32)
@@ -335,12 +339,16 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
                 loss = train_step(unet, hooks, pipe.scheduler, batch["latents"], batch["embeddings"], targets,
                                   batch["noise"], batch["timesteps"], prior_loss_weight=settings.prior_loss_weight,
                                   loss_scale=1.0 / accumulate, autocast_dtype=settings.autocast_dtype,
-                                  added_cond_kwargs=batch["added_cond_kwargs"])
+                                  added_cond_kwargs=batch["added_cond_kwargs"], grad_scaler=scaler)
             if settings.preserve_scale > 0:  # per concept: each LoRA's gradient stays its own
-                (settings.preserve_scale * lora.preservation_penalty(preserve, base_norms).sum()).backward()
+                scaler.scale(settings.preserve_scale * lora.preservation_penalty(preserve, base_norms).sum()).backward()
+            scaler.unscale_(optimizer)  # clipping sees the true gradients
             clip_grad_norm_per_concept(lora, settings.max_grad_norm)
-            optimizer.step()
-            schedule.step()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when a gradient overflowed
+            scaler.update()
+            if scaler.get_scale() >= scale:  # the schedule moves only with the steps taken
+                schedule.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update(len(data) if settings.separate else 1)
             if not bar.disable:  # reading the loss waits for the device: only when someone looks
