@@ -6,8 +6,9 @@
 # Each step has its own time limit (seconds; GPU_CHECK_LIMIT_SCALE multiplies them), so a step
 # that hangs leaves the others' results; the whole script stays within about 9 minutes.
 # A machine without network access that lacks some of the package's Python dependencies
-# (diffusers, or one of its own dependencies) can take them as wheels: MACE_WHEELS=FOLDER
-# installs every FOLDER/*.whl (no dependency resolution, no index) into a private folder first.
+# (diffusers; open-clip-torch, whose CLIP vocabulary file the builtin models' tokenizer reads;
+# or one of their own dependencies) can take them as wheels: MACE_WHEELS=FOLDER installs every
+# FOLDER/*.whl (no dependency resolution, no index) into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MACE_KERNELS_NO_EXTENSION=1 PYTHONUNBUFFERED=1
@@ -40,14 +41,14 @@ step 240 "$out/gpu_check.txt" python3 benchmarks/gpu_check.py
 step 150 "$out/kernels-gpu.txt" python3 benchmarks/bench_kernels.py --device cuda --out "$out/kernels-gpu.json"
 # The whole workflow on the GPU: `mace erase` of 10 glyph-world concepts (and 1 vs 2 ranks under
 # torchrun when the machine has two GPUs). It needs the package's Python dependencies
-# (diffusers, transformers); a machine without them says so and stops here.
-if python3 -c "import diffusers, transformers, safetensors, yaml" 2>/dev/null; then
+# (diffusers, transformers, open-clip-torch's vocabulary); a machine without them says so.
+if python3 -c "import diffusers, transformers, safetensors, yaml, importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null; then
     gpus=$(nvidia-smi -L | wc -l)
     procs=1; [ "$gpus" -ge 2 ] && procs=1,2
     step 150 "$out/erase_scaling-gpu.txt" python3 benchmarks/bench_erase_scaling.py --device cuda --sizes 10 \
         --processes "$procs" --out "$out/erase_scaling-gpu.json"
 else
-    echo "mace erase on the GPU skipped: diffusers/transformers/pyyaml are not installed here (see MACE_WHEELS)" \
+    echo "mace erase on the GPU skipped: diffusers/transformers/pyyaml/open-clip-torch are not all installed here (see MACE_WHEELS)" \
         | tee "$out/erase_scaling-gpu.txt"
     status=1
 fi

@@ -13,6 +13,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike, *, directory: bool = False, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target``.
@@ -33,6 +46,9 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, replace: 
         yield tmp
         if not replace and target.exists():
             return
+        # mkstemp/mkdtemp create 0600/0700; give the result the modes a plain open() or mkdir()
+        # would, so that a model written here is as readable as any other file of the user's.
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
         if directory:
             old = None
             if target.exists():

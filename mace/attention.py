@@ -88,11 +88,12 @@ class AttentionMapRecorder:
 
     def _record(self, probs: torch.Tensor, batch: int) -> None:
         pixels = probs.shape[1]
-        p = probs.view(batch, -1, pixels, probs.shape[-1])[self.cond_offset:].mean(1)  # (B, pixels, 77)
-        picked = (p * self.positions[:, None, :].to(p.dtype)).sum(-1)
+        probs = probs.view(batch, -1, pixels, probs.shape[-1])
+        p = probs.narrow(0, self.cond_offset, batch - self.cond_offset).mean(1)  # (B, pixels, 77)
+        picked = (p * self.positions[:, None, :].to(p.device, p.dtype)).sum(-1)
         side = int(round(math.sqrt(pixels)))
         grid = picked.view(-1, 1, side, side).float()
-        self.maps += F.interpolate(grid, size=(self.side, self.side), mode="bilinear", align_corners=False)[:, 0].cpu()
+        self.maps += F.interpolate(grid, size=(self.side, self.side), mode="bilinear", align_corners=False).squeeze(1).cpu()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         return cross_attention_forward(attn, hidden_states, encoder_hidden_states,

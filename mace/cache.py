@@ -173,7 +173,7 @@ def build_preservation_cache(
         chunk = list(mine[start:start + batch_size])
         emb = encode_prompts(pipe, chunk, batch_size=batch_size)
         cxx, _ = mk.token_covariance(emb.reshape(-1, d))
-        cache.cov += cxx.to(torch.float64)
+        cache.cov += cxx.to(torch.float64).cpu()  # the running sum lives on the CPU, like the file
         cache.tokens += emb.shape[0] * emb.shape[1]
         cache.prompts = start + len(chunk)
         if step % checkpoint_every == 0 and cache.prompts < len(mine):

@@ -101,7 +101,8 @@ def _split(names: str | None) -> list[str]:
 
 
 def _models_and_concepts(args, what: str = "evaluated") -> tuple[str, str | None, list[str]]:
-    """The edited model, the original (or None) and the erased concepts, from the flags or --config."""
+    """The edited model, the original (or None) and the erased concepts, from the flags or --config
+    (whose ``device`` also becomes ``args.device`` when --device is not given)."""
     model, original, erased = args.model, args.original, _split(args.erased)
     if args.config:
         from .config import load_config
@@ -110,6 +111,8 @@ def _models_and_concepts(args, what: str = "evaluated") -> tuple[str, str | None
         model = model or config.final_save_path
         original = original or config.pretrained_model_name_or_path
         erased = erased or [name for name, _ in config.concepts]
+        if getattr(args, "device", None) is None:
+            args.device = config.device
     if not model:
         raise ValueError(f"give --model (or --config, whose final_save_path is {what})")
     return model, original, erased

@@ -94,10 +94,31 @@ def _timed(summary: ErasureSummary, stage: str):
     summary.seconds[stage] = time.perf_counter() - start
 
 
-def _precision(config: MACEConfig):
-    """mixed_precision fp16/bf16: image generation under autocast (the weights stay float32)."""
+@contextmanager
+def _precision(config: MACEConfig, pipe):
+    """mixed_precision fp16/bf16: image generation under autocast (the weights stay float32).
+
+    A VAE whose config asks for ``force_upcast`` (SDXL's overflows in fp16 and decodes NaN)
+    decodes in float32 meanwhile: diffusers upcasts it only when its weights are fp16, which
+    they are not under autocast."""
     dtype = config.autocast_dtype
-    return torch.autocast(torch.device(config.device).type, dtype=dtype, enabled=dtype is not None)
+    device_type = torch.device(config.device).type
+    vae = getattr(pipe, "vae", None)
+    upcast = dtype == torch.float16 and vae is not None and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        decode = vae.decode
+
+        def decode_in_float32(z, *args, **kwargs):
+            with torch.autocast(device_type, enabled=False):
+                return decode(z.float(), *args, **kwargs)
+
+        vae.decode = decode_in_float32
+    try:
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            yield
+    finally:
+        if upcast:
+            del vae.decode  # the class's method again
 
 
 @contextmanager
@@ -145,7 +166,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
         with _timed(summary, "prepare"):
             pipe = models.use("original")
             settings = GenerationSettings.from_config(config, resolution(pipe, config))
-            with _precision(config):  # each rank its share of the concepts
+            with _precision(config, pipe):  # each rank its share of the concepts
                 made = sum(generate_concept_data(pipe, name, mapping, kind, input_dir, settings,
                                                  prompts=[p.old for p in pairs[name]], progress=progress,
                                                  masker=masker, with_masks=config.use_gsam_mask)
@@ -286,7 +307,7 @@ def _report(config: MACEConfig, models: RunModels, summary: ErasureSummary) -> P
     groups = {"erased": erased_prompts(config.concepts), "kept": list(config.report_prompts or DEFAULT_REPORT_PROMPTS)}
     seeds = [config.seed + i for i in range(REPORT_IMAGES)]
     size = resolution(models.pipe, config)
-    with _precision(config):
+    with _precision(config, models.pipe):
         images = {tag: {group: strips(models.use(version), prompts, seeds, size=size, steps=config.generation_steps,
                                       guidance_scale=config.guidance_scale) for group, prompts in groups.items()}
                   for tag, version in (("before", "original"), ("after", "final"))}

@@ -103,11 +103,13 @@ class MultiConceptLoRA(nn.Module):
         self.B = nn.ParameterList()
         for _, lin in cross_attention_projections(unet):
             out, d = lin.weight.shape
+            device = lin.weight.device
             # As diffusers' LoRA layer, which the original MACE trains: A ~ N(0, (1/rank)^2),
-            # B = 0, scale 1, so training starts from the unchanged model.
+            # B = 0, scale 1, so training starts from the unchanged model. Drawn on the CPU
+            # (the same numbers on every device), kept beside the projection they adapt.
             a = torch.stack([torch.randn(rank, d, generator=g) for g in generators]) / rank
-            self.A.append(nn.Parameter(a))
-            self.B.append(nn.Parameter(torch.zeros(num_concepts, out, rank)))
+            self.A.append(nn.Parameter(a.to(device)))
+            self.B.append(nn.Parameter(torch.zeros(num_concepts, out, rank, device=device)))
         self.num_concepts, self.rank = num_concepts, rank
 
     def preservation_penalty(self, preserve: torch.Tensor, base_norms: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +184,7 @@ class LoraTrainingHooks:
         if t.prior_sizes is not None:  # the attention loss looks at the concept samples only
             p = p[t.concept_rows().to(p.device)]
             batch = p.shape[0]
-        picked = p * t.token_positions[:, None, None, :].to(p.dtype)
+        picked = p * t.token_positions[:, None, None, :].to(p.device, p.dtype)
         if t.masks is not None:
             side = int(round(math.sqrt(pixels)))
             m = F.interpolate(t.masks.float(), size=(side, side), mode="nearest").reshape(batch, pixels) > 0.5

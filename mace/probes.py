@@ -33,12 +33,14 @@ def concept_attention_mass(pipe, prompts: Sequence[str], concept: str, mapping: 
     recorder = AttentionMapRecorder(positions, 0, side)
     emb = encode_prompts(pipe, prompts)
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(prompts), pipe.unet.config.in_channels, side, side, generator=g)
+    device = pipe.unet.device
+    latents = torch.randn(len(prompts), pipe.unet.config.in_channels, side, side, generator=g).to(device)
     extra = added_conditions(pipe, prompts, side * pipe.vae_scale_factor)
     with ProcessorSwap(pipe.unet, lambda _: recorder) as swap:
         layers = len(swap.previous)
         for t in timesteps:
-            pipe.unet(latents, torch.full((len(prompts),), t), encoder_hidden_states=emb, added_cond_kwargs=extra)
+            pipe.unet(latents, torch.full((len(prompts),), t, device=device), encoder_hidden_states=emb,
+                      added_cond_kwargs=extra)
     return float(recorder.maps.mean()) / (layers * len(timesteps))
 
 
@@ -47,9 +49,10 @@ def noise_prediction(pipe, prompts: Sequence[str], timesteps: Sequence[int] = (2
     """The UNet's noise predictions for fixed latents, (len(timesteps), B, C, H, W)."""
     side = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(prompts), pipe.unet.config.in_channels, side, side, generator=g)
+    device = pipe.unet.device
+    latents = torch.randn(len(prompts), pipe.unet.config.in_channels, side, side, generator=g).to(device)
     emb = encode_prompts(pipe, prompts)
     extra = added_conditions(pipe, prompts, side * pipe.vae_scale_factor)
-    return torch.stack([pipe.unet(latents, torch.full((len(prompts),), t), encoder_hidden_states=emb,
+    return torch.stack([pipe.unet(latents, torch.full((len(prompts),), t, device=device), encoder_hidden_states=emb,
                                   added_cond_kwargs=extra).sample
                         for t in timesteps])

@@ -14,7 +14,7 @@ def generate_images(
     pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20, guidance_scale: float = 4.0,
     batch_size: int = 128, progress: bool = True,
 ) -> torch.Tensor:
-    """Images in [-1, 1], (N, 3, H, W); image i is drawn from the noise of ``seeds[i]`` alone."""
+    """Images in [-1, 1], (N, 3, H, W), on the CPU; image i is drawn from the noise of ``seeds[i]`` alone."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     out = []
@@ -23,7 +23,7 @@ def generate_images(
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
         images = pipe(list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
                       generator=generators, output_type="pt").images
-        out.append(images.float() * 2 - 1)
+        out.append(images.float().cpu() * 2 - 1)  # diffusers leaves "pt" images on the model's device
     if not out:
         return torch.zeros(0, 3, 32, 32)
     return torch.cat(out)

@@ -141,17 +141,35 @@ def implementation(op: str, table: dict, backend: str | None, device: torch.devi
 
     A Triton entry chosen by default is wrapped so that a compile or launch failure switches
     the op to its torch entry (the same position of the tuple), for this call and every later
-    one, warning once.
+    one, warning once. On CUDA every Triton entry runs with the tensors' device current.
     """
     name, by_default = select_backend(backend, device)
-    if name != "triton" or not by_default:
+    if name != "triton":
         return table[name]
-    if op in _TRITON_FAILURES:
+    if by_default and op in _TRITON_FAILURES:
         return table["torch"]
     chosen, reference = table["triton"], table["torch"]
+
+    def prepared(kernel, ref):
+        if device.type == "cuda":
+            kernel = _on_device(kernel, device)
+        return _guarded(op, kernel, ref) if by_default else kernel
+
     if isinstance(chosen, tuple):
-        return tuple(_guarded(op, f, g) for f, g in zip(chosen, reference))
-    return _guarded(op, chosen, reference)
+        return tuple(prepared(f, g) for f, g in zip(chosen, reference))
+    return prepared(chosen, reference)
+
+
+def _on_device(kernel: Callable, device: torch.device) -> Callable:
+    """Run ``kernel`` with ``device`` as the current CUDA device: Triton launches on the current
+    device and its stream, which need not be the tensors' (``cuda:1`` without torchrun)."""
+
+    def run(*args, **kwargs):
+        with torch.cuda.device(device):
+            return kernel(*args, **kwargs)
+
+    run.__name__ = getattr(kernel, "__name__", "kernel")
+    return run
 
 
 def _guarded(op: str, kernel: Callable, reference: Callable) -> Callable:

@@ -167,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"OVER sm_{k['arch']} {k['kernel']} ({k['case']}): {k['shared_bytes']} B of shared memory, "
               f"limit {SHARED_MEMORY_LIMIT[k['arch']]}")
     if args.json:
+        import triton
+
         from mace.atomic import write_json_atomically
 
-        write_json_atomically(args.json, {"arches": arches, "compiled": compiled, "failures": failures,
-                                          "over_shared_memory": over})
+        write_json_atomically(args.json, {"triton": triton.__version__, "arches": arches, "compiled": compiled,
+                                          "failures": failures, "over_shared_memory": over})
     print(f"{len(seen)} distinct kernels compiled for sm_{', sm_'.join(map(str, arches))} from "
           f"{len(compiled)} launches; {len(failures)} failed, {len(over)} over shared memory "
           f"({time.perf_counter() - start:.0f} s)")

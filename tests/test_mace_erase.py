@@ -128,6 +128,35 @@ def test_failed_fuse_leaves_the_previous_model_intact(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_outputs_get_the_modes_of_plainly_created_ones(tmp_path, umask):
+    """Temporary files and folders are private (0600/0700); the outputs renamed from them must
+    not be: a model written by mace erase is as readable as any file the user creates."""
+    import os
+    import stat
+
+    from mace.atomic import atomic_path, write_json_atomically
+
+    old = os.umask(umask)
+    try:
+        plain_file, plain_dir = tmp_path / "plain.txt", tmp_path / "plain"
+        plain_file.write_text("x")
+        plain_dir.mkdir()
+        written = write_json_atomically(tmp_path / "out.json", {"a": 1})
+        with atomic_path(tmp_path / "model", directory=True) as folder:
+            (folder / "weights.bin").write_bytes(b"x")
+        write_json_atomically(written, {"a": 2})  # replacing keeps the mode too
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    assert mode(written) == mode(plain_file) == 0o666 & ~umask
+    assert mode(tmp_path / "model") == mode(plain_dir) == 0o777 & ~umask
+    assert mode(tmp_path / "model" / "weights.bin") == 0o666 & ~umask
+
+
 @pytest.mark.slow
 def test_report_images_load_in_headless_chromium(tmp_path):
     import re

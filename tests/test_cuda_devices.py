@@ -1,0 +1,198 @@
+"""Device contracts for CUDA, checked without a GPU.
+
+torch's fake tensors carry a device ("cuda:0") without memory and raise the real "Expected all
+tensors to be on the same device" error when CUDA and CPU tensors meet. The workflow's own code
+that runs between the model and the host (masks, token positions, statistics, images leaving
+the pipeline) is run here on fake CUDA inputs: each test failed before its fix. Whole UNet
+forward passes cannot run this way (diffusers and torch guard CUDA devices on a CPU build);
+benchmarks/gpu_check.sh runs `mace erase` on a GPU.
+"""
+
+import argparse
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import mace_kernels as mk
+from mace_kernels import _backend
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """(mode, cuda device): inside ``mode`` tensors made on the device are fake CUDA tensors."""
+    # The ops' default on CUDA is Triton, which needs real memory: the torch reference runs here.
+    monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        device = torch.empty(0, device="cuda").device
+    return mode, device
+
+
+def _moved(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A copy of ``module`` with its parameters and buffers on ``device`` (inside the fake mode)."""
+    module = copy.deepcopy(module)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    m._parameters[name] = torch.nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = b.to(device)
+    return module
+
+
+def test_the_fake_device_raises_the_real_mismatch(fake_cuda):
+    mode, cuda = fake_cuda
+    with mode, pytest.raises(RuntimeError, match="same device"):
+        torch.ones(2, device=cuda) * torch.ones(2)
+
+
+def test_lora_parameters_live_beside_the_projections_they_adapt(fake_cuda, tiny_pipe):
+    from mace.lora import MultiConceptLoRA
+
+    mode, cuda = fake_cuda
+    with mode:
+        lora = MultiConceptLoRA(_moved(tiny_pipe.unet, cuda), 3, 2, concept_seeds=[1, 2, 3])
+    assert all(p.device == cuda for p in lora.parameters())
+    # The initial A is drawn on the CPU, so a seed gives the same LoRA on every device.
+    cpu = MultiConceptLoRA(tiny_pipe.unet, 3, 2, concept_seeds=[1, 2, 3])
+    again = MultiConceptLoRA(tiny_pipe.unet, 3, 2, concept_seeds=[1, 2, 3])
+    assert all(torch.equal(a, b) for a, b in zip(cpu.A, again.A))
+
+
+def test_the_attention_loss_takes_host_token_positions_to_the_probabilities(fake_cuda, tiny_pipe):
+    from mace.lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, concept_token_mask
+
+    mode, cuda = fake_cuda
+    # As _sample_batch makes them: token positions from the tokenizer (CPU), masks on the device.
+    # (Without preservation samples or masks: indexing a fake CUDA tensor trips torch's CUDA guard.)
+    positions = concept_token_mask(tiny_pipe.tokenizer, ["a photo of ship", "a photo of tower"],
+                                   ["ship", "tower"], use_pooler=True)
+    with mode:
+        unet = _moved(tiny_pipe.unet, cuda)
+        hooks = LoraTrainingHooks(unet, MultiConceptLoRA(unet, 2, 1))
+        hooks.targets = AttentionTargets(positions, None, [1, 1])
+        heads, pixels = 2, 16
+        hooks.record(torch.rand(2 * heads, pixels, 77, device=cuda), batch=2)
+        norms = hooks.targets.layer_norms[-1]
+    hooks.remove()
+    assert norms.device == cuda and norms.shape == (2,)
+
+
+def test_attention_maps_of_generation_read_cuda_probabilities(fake_cuda):
+    from mace.attention import AttentionMapRecorder
+
+    mode, cuda = fake_cuda
+    positions = torch.zeros(2, 77, dtype=torch.bool)
+    positions[:, 4] = True
+    with mode:
+        recorder = AttentionMapRecorder(positions, cond_offset=2, side=8)
+        recorder._record(torch.rand(4 * 2, 16, 77, device=cuda), batch=4)  # uncond + cond halves, 2 heads
+        maps = recorder.maps
+    assert maps.device.type == "cpu" and maps.shape == (2, 8, 8)
+
+
+def test_generated_images_leave_the_device(fake_cuda):
+    from mace.sampling import generate_images
+
+    mode, cuda = fake_cuda
+
+    class Pipe:
+        def __call__(self, prompts, **kwargs):
+            # diffusers' output_type="pt" leaves the images on the model's device
+            return argparse.Namespace(images=torch.rand(len(prompts), 3, 8, 8, device=cuda))
+
+    with mode:
+        images = generate_images(Pipe(), ["a", "b", "c"], [0, 1, 2], steps=1, guidance_scale=1.0, batch_size=2,
+                                 progress=False)
+    assert images.device.type == "cpu" and images.shape == (3, 3, 8, 8)
+
+
+def test_a_preservation_cache_sums_cuda_embeddings_on_the_host(fake_cuda, tiny_pipe, tmp_path, monkeypatch):
+    import mace.cache as cache_module
+
+    mode, cuda = fake_cuda
+    saved = []
+    width = cache_module.text_width(tiny_pipe)
+    monkeypatch.setattr(cache_module, "text_encoder_fingerprint", lambda pipe: "fingerprint")
+    # The statistic as the op returns it, on the embeddings' device (the reference indexes, which
+    # fake CUDA tensors cannot).
+    monkeypatch.setattr(cache_module.mk, "token_covariance", lambda x: (x.T @ x, None))
+    monkeypatch.setattr(cache_module, "encode_prompts",
+                        lambda pipe, prompts, batch_size=64: torch.rand(len(prompts), 77, width, device=cuda))
+    monkeypatch.setattr(cache_module.PreservationCache, "save",
+                        lambda self, path, partial=False: saved.append((self.cov.device, self.tokens, partial)))
+    with mode:
+        cache_module.build_preservation_cache(tiny_pipe, ["a ship", "a tower", "a tree"], tmp_path / "c.safetensors",
+                                              batch_size=2, progress=False)
+    assert saved == [(torch.device("cpu"), 3 * 77, False)]
+
+
+def test_triton_kernels_launch_with_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device; a tensor on cuda:1 must not run on cuda:0."""
+    entered = []
+
+    @contextlib.contextmanager
+    def current(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(_backend.torch.cuda, "device", current)
+    monkeypatch.delenv("MACE_KERNELS_BACKEND", raising=False)
+    calls = []
+    table = {"triton": lambda x: calls.append(("triton", list(entered))) or x,
+             "torch": lambda x: calls.append(("torch", list(entered))) or x}
+    primitives = {"triton": (table["triton"], table["triton"]), "torch": (table["torch"], table["torch"])}
+    gpu1 = torch.device("cuda", 1)
+    for backend in (None, "triton"):  # chosen by default (guarded) and named
+        _backend.implementation("test_op", table, backend, gpu1)(0)
+        for primitive in _backend.implementation("test_op", primitives, backend, gpu1):
+            primitive(0)
+    assert [c[0] for c in calls] == ["triton"] * 6
+    assert all(c[1][-1] == gpu1 for c in calls) and len(entered) == 6
+    assert "test_op" not in mk.triton_failures()
+
+
+def test_eval_runs_on_the_configs_device_unless_told_otherwise(tmp_path):
+    import yaml
+
+    from mace.cli import _models_and_concepts
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"MACE": {"multi_concept": [[["ship", "object"]]], "mapping_concept": ["ground"],
+                                             "final_save_path": str(tmp_path / "final"), "device": "cuda:1"}}))
+
+    def args(device):
+        return argparse.Namespace(model=None, original=None, erased=None, config=str(path), set=[], device=device)
+
+    given = args(None)
+    _models_and_concepts(given)
+    assert given.device == "cuda:1"
+    told = args("cpu")
+    _models_and_concepts(told)
+    assert told.device == "cpu"
+
+
+def test_fp16_generation_decodes_with_an_upcast_vae_in_float32(tmp_path):
+    """Under fp16 autocast, a VAE that asks for force_upcast (SDXL's) decodes in float32."""
+    import mace
+    from mace.config import MACEConfig
+    from mace.erase import _precision
+
+    pipe = mace.load_pipeline("builtin:tiny-sdxl")
+    assert pipe.vae.config.force_upcast
+    seen = []
+    hook = pipe.vae.decoder.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    z = torch.randn(1, pipe.vae.config.latent_channels, 4, 4)
+    try:
+        for precision in ("fp16", "bf16"):
+            with _precision(MACEConfig(mixed_precision=precision, device="cpu"), pipe):
+                pipe.vae.decode(z)
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert "decode" not in vars(pipe.vae)  # the class's method again
