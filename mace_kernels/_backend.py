@@ -33,6 +33,40 @@ try:  # Triton is optional: the torch and cpp backends serve without it.
 except Exception as exc:  # pragma: no cover - depends on the installation
     _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
 
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = version.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def interpreter_conflict(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run our kernels with these versions, or None.
+
+    Triton's interpreter before 3.7 turns a runtime integer (a loop bound such as a segment's
+    end) into a Python int with ``int()`` of a one-element array, which NumPy 2.4 refuses: every
+    kernel with a runtime loop bound then fails with "only 0-dimensional arrays can be converted
+    to Python scalars". Compiled kernels on a GPU are unaffected.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with NumPy "
+            f"{numpy_version}: it calls int() on one-element arrays, which NumPy 2.4 refuses; "
+            "install triton>=3.7 or numpy<2.4"
+        )
+    return None
+
+
+if _TRITON_ERROR is None and triton_interpret():
+    import numpy
+
+    _TRITON_ERROR = interpreter_conflict(triton.__version__, numpy.__version__)
+
+
 def _load_extension() -> str | None:
     """Load the C++ extension (it registers torch.ops.mace_kernels.*); the reason if it fails."""
     import importlib.util
@@ -47,11 +81,6 @@ def _load_extension() -> str | None:
 
 
 _CPP_ERROR: str | None = _load_extension()
-
-
-def triton_interpret() -> bool:
-    """True when Triton kernels run on the CPU through its interpreter (tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def cpp_ops():

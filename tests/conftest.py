@@ -39,6 +39,15 @@ def assert_close_scaled(
     )
 
 
+def pytest_configure(config):
+    """Stop at once, with the reason, where Triton's interpreter cannot run the kernels."""
+    import mace_kernels
+
+    error = mace_kernels.backends()["triton"]["error"]
+    if error and "interpreter" in error:
+        raise pytest.UsageError(error)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

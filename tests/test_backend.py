@@ -6,7 +6,7 @@ import torch
 from conftest import ALL_BACKENDS
 
 import mace_kernels
-from mace_kernels._backend import resolve_backend
+from mace_kernels._backend import interpreter_conflict, resolve_backend
 
 # Each op module's dispatch table: backend name -> implementation (or a tuple of primitives).
 DISPATCH_TABLES = {
@@ -23,6 +23,21 @@ def test_every_backend_is_available():
     info = mace_kernels.backends()
     for name in ALL_BACKENDS:
         assert info[name]["available"], f"backend {name} unavailable: {info[name]['error']}"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, conflict", [
+    ("3.6.0", "2.4.6", True),       # torch 2.11 pins Triton 3.6: its interpreter int()s arrays
+    ("3.5.1", "2.5.0rc1", True),
+    ("3.6.0", "2.3.5", False),      # NumPy before 2.4 only warns
+    ("3.7.0", "2.4.0", False),      # Triton 3.7's interpreter squeezes first
+    ("3.9.0+git8a1b2c3", "2.4.6", False),
+])
+def test_interpreter_conflict_names_both_versions(triton_version, numpy_version, conflict):
+    message = interpreter_conflict(triton_version, numpy_version)
+    assert (message is not None) == conflict
+    if conflict:
+        assert f"Triton {triton_version}" in message and f"NumPy {numpy_version}" in message
+        assert "triton>=3.7 or numpy<2.4" in message
 
 
 def test_default_on_cpu_is_cpp():
