@@ -7,8 +7,9 @@
 # that hangs leaves the others' results; the whole script stays within about 9 minutes.
 # A machine without network access that lacks some of the package's Python dependencies
 # (diffusers; open-clip-torch, whose CLIP vocabulary file the builtin models' tokenizer reads;
-# or one of their own dependencies) can take them as wheels: MACE_WHEELS=FOLDER installs every
-# FOLDER/*.whl (no dependency resolution, no index) into a private folder first.
+# or one of their own dependencies) can take them as wheels (benchmarks/gpu_wheels.py downloads
+# them): MACE_WHEELS=FOLDER installs each FOLDER/*.whl whose distribution is missing here or
+# older (no dependency resolution, no index) into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MACE_KERNELS_NO_EXTENSION=1 PYTHONUNBUFFERED=1
@@ -32,8 +33,13 @@ step() {  # step SECONDS LOG COMMAND...: run with a limit, output to the termina
 
 if [ -n "${MACE_WHEELS:-}" ]; then
     site=$(mktemp -d)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$MACE_WHEELS"/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:$site"
+    # A distribution this machine has at the same or a newer version keeps its own install.
+    mapfile -t wheels < <(python3 benchmarks/gpu_wheels.py select "$MACE_WHEELS")
+    echo "MACE_WHEELS: installing ${#wheels[@]} wheel(s): ${wheels[*]##*/}"
+    if [ "${#wheels[@]}" -gt 0 ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" \
+            && export PYTHONPATH="$PYTHONPATH:$site"
+    fi
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
@@ -42,13 +48,14 @@ step 150 "$out/kernels-gpu.txt" python3 benchmarks/bench_kernels.py --device cud
 # The whole workflow on the GPU: `mace erase` of 10 glyph-world concepts (and 1 vs 2 ranks under
 # torchrun when the machine has two GPUs). It needs the package's Python dependencies
 # (diffusers, transformers, open-clip-torch's vocabulary); a machine without them says so.
-if python3 -c "import diffusers, transformers, safetensors, yaml, importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null; then
+if missing=$(python3 -c "import yaml, mace.erase, mace.cache, mace.tokenizer as t; t.clip_bpe_path()" 2>&1 | tail -1) \
+        && [ -z "$missing" ]; then
     gpus=$(nvidia-smi -L | wc -l)
     procs=1; [ "$gpus" -ge 2 ] && procs=1,2
     step 150 "$out/erase_scaling-gpu.txt" python3 benchmarks/bench_erase_scaling.py --device cuda --sizes 10 \
         --processes "$procs" --out "$out/erase_scaling-gpu.json"
 else
-    echo "mace erase on the GPU skipped: diffusers/transformers/pyyaml/open-clip-torch are not all installed here (see MACE_WHEELS)" \
+    echo "mace erase on the GPU skipped: the package does not import here ($missing); see MACE_WHEELS" \
         | tee "$out/erase_scaling-gpu.txt"
     status=1
 fi
