@@ -72,7 +72,7 @@ def adversarial_embeddings(
     W0 = torch.cat([w.to(f64) for w in original])
     gram, cross = mk.token_covariance(W, W0)  # sum_l W_l^T W_l, sum_l W0_l^T W_l (the rows as tokens)
     gram.diagonal().add_(regularization)
-    return mk.spd_solve(gram, tokens.to(f64) @ cross, jitter=jitter)
+    return mk.spd_solve(gram, tokens.to(cross.device, f64) @ cross, jitter=jitter)
 
 
 def rece_weights(
@@ -104,8 +104,11 @@ def rece_weights(
     if erase_scale <= 0:
         raise ValueError(f"rece: erase_scale must be > 0, got {erase_scale}")
     scale = erase_scale**0.5  # on both token sets: the erase term weighs erase_scale
-    guide = guide_tokens.to(torch.float64) * scale
-    concept = concept_tokens.to(torch.float64)
+    # The rounds run where the weights are (mace.models.edit_projections hands them over on the
+    # CPU); the tokens come from the text encoder's device.
+    device = weights[0].device
+    guide = guide_tokens.to(device, torch.float64) * scale
+    concept = concept_tokens.to(device, torch.float64)
     current = list(weights)
     jit, shifts, adversarial = 0.0, [], None
     for _ in range(rounds):

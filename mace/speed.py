@@ -179,10 +179,12 @@ def speed_weights(
     if augment < 0:
         raise ValueError(f"speed: augment must be >= 0, got {augment}")
 
-    f64 = torch.float64
-    eye = torch.eye(d, dtype=f64)
-    t, a, r = target.to(f64), anchor.to(f64), retain.to(f64)
-    K = torch.zeros(d, 0, dtype=f64) if invariants is None else invariants.to(f64).T
+    # The edit runs where the weights are (mace.models.edit_projections hands them over on the
+    # CPU); the tokens come from the text encoder's device.
+    f64, device = torch.float64, weights[0].device
+    eye = torch.eye(d, dtype=f64, device=device)
+    t, a, r = (x.to(device, f64) for x in (target, anchor, retain))
+    K = torch.zeros(d, 0, dtype=f64, device=device) if invariants is None else invariants.to(device, f64).T
     n = t.shape[0]
     c1, cat_ = mk.token_covariance(t, a)  # sum t t^T, sum a t^T
     c1, D = c1 / n, (cat_ - c1) / n
@@ -197,14 +199,15 @@ def speed_weights(
             kept = _at_or_above_mean(r, E_l) if prior_filter else r
             if augment:
                 v = _smallest_right_singular_vector(W)
-                z = torch.randn(kept.shape[0], augment, generator=generator, dtype=f64)
+                # Drawn on the CPU: a seed gives the same edit on every device.
+                z = torch.randn(kept.shape[0], augment, generator=generator, dtype=f64).to(device)
                 moved = (kept[:, None, :] + z[..., None] * v).reshape(-1, d)
                 kept = torch.cat([kept, _at_or_above_mean(moved, E_l)])
             sets.append(kept)
         sizes = torch.tensor([len(s) for s in sets])
-        seg = torch.repeat_interleave(torch.arange(len(sets)), sizes)
+        seg = torch.repeat_interleave(torch.arange(len(sets)), sizes).to(device)
         cr, _ = mk.token_covariance(torch.cat(sets), segment_ids=seg, num_segments=len(sets))
-        cr = cr / sizes.to(f64)[:, None, None]
+        cr = cr / sizes.to(device, f64)[:, None, None]
     else:
         sizes = torch.tensor([r.shape[0]])
         cr = (mk.token_covariance(r)[0] / r.shape[0])[None]
@@ -225,7 +228,7 @@ def speed_weights(
         if B.shape[1]:
             QB = Q_l @ B
             G = B.T @ QB
-            G = (G + G.T) / 2 + constraint_ridge * torch.eye(B.shape[1], dtype=f64)
+            G = (G + G.T) / 2 + constraint_ridge * torch.eye(B.shape[1], dtype=f64, device=device)
             X, g_info = mk.spd_solve(G, QB, jitter=jitter, return_info=True)  # Q B G^-1
             jit = max(jit, float(g_info.jitter))
             delta = Q_l - X @ QB.T

@@ -6,7 +6,8 @@ when CUDA and CPU tensors meet (the real "Expected all tensors to be on the same
 that runs between the model and the host (masks, token positions, statistics, images leaving
 the pipeline) is run here on fake CUDA inputs: each test failed before its fix. Whole UNet
 forward passes cannot run this way (diffusers and torch guard CUDA devices on a CPU build);
-benchmarks/gpu_check.sh runs `mace erase` on a GPU.
+benchmarks/gpu_check.sh runs `mace erase` on a GPU. The closed-form stages, which read values
+that fake tensors do not have, run on a simulated GPU (SimulatedGPU below) with real numbers.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import copy
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 
 import mace_kernels as mk
 from mace_kernels import _backend
@@ -197,3 +199,164 @@ def test_fp16_generation_decodes_with_an_upcast_vae_in_float32(tmp_path):
         hook.remove()
     assert seen == [torch.float32, torch.bfloat16]
     assert "decode" not in vars(pipe.vae)  # the class's method again
+
+
+class SimulatedGPU(TorchFunctionMode):
+    """A second device with real numbers: tensors on the simulated "cuda:0" are CPU tensors
+    marked as on the GPU.
+
+    Fake tensors cannot read a value (a jitter, a mask's sum), and the closed-form baselines read
+    several. Here every value is real. A marked tensor reports ``device`` cuda:0 and its results
+    stay marked; ``.to("cuda")`` and factories given a CUDA device make marked tensors, ``.cpu()``
+    and ``.to("cpu")`` unmarked ones; an op that meets a marked tensor and an unmarked one with
+    dimensions raises the device-mismatch error a GPU would. As on a GPU, copies (``copy_``,
+    item assignment) cross devices, a CPU index may index a marked tensor, and 0-dim CPU tensors
+    mix with marked ones.
+    """
+
+    CUDA = torch.device("cuda", 0)
+    CROSSING = {"__getitem__", "__setitem__", "copy_", "to", "cpu"}
+
+    @staticmethod
+    def put(t: torch.Tensor) -> torch.Tensor:
+        t = t.view_as(t)  # a new tensor object: the caller's stays on the host
+        t._simulated_gpu = True
+        return t
+
+    @staticmethod
+    def on_gpu(t) -> bool:
+        return getattr(t, "_simulated_gpu", False)
+
+    def _device(self, value):
+        """(value with CUDA devices replaced by the CPU, whether one was)."""
+        if isinstance(value, (torch.device, str)) and not isinstance(value, bool):
+            try:
+                device = value if isinstance(value, torch.device) else torch.device(value)
+            except (RuntimeError, TypeError):
+                return value, False
+            if device.type == "cuda":
+                return torch.device("cpu"), True
+            return value, False
+        return value, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.device:  # naming a device is not putting anything on it
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "__get__" and getattr(func, "__self__", None) is torch.Tensor.device:
+            return self.CUDA if self.on_gpu(args[0]) else func(*args, **kwargs)
+        to_gpu = False
+        args = list(args)
+        for i, a in enumerate(args):
+            args[i], hit = self._device(a)
+            to_gpu |= hit
+        if "device" in kwargs:
+            kwargs["device"], hit = self._device(kwargs["device"])
+            to_gpu |= hit
+        leaves = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        marked = [self.on_gpu(x) for x in leaves]
+        if any(marked) and name not in self.CROSSING:
+            if any(not m and x.dim() > 0 for x, m in zip(leaves, marked)):
+                raise RuntimeError(f"Expected all tensors to be on the same device ({name} on the simulated GPU "
+                                   "met a CPU tensor)")
+        out = func(*args, **kwargs)
+        if name in ("__setitem__", "copy_"):
+            return out
+        if name in ("to", "cpu"):
+            to_host = name == "cpu" or (not to_gpu and any(
+                isinstance(a, (str, torch.device)) and str(a).startswith("cpu") for a in (*args[1:], kwargs.get("device"))))
+            if to_gpu or to_host:
+                out = out.view_as(out)  # .to may return its input: the result is a new tensor either way
+                if to_gpu:
+                    out._simulated_gpu = True
+                return out
+        if to_gpu or any(marked):
+            for x in torch.utils._pytree.tree_leaves(out):
+                if isinstance(x, torch.Tensor):
+                    x._simulated_gpu = True
+        return out
+
+
+def test_the_simulated_gpu_raises_where_a_gpu_would():
+    on_gpu = SimulatedGPU.on_gpu
+    with SimulatedGPU():
+        gpu = SimulatedGPU.put(torch.ones(3))
+        with pytest.raises(RuntimeError, match="same device"):
+            gpu + torch.ones(3)
+        assert gpu.device == torch.device("cuda", 0)
+        assert on_gpu(gpu * 2) and on_gpu(gpu.double()) and on_gpu(torch.zeros(2, device=gpu.device))
+        assert on_gpu(torch.ones(3).to("cuda")) and on_gpu(torch.ones(3).to(gpu.device, torch.float64))
+        assert not on_gpu(gpu.cpu()) and not on_gpu(gpu.to("cpu", torch.float64)) and not on_gpu(gpu.to("cpu"))
+        assert gpu.cpu().device.type == "cpu"
+        assert float((gpu.cpu() + torch.ones(3)).sum()) == 6.0 and float((gpu + torch.tensor(1.0)).sum()) == 6.0
+        assert float(gpu[torch.tensor([0, 2])].sum()) == 2.0  # a CPU index into GPU memory
+
+
+def _encoding_on_the_gpu(monkeypatch, *modules):
+    """Text encodings come back on the simulated GPU, as from a CUDA text encoder."""
+    from mace import models
+
+    def encode(pipe, prompts, batch_size=64):
+        return SimulatedGPU.put(models.encode_prompts(pipe, prompts, batch_size))
+
+    for module in modules:
+        monkeypatch.setattr(module, "encode_prompts", encode)
+
+
+@pytest.mark.parametrize("method", ["uce", "rece", "speed"])
+def test_closed_form_baselines_edit_host_weights_from_gpu_encodings(method, tiny_path, monkeypatch):
+    """UCE, RECE and SPEED on a model whose text encoder is on the GPU: the same weights as on the CPU."""
+    import mace
+    import mace.rece
+    import mace.speed
+    import mace.uce
+    from mace.models import projection_weights
+
+    monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
+    run = {"uce": mace.uce.uce, "rece": lambda *a: mace.rece.rece(*a, rounds=2), "speed": mace.speed.speed}[method]
+    args = (["ship", "tower"], "a glyph", ["a tree", "a boat"])
+    host = mace.load_pipeline(tiny_path)
+    run(host, *args)
+    expected = [w.clone() for w in projection_weights(host.unet)]
+
+    pipe = mace.load_pipeline(tiny_path)
+    _encoding_on_the_gpu(monkeypatch, mace.uce, mace.rece, mace.speed)
+    with SimulatedGPU():
+        run(pipe, *args)
+    for got, want in zip(projection_weights(pipe.unet), expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["fast", "reference"])
+def test_refinement_and_fusion_edit_host_weights_from_gpu_encodings(method, tiny_path, monkeypatch):
+    """MACE's closed-form stages with the text encoder on the GPU: the same weights as on the CPU."""
+    import mace
+    import mace.fusion
+    import mace.refinement
+    from mace.models import cross_attention_projections, projection_weights
+
+    monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
+    pairs = [("a photo of a ship", "a photo of a glyph"), ("a tower by the sea", "a glyph by the sea")]
+    prompts = {"ship": ["a ship at sea", "a red ship"], "tower": ["a tall tower"]}
+    torch.manual_seed(0)
+    loras = {}
+    for concept in prompts:
+        loras[concept] = {name: (torch.randn(2, lin.in_features) * 0.1, torch.randn(lin.out_features, 2) * 0.1)
+                          for name, lin in cross_attention_projections(mace.load_pipeline(tiny_path).unet)}
+
+    def run(pipe):
+        width = projection_weights(pipe.unet)[0].shape[1]
+        preserve = torch.eye(width, dtype=torch.float64)
+        mace.refinement.refine(pipe, pairs, lam=0.1, preserve=preserve, preserve_scale=0.5, method=method)
+        for tokens in ("all", "concept"):
+            mace.fusion.fuse(pipe, loras, prompts, lam=0.1, preserve=preserve, preserve_scale=0.5, method=method,
+                             tokens=tokens)
+        return [w.clone() for w in projection_weights(pipe.unet)]
+
+    expected = run(mace.load_pipeline(tiny_path))
+    _encoding_on_the_gpu(monkeypatch, mace.refinement, mace.fusion)
+    with SimulatedGPU():
+        got = run(mace.load_pipeline(tiny_path))
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
