@@ -13,6 +13,7 @@ that fake tensors do not have, run on a simulated GPU (SimulatedGPU below) with 
 import argparse
 import contextlib
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,7 +216,25 @@ class SimulatedGPU(TorchFunctionMode):
     """
 
     CUDA = torch.device("cuda", 0)
-    CROSSING = {"__getitem__", "__setitem__", "copy_", "to", "cpu"}
+    CROSSING = {"__getitem__", "__setitem__", "copy_", "to", "cpu", "_has_compatible_shallow_copy_type"}
+
+    def __enter__(self):
+        # nn.Parameter(t) makes its tensor without a torch function call: carry the mark over.
+        self._parameter_new = vars(torch.nn.Parameter)["__new__"]
+        make = self._parameter_new.__func__
+
+        def parameter(cls, data=None, requires_grad=True):
+            made = make(cls, data, requires_grad)
+            if data is not None and self.on_gpu(data):
+                made._simulated_gpu = True
+            return made
+
+        torch.nn.Parameter.__new__ = staticmethod(parameter)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.nn.Parameter.__new__ = self._parameter_new
+        return super().__exit__(*exc)
 
     @staticmethod
     def put(t: torch.Tensor) -> torch.Tensor:
@@ -241,11 +260,16 @@ class SimulatedGPU(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func is torch.device:  # naming a device is not putting anything on it
-            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
+        if func is torch.device or name == "_parse_to":  # naming a device is not putting anything on it
+            return func(*args, **kwargs)
         if name == "__get__" and getattr(func, "__self__", None) is torch.Tensor.device:
             return self.CUDA if self.on_gpu(args[0]) else func(*args, **kwargs)
+        if name == "__set__" and getattr(func, "__self__", None) is torch.Tensor.data:
+            # Module.to(device) swaps each parameter's data: the parameter moves with it.
+            func(*args, **kwargs)
+            args[0]._simulated_gpu = self.on_gpu(args[1])
+            return None
         to_gpu = False
         args = list(args)
         for i, a in enumerate(args):
@@ -291,6 +315,14 @@ def test_the_simulated_gpu_raises_where_a_gpu_would():
         assert gpu.cpu().device.type == "cpu"
         assert float((gpu.cpu() + torch.ones(3)).sum()) == 6.0 and float((gpu + torch.tensor(1.0)).sum()) == 6.0
         assert float(gpu[torch.tensor([0, 2])].sum()) == 2.0  # a CPU index into GPU memory
+        layer = torch.nn.Linear(2, 2).to("cuda")
+        assert layer.weight.device == torch.device("cuda", 0) and on_gpu(layer.weight.data)
+        with pytest.raises(RuntimeError, match="same device"):
+            layer(torch.ones(1, 2))
+        assert layer(torch.ones(1, 2).to(layer.weight.device)).device == torch.device("cuda", 0)
+        assert not on_gpu(layer.cpu().weight)
+        assert torch.nn.Parameter(torch.ones(2).to("cuda")).device == torch.device("cuda", 0)
+    assert vars(torch.nn.Parameter)["__new__"].__func__ is torch.nn.Parameter.__new__  # restored
 
 
 def _encoding_on_the_gpu(monkeypatch, *modules):
@@ -360,3 +392,45 @@ def test_refinement_and_fusion_edit_host_weights_from_gpu_encodings(method, tiny
         got = run(mace.load_pipeline(tiny_path))
     for g, w in zip(got, expected):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_mace_erase_on_the_simulated_gpu_gives_the_cpus_model(tmp_path, monkeypatch):
+    """Every stage of `mace erase` (prepare, refine, train, fuse, report) with `device: cuda`:
+    the model, the LoRAs and everything made from them on the simulated GPU, the preservation
+    cache read from disk on the host. No tensor meets one on the other device, and the final
+    model is the CPU run's."""
+    from safetensors.torch import load_file
+
+    from mace.builtin import builtin_model_path
+    from mace.cache import build_preservation_cache
+    from mace.config import config_from_dict, load_config
+    from mace.erase import erase
+    from mace.pipelines import load_pipeline
+
+    monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
+    root = Path(__file__).resolve().parent.parent
+    cache = tmp_path / "keep.safetensors"
+    build_preservation_cache(load_pipeline("builtin:world"), ["a photo of Dorkpyx Zuthmyrk", "a photo of a glyph"],
+                             cache, model_id="builtin:world", progress=False)
+
+    def run(device: str) -> dict[str, torch.Tensor]:
+        values = load_config(root / "configs" / "world_erase.yaml", check_paths=False).to_dict()
+        out = tmp_path / device
+        values.update(multi_concept=[["Qedark Draerba", "object"], ["Laengrur Zarourknourk", "object"]],
+                      mapping_concept=["a glyph"] * 2, output_dir=str(out), input_data_dir=str(out / "data"),
+                      final_save_path=str(out / "final"), domain_preservation_cache_path=str(cache),
+                      report_prompts=["a photo of Dorkpyx Zuthmyrk"], device=device, max_train_steps=3,
+                      num_images_per_concept=2, generation_steps=3)
+        erase(config_from_dict({"MACE": values}), progress=False)
+        return load_file(next((out / "final" / "unet").glob("*.safetensors")))
+
+    expected = run("cpu")
+    with SimulatedGPU():
+        got = run("cuda")
+    assert set(got) == set(expected)
+    original = load_file(next((Path(builtin_model_path("builtin:world")) / "unet").glob("*.safetensors")))
+    edited = [k for k in expected if not torch.equal(expected[k], original[k])]
+    assert edited and all("attn2.to_k" in k or "attn2.to_v" in k for k in edited)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
