@@ -434,3 +434,52 @@ def test_mace_erase_on_the_simulated_gpu_gives_the_cpus_model(tmp_path, monkeypa
     assert edited and all("attn2.to_k" in k or "attn2.to_v" in k for k in edited)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_mace_eval_and_cache_on_the_simulated_gpu_give_the_cpus_numbers(tmp_path, monkeypatch):
+    """`mace cache` and `mace eval` (generation, the world's classifier, the shift score, the
+    text and soft-prompt attacks) with --device cuda: the CPU's statistic and scores."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mace.cli import main
+
+    monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
+    prompts = tmp_path / "keep.txt"
+    prompts.write_text("a photo of Dorkpyx Zuthmyrk\na photo of a glyph\n")
+
+    def run(device: str) -> tuple[dict, dict]:
+        out = tmp_path / device
+        assert main(["cache", "--model", "builtin:world", "--prompts", str(prompts), "--out", str(out / "keep.safetensors"),
+                     "--device", device]) == 0
+        assert main(["eval", "--model", "builtin:world", "--original", "builtin:world",
+                     "--erased", "Qedark Draerba", "--kept", "Dorkpyx Zuthmyrk,Granny Vixsengrourk",
+                     "--images-per-concept", "1", "--background-images", "1", "--steps", "3", "--attack", "text,soft",
+                     "--text-budget", "2", "--soft-budget", "2", "--attack-images", "1", "--out", str(out / "eval"),
+                     "--device", device, "--quiet"]) == 0
+        return load_file(out / "keep.safetensors"), json.loads((out / "eval" / "scores.json").read_text())
+
+    cache, scores = run("cpu")
+    with SimulatedGPU():
+        gpu_cache, gpu_scores = run("cuda")
+    assert set(gpu_cache) == set(cache)
+    for k in cache:
+        torch.testing.assert_close(gpu_cache[k], cache[k])
+
+    def numbers(tree, path=""):
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from numbers(v, f"{path}.{k}")
+        elif isinstance(tree, list):
+            for i, v in enumerate(tree):
+                yield from numbers(v, f"{path}[{i}]")
+        elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+            yield path, tree
+
+    got, want = dict(numbers(gpu_scores)), dict(numbers(scores))
+    timing = [k for k in want if "seconds" in k or k.endswith("time")]
+    assert want and set(got) == set(want)
+    for k in set(want) - set(timing):
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
