@@ -483,3 +483,41 @@ def test_mace_eval_and_cache_on_the_simulated_gpu_give_the_cpus_numbers(tmp_path
     assert want and set(got) == set(want)
     for k in set(want) - set(timing):
         assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["builtin:tiny-sd2", "builtin:tiny-sdxl"])
+def test_mace_erase_of_other_families_on_the_simulated_gpu_gives_the_cpus_model(model, tmp_path, monkeypatch):
+    """v-prediction (SD 2.x) and SDXL (two text encoders, added conditions) with `device: cuda`."""
+    import yaml
+    from safetensors.torch import load_file
+
+    import mace
+    from mace.config import load_config
+    from mace.erase import erase
+
+    monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
+    cache = tmp_path / "keep.safetensors"
+    mace.build_preservation_cache(mace.load_pipeline(model), ["a photo of a cat", "a painting of a house"], cache,
+                                  progress=False)
+
+    def run(device: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / device
+        body = {"multi_concept": [[["emma-stone", "celebrity"], ["van-gogh", "style"]]],
+                "mapping_concept": ["a person", "art"], "pretrained_model_name_or_path": model, "lamb": 0.1,
+                "aug_length": 4, "rank": 1, "learning_rate": 1e-2, "max_train_steps": 3, "num_images_per_concept": 2,
+                "generation_steps": 2, "sample_batch_size": 2, "input_data_dir": str(out / "data"),
+                "output_dir": str(out), "final_save_path": str(out / "final"), "seed": 0, "report_prompts": ["a dog"],
+                "prior_preservation_cache_path": str(cache), "train_preserve_scale": 10.0,
+                "fuse_preserve_scale": 10.0, "device": device}
+        path = tmp_path / f"{device}.yaml"
+        path.write_text(yaml.safe_dump({"MACE": body}))
+        erase(load_config(path), progress=False)
+        return load_file(next((out / "final" / "unet").glob("*.safetensors")))
+
+    expected = run("cpu")
+    with SimulatedGPU():
+        got = run("cuda")
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
