@@ -61,10 +61,12 @@ def interpreter_conflict(triton_version: str, numpy_version: str) -> str | None:
     return None
 
 
+# Why this installation's Triton interpreter cannot run the kernels, when it cannot (tests stop on it).
+INTERPRETER_CONFLICT: str | None = None
 if _TRITON_ERROR is None and triton_interpret():
     import numpy
 
-    _TRITON_ERROR = interpreter_conflict(triton.__version__, numpy.__version__)
+    INTERPRETER_CONFLICT = _TRITON_ERROR = interpreter_conflict(triton.__version__, numpy.__version__)
 
 
 def _load_extension() -> str | None:

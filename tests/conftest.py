@@ -41,11 +41,10 @@ def assert_close_scaled(
 
 def pytest_configure(config):
     """Stop at once, with the reason, where Triton's interpreter cannot run the kernels."""
-    import mace_kernels
+    from mace_kernels import _backend
 
-    error = mace_kernels.backends()["triton"]["error"]
-    if error and "interpreter" in error:
-        raise pytest.UsageError(error)
+    if _backend.INTERPRETER_CONFLICT:
+        raise pytest.UsageError(_backend.INTERPRETER_CONFLICT)
 
 
 @pytest.fixture(autouse=True)

@@ -246,17 +246,16 @@ class SimulatedGPU(TorchFunctionMode):
     def on_gpu(t) -> bool:
         return getattr(t, "_simulated_gpu", False)
 
-    def _device(self, value):
-        """(value with CUDA devices replaced by the CPU, whether one was)."""
-        if isinstance(value, (torch.device, str)) and not isinstance(value, bool):
-            try:
-                device = value if isinstance(value, torch.device) else torch.device(value)
-            except (RuntimeError, TypeError):
-                return value, False
-            if device.type == "cuda":
-                return torch.device("cpu"), True
+    @staticmethod
+    def _device(value):
+        """(value with a CUDA device replaced by the CPU, whether it was one)."""
+        if not isinstance(value, (torch.device, str)):
             return value, False
-        return value, False
+        try:
+            device = torch.device(value) if isinstance(value, str) else value
+        except RuntimeError:  # a string that names no device
+            return value, False
+        return (torch.device("cpu"), True) if device.type == "cuda" else (value, False)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
