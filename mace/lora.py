@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
 import mace_kernels as mk
@@ -198,13 +200,28 @@ class LoraTrainingHooks:
         return torch.stack(self.targets.layer_norms).sum()
 
 
+def forward_process(scheduler) -> DDPMScheduler:
+    """The model's training noise process: DDPM's, built from the config of whatever sampler the
+    pipeline carries (its betas, ``num_train_timesteps`` and ``prediction_type``).
+
+    A sampler's ``add_noise`` follows its own parametrisation: Euler's returns x + sigma * noise
+    and expects its ``scale_model_input`` before the UNet, so noising training latents with it
+    feeds the UNet inputs it never saw. diffusers' training scripts, and the original MACE,
+    noise with a DDPMScheduler made from the model's scheduler config; so does everything here.
+    """
+    if type(scheduler) is DDPMScheduler:
+        return scheduler
+    return DDPMScheduler.from_config(scheduler.config)
+
+
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v_prediction)."""
+    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v_prediction),
+    under the model's forward process (:func:`forward_process`) whatever ``scheduler`` samples with."""
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
+        return forward_process(scheduler).get_velocity(latents, noise, timesteps)
     raise ValueError(f"prior preservation: unsupported scheduler prediction_type {kind!r} (use epsilon or v_prediction)")
 
 
@@ -219,7 +236,7 @@ def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, targ
 def train_step(
     unet: nn.Module,
     hooks: LoraTrainingHooks,
-    scheduler,
+    scheduler: SchedulerMixin,
     latents: torch.Tensor,
     text_embeddings: torch.Tensor,
     targets: AttentionTargets,
@@ -240,12 +257,15 @@ def train_step(
     on that concept's preservation samples. Gradients of ``loss_scale * loss`` accumulate
     (gradient accumulation passes 1 / steps); ``autocast_dtype`` runs the UNet in float16 or
     bfloat16 (mixed precision) while the LoRA parameters and the loss stay float32.
+    ``scheduler``: the pipeline's (any sampler); the latents are noised by the model's forward
+    process built from its config (:func:`forward_process`), never by the sampler's ``add_noise``.
     ``added_cond_kwargs``: the UNet's added conditions (SDXL, see models.added_conditions).
     ``grad_scaler``: fp16's dynamic loss scaling; the backward pass runs on the scaled loss,
     and the caller unscales before clipping (the loss returned is unscaled).
     """
     hooks.targets = targets
     targets.layer_norms.clear()
+    scheduler = forward_process(scheduler)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     device_type = latents.device.type
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -309,6 +329,7 @@ __all__ = [
     "LoraTrainingHooks",
     "MultiConceptLoRA",
     "concept_token_mask",
+    "forward_process",
     "importance_weights",
     "prediction_target",
     "prior_preservation_loss",

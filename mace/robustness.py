@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .fingerprint import seed_for
+from .lora import forward_process, prediction_target
 from .prompts import OBJECT_TEMPLATES
 from .sampling import generate_images
 
@@ -527,9 +528,8 @@ def _noisy_batch(scheduler, latents: torch.Tensor, n: int, g: torch.Generator) -
     t = torch.randint(scheduler.config.num_train_timesteps, (n,), generator=g)
     noise = torch.randn(latents[index].shape, generator=g)
     z0 = latents[index]
-    zt = scheduler.add_noise(z0, noise, t)
-    target = scheduler.get_velocity(z0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-    return zt, t, target
+    process = forward_process(scheduler)  # DDPM's, whatever the pipeline samples with
+    return process.add_noise(z0, noise, t), t, prediction_target(process, z0, noise, t)
 
 
 def soft_prompt_attack(pipe, concept: str, targets: Targets, template: str = "a photo of {}",
