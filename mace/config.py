@@ -120,7 +120,7 @@ class MACEConfig:
     hub_model_id: str | None = None
     logging_dir: str = "logs"
     allow_tf32: bool = False
-    report_to: str | None = None
+    report_to: str | list | None = None  # accelerate trackers ("tensorboard", "wandb", "all"): loss and lr per step
     prior_generation_precision: str | None = None
     local_rank: int = -1
     enable_xformers_memory_efficient_attention: bool = False
@@ -279,6 +279,7 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    report_to_trackers(config.report_to)  # an unknown tracker name is an error before any work
     check_prior_preservation(config.with_prior_preservation, config.preserve_prompt, config.preserve_data_dir,
                              config.prior_loss_weight, check_paths=check_paths)
     if check_paths:
@@ -319,7 +320,6 @@ _NO_EFFECT: dict[str, tuple[tuple, str]] = {
     "push_to_hub": ((False,), "nothing is uploaded"),
     "hub_token": ((None,), "nothing is uploaded"),
     "hub_model_id": ((None,), "nothing is uploaded"),
-    "report_to": ((None, "none"), "training shows a progress bar with the loss; nothing is logged to a tracker"),
     "prior_generation_precision": ((None,), "there is no class-image generation step"),
     "local_rank": ((-1,), "one process runs the whole erasure"),
     "instance_prompt": ((None,), "prompts come from templates or concept_prompts_file"),
@@ -343,12 +343,49 @@ def config_warnings(config: MACEConfig) -> list[tuple[str, str]]:
     for key in ("negative_guidance", "uncond_loss_weight"):
         if getattr(config, key) != 1.0:
             out.append((key, "has no effect here: the original never reads the unconditional-loss keys"))
+    trackers, missing = report_to_trackers(config.report_to)
+    for name in missing:
+        out.append(("report_to", f"has no effect here: the {name} package is not installed (nothing is logged to {name})"))
+    if not trackers and not missing and _tracker_list(config.report_to):  # "all", and nothing installed
+        out.append(("report_to", "has no effect here: no tracker package (tensorboard, wandb, ...) is installed"))
     if config.mask_method == "grounded_sam" and config.use_sam_hq:
         out.append(("use_sam_hq", "has no effect here: transformers has no SAM-HQ; the model named by sam_model is used"))
     if len(config.multi_concept) > config.max_memory:
         out.append(("max_memory", f"is below the {len(config.multi_concept)} concepts: as the original does then, "
                                   f"both solves weight the caches by train_preserve_scale once"))
     return out
+
+
+def _tracker_list(report_to) -> list[str]:
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return [str(n).strip() for n in names if str(n).strip() and str(n).strip().lower() != "none"]
+
+
+def report_to_trackers(report_to) -> tuple[list[str], list[str]]:
+    """(trackers to log to, trackers whose package is not installed) for ``report_to``: None or
+    "none", one of accelerate's tracker names ("tensorboard", "wandb", ... or one registered with
+    ``accelerate.tracking.register_tracker_class``), "all" (every installed one) or a list of
+    names. An unknown name is a ConfigError."""
+    names = _tracker_list(report_to)
+    if not names:
+        return [], []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    installed = [str(t) for t in get_available_trackers()]
+    builtin = {str(t) for t in LoggerType}
+    use, missing = [], []
+    for name in names:
+        if name == "all":
+            use += [t for t in installed if t not in use]
+        elif name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; choose 'none', 'all' or one of "
+                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        elif name in builtin and name not in installed:
+            missing += [name] if name not in missing else []
+        elif name not in use:
+            use.append(name)
+    return use, missing
 
 
 def _looks_like_hub_id(name: str) -> bool:

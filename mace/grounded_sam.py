@@ -2,11 +2,15 @@
 
 For each image, Grounding DINO finds the boxes of a text query ("person."), SAM segments every
 box, and the image's mask is the union of its boxes' masks (L mode, 255 inside, image size).
-An image where nothing is found, or whose boxes give an empty mask, gets a full mask (every
-pixel is trained on, as without a mask); such images are counted in ``fallbacks`` and warned
-about, so a wrong query or threshold does not go unnoticed.
+As in the original tools, an image where nothing is detected gets a full mask (every pixel is
+trained on, as without a mask), and an image whose boxes SAM segments into nothing keeps that
+empty mask (the attention loss then takes nothing from it). Both kinds are counted
+(``fallbacks``, ``empty``) and warned about, so a wrong query or threshold does not go unnoticed.
 
-Both models load with transformers from local folders or hub ids; nothing else is needed.
+Both models see the image through their transformers processors (resized and normalised as
+they were trained), as the original's Hugging Face tools give them; its official-checkpoint
+tools hand Grounding DINO the unnormalised [0, 1] image and SAM a brightened copy (see the
+README's table of differences). Both models load from local folders or hub ids.
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ class GroundedSamMasker:
     """Callable ``(images, text) -> masks``: Grounding DINO boxes for ``text``, segmented by SAM.
 
     ``fallbacks`` counts the images (over all calls) that got a full mask because nothing was
-    found; ``last_fallbacks`` lists their indices in the latest call.
+    detected; ``last_fallbacks`` lists their indices in the latest call. ``empty`` and
+    ``last_empty`` do the same for images whose boxes SAM segmented into an empty mask.
     """
 
     def __init__(self, detector, detector_processor, sam, sam_processor, *, box_threshold: float = 0.3,
@@ -108,8 +113,10 @@ class GroundedSamMasker:
         self.sam_device = next(sam.parameters()).device
         self.sam_dtype = next(sam.parameters()).dtype
         self.fallbacks = 0
+        self.empty = 0
         self.images_seen = 0
         self.last_fallbacks: list[int] = []
+        self.last_empty: list[int] = []
 
     @classmethod
     def from_pretrained(cls, grounding_model: str | os.PathLike, sam_model: str | os.PathLike, *, box_threshold: float = 0.3,
@@ -168,21 +175,31 @@ class GroundedSamMasker:
         return out
 
     def __call__(self, images: Sequence[Image.Image], text: str) -> list[Image.Image]:
-        """One L mask per image (255 inside): the union of the SAM masks of ``text``'s boxes."""
+        """One L mask per image (255 inside): the union of the SAM masks of ``text``'s boxes;
+        the whole image where nothing is detected, nothing where SAM segments nothing."""
         images = [im.convert("RGB") for im in images]
-        result, missed = [], []
+        result, missed, empty = [], [], []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             for k, (image, masks) in enumerate(zip(chunk, self.segment(chunk, self.detect(chunk, text)))):
                 mask = union_mask(masks, image.size)
-                if mask is None:
+                if mask is None and masks.shape[0] == 0:
                     missed.append(start + k)
                     mask = _full_mask(image.size)
+                elif mask is None:
+                    empty.append(start + k)
+                    mask = Image.new("L", image.size, 0)
                 result.append(mask)
         self.images_seen += len(images)
         self.fallbacks += len(missed)
-        self.last_fallbacks = missed
+        self.empty += len(empty)
+        self.last_fallbacks, self.last_empty = missed, empty
+        query = detection_query(text)
         if missed:
-            warnings.warn(f"grounded_sam: nothing found for {detection_query(text)!r} in {len(missed)} of {len(images)} "
+            warnings.warn(f"grounded_sam: nothing found for {query!r} in {len(missed)} of {len(images)} "
                           "image(s); their masks cover the whole image", stacklevel=2)
+        if empty:
+            warnings.warn(f"grounded_sam: {query!r} detected but SAM segmented nothing in {len(empty)} of "
+                          f"{len(images)} image(s); their masks are empty (no loss from them, as the original)",
+                          stacklevel=2)
         return result

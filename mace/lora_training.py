@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,8 +26,9 @@ import torch
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .atomic import write_json_atomically
-from .config import ConfigError, MACEConfig, autocast_dtype, check_prior_preservation
+from .config import ConfigError, MACEConfig, autocast_dtype, check_prior_preservation, report_to_trackers
 from .fingerprint import digest, files_digest, seed_for, tensors_digest
 from .images import image_files, image_tensor, read_image
 from .lora import (
@@ -76,7 +77,9 @@ class LoraTrainingSettings:
     lr_num_cycles: int = 1
     lr_power: float = 1.0
     scale_lr: bool = False  # learning rate x gradient_accumulation_steps x train_batch_size
-    gradient_accumulation_steps: int = 1  # batches per optimiser step; max_train_steps counts optimiser steps
+    # Batches per optimiser step; max_train_steps counts optimiser steps. The lr schedule spans
+    # lr_warmup_steps and max_train_steps times this, as the original's does (see _train_group).
+    gradient_accumulation_steps: int = 1
     use_masks: bool = True  # use_gsam_mask: restrict the loss to the concept's mask (never for styles)
     separate: bool = True  # train_seperate: one LoRA per concept; False: one LoRA shared by all concepts
     no_real_image: bool = False  # the original's option: noisy latents from zeros instead of the images
@@ -85,6 +88,10 @@ class LoraTrainingSettings:
     # How many concepts share one UNet batch: speed only, the LoRAs do not depend on it.
     concepts_per_batch: int = field(default=8, compare=False)
     gradient_checkpointing: bool = field(default=False, compare=False)  # memory, not results
+    # report_to: accelerate trackers that get each optimiser step's loss and lr, writing under
+    # <output_dir>/<logging_dir> (the run is named "MACE", as the original's).
+    report_to: str | tuple[str, ...] | None = field(default=None, compare=False)
+    logging_dir: str = field(default="logs", compare=False)
 
     def __post_init__(self) -> None:
         check_prior_preservation(self.with_prior_preservation, self.preserve_prompt, self.preserve_data_dir,
@@ -123,6 +130,8 @@ class LoraTrainingSettings:
             separate=config.train_seperate, no_real_image=config.no_real_image, mixed_precision=config.mixed_precision,
             concepts_per_batch=config.concepts_per_batch, gradient_checkpointing=config.gradient_checkpointing,
             preserve_scale=config.lora_preserve_scale,
+            report_to=config.report_to if config.report_to is None or isinstance(config.report_to, str)
+            else tuple(config.report_to), logging_dir=config.logging_dir,
         )
 
     @property
@@ -130,10 +139,13 @@ class LoraTrainingSettings:
         return self.with_prior_preservation and self.prior_loss_weight > 0
 
     def result_fields(self) -> dict:
-        """The fields a LoRA depends on (all but concepts_per_batch)."""
+        """The fields a LoRA depends on (all but speed, memory and logging)."""
         fields = asdict(self)
-        for speed_only in ("concepts_per_batch", "gradient_checkpointing"):
-            fields.pop(speed_only)
+        for no_result in ("concepts_per_batch", "gradient_checkpointing", "report_to", "logging_dir"):
+            fields.pop(no_result)
+        if self.gradient_accumulation_steps > 1 and self.lr_scheduler != "constant":
+            # LoRAs trained before the schedule followed the original's length are trained again.
+            fields["schedule_steps"] = "x gradient_accumulation_steps"
         return fields
 
 
@@ -225,6 +237,25 @@ def stored_fingerprint(output_dir: str | os.PathLike, concept: str) -> str | Non
         return None
 
 
+def start_trackers(report_to, logging_dir: str | os.PathLike, run_name: str = "MACE") -> list:
+    """Started accelerate trackers for ``report_to`` (see ``mace.config.report_to_trackers``);
+    those whose package is not installed are left out (the config warns about them). Each
+    process logs its own concepts: under torchrun, ranks other than 0 name their run
+    ``<run_name>-rank<r>``."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    if distributed.rank() > 0:
+        run_name = f"{run_name}-rank{distributed.rank()}"
+    trackers = []
+    for name in report_to_trackers(report_to)[0]:
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        tracker = cls(run_name, str(logging_dir)) if cls.requires_logging_directory else cls(run_name)
+        tracker.main_process_only = False  # the concepts are this process's own
+        tracker.start()
+        trackers.append(tracker)
+    return trackers
+
+
 def train_concept_loras(
     pipe,
     concepts: Sequence[tuple[str, str, list[PromptPair]]],
@@ -243,6 +274,10 @@ def train_concept_loras(
     concept's LoRA and add ``prior_loss_weight`` times their noise-prediction MSE to the loss.
     With ``settings.preserve_scale``, each step also adds that times the relative squared change
     each LoRA makes to the tokens the preservation statistic ``preserve`` (d x d) summarises.
+    With ``settings.report_to``, every optimiser step logs ``loss`` (its batches' mean, all the
+    step's concepts together) and ``lr`` (after the step, as the original logs it) to those
+    trackers, under ``<output_dir>/<settings.logging_dir>``; steps count on across batches of
+    concepts.
     """
     result = TrainingResult()
     result.fingerprints = expected_fingerprints(pipe, concepts, settings, input_data_dir, preserve)
@@ -278,8 +313,9 @@ def train_concept_loras(
                unit="concept-step" if settings.separate else "step", disable=not progress)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    trackers = start_trackers(settings.report_to, Path(output_dir) / settings.logging_dir) if settings.report_to else []
     try:
-        for group in groups:
+        for g, group in enumerate(groups):
             data = []
             for name, kind, pairs in group:
                 images, masks = load_concept_data(input_data_dir, name, kind, settings.resolution, settings.use_masks)
@@ -287,7 +323,12 @@ def train_concept_loras(
                 images, masks = images.to(pipe.vae.device), None if masks is None else masks.to(pipe.vae.device)
                 data.append(ConceptData(name, kind, pairs, images, masks, random.Random(seed_for(settings.seed, name)),
                                         torch.Generator().manual_seed(seed_for(settings.seed, name))))
-            lora = _train_group(pipe, data, settings, prior, bar, preserve)
+
+            def log(values: dict[str, float], step: int, offset: int = g * steps) -> None:
+                for tracker in trackers:
+                    tracker.log(values, step=offset + step)
+
+            lora = _train_group(pipe, data, settings, prior, bar, preserve, log if trackers else None)
             for k, (name, _, _) in enumerate(group):
                 folder = lora_dir(output_dir, name)
                 save_lora(folder, lora.concept_lora(k if settings.separate else 0), alpha=float(settings.rank))
@@ -297,25 +338,41 @@ def train_concept_loras(
         if settings.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         bar.close()
+        for tracker in trackers:
+            tracker.finish()
     return result
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, settings: LoraTrainingSettings) -> torch.optim.lr_scheduler.LRScheduler:
+    """The original's lr schedule, to be stepped once per optimiser step.
+
+    The original builds it over ``lr_warmup_steps`` and ``max_train_steps`` times
+    ``gradient_accumulation_steps``, but accelerate advances it only on the batches that step
+    the optimiser (its scheduler wrapper skips the accumulating ones): the warm-up lasts that
+    many times longer and training stops 1/gradient_accumulation_steps of the way through the
+    schedule. Built the same way and stepped once per optimiser step, this is that schedule.
+    """
+    accumulate = settings.gradient_accumulation_steps
+    return get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps * accumulate,
+                         num_training_steps=settings.max_train_steps * accumulate,
+                         num_cycles=settings.lr_num_cycles, power=settings.lr_power)
+
+
 def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, prior: PreservationData | None,
-                 bar, preserve: torch.Tensor | None = None) -> MultiConceptLoRA:
+                 bar, preserve: torch.Tensor | None = None,
+                 log: Callable[[dict[str, float], int], object] | None = None) -> MultiConceptLoRA:
     """The original script's loop for a group of concepts trained together: AdamW, the lr
     schedule, gradient accumulation and per-concept clipping, ``max_train_steps`` optimiser
     steps. Separate LoRAs: every step carries every concept's samples, each through its own
     LoRA. One shared LoRA (``separate=False``, as the original): each step trains it on one
-    concept drawn at random."""
+    concept drawn at random. ``log(values, step)`` gets each optimiser step's loss and lr."""
     unet = pipe.unet
     seeds = [seed_for(settings.seed, "lora", d.name) for d in data] if settings.separate else [seed_for(settings.seed, "lora")]
     lora = MultiConceptLoRA(unet, len(seeds), settings.rank, concept_seeds=seeds)
     optimizer = torch.optim.AdamW(lora.parameters(), lr=settings.optimiser_learning_rate,
                                   betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_epsilon,
                                   weight_decay=settings.adam_weight_decay)
-    schedule = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
-                             num_training_steps=settings.max_train_steps, num_cycles=settings.lr_num_cycles,
-                             power=settings.lr_power)
+    schedule = lr_schedule(optimizer, settings)
     pick = random.Random(seed_for(settings.seed, "shared"))
     accumulate = settings.gradient_accumulation_steps
     # fp16's small range lets gradients underflow: dynamic loss scaling, as mixed-precision
@@ -329,7 +386,8 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
             base_norms = [torch.einsum("od,de,oe->", w.float().to(device), preserve, w.float().to(device)).clamp_min(1e-30)
                           for w in projection_weights(unet)]
     with LoraTrainingHooks(unet, lora) as hooks:
-        for _ in range(settings.max_train_steps):
+        for step in range(1, settings.max_train_steps + 1):
+            step_loss = 0.0
             for _ in range(accumulate):
                 step_data = data if settings.separate else [pick.choice(data)]
                 batch = _sample_batch(pipe, step_data, settings, prior)
@@ -340,6 +398,8 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
                                   batch["noise"], batch["timesteps"], prior_loss_weight=settings.prior_loss_weight,
                                   loss_scale=1.0 / accumulate, autocast_dtype=settings.autocast_dtype,
                                   added_cond_kwargs=batch["added_cond_kwargs"], grad_scaler=scaler)
+                if log is not None:  # reading the loss waits for the device: only when it is logged
+                    step_loss += float(loss) / accumulate
             if settings.preserve_scale > 0:  # per concept: each LoRA's gradient stays its own
                 scaler.scale(settings.preserve_scale * lora.preservation_penalty(preserve, base_norms).sum()).backward()
             scaler.unscale_(optimizer)  # clipping sees the true gradients
@@ -350,6 +410,8 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
             if scaler.get_scale() >= scale:  # the schedule moves only with the steps taken
                 schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if log is not None:
+                log({"loss": step_loss, "lr": schedule.get_last_lr()[0]}, step)
             bar.update(len(data) if settings.separate else 1)
             if not bar.disable:  # reading the loss waits for the device: only when someone looks
                 bar.set_postfix(loss=f"{float(loss):.3f}")

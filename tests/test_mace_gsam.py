@@ -179,14 +179,15 @@ def test_nothing_found_gives_a_full_mask_and_is_counted(loaded):
     masker = GroundedSamMasker(*loaded)
     masker.detector = FakeDetector([[[0.5, 0.5, 0.5, 0.5]]] * 2, [[True], [False]])
     masker.sam = FakeSam(empty=True)  # image 0's box gives an empty mask, image 1 has no box
-    with pytest.warns(UserWarning, match=r"nothing found for 'ship\.' in 2 of 2"):
+    with pytest.warns(UserWarning, match=r"nothing found for 'ship\.' in 1 of 2"):
         masks = masker([_image(0), _image(1)], "ship")
-    assert all(np.all(_pixels(m) == 255) and m.size == (SIZE, SIZE) for m in masks)
-    assert masker.fallbacks == 2 and masker.last_fallbacks == [0, 1]
+    assert all(m.size == (SIZE, SIZE) for m in masks)
+    assert np.all(_pixels(masks[0]) == 0) and np.all(_pixels(masks[1]) == 255)  # the empty one kept, as the original
+    assert masker.fallbacks == 1 and masker.last_fallbacks == [1] and masker.empty == 1 and masker.last_empty == [0]
     masker.sam = FakeSam()
     with pytest.warns(UserWarning, match="in 1 of 2"):
         masks = masker([_image(0), _image(1)], "ship")
-    assert masker.fallbacks == 3 and masker.last_fallbacks == [1] and masker.images_seen == 4
+    assert masker.fallbacks == 2 and masker.last_fallbacks == [1] and masker.images_seen == 4 and masker.last_empty == []
     assert int((_pixels(masks[0]) == 255).sum()) == 32 * 32 and np.all(_pixels(masks[1]) == 255)
 
 
