@@ -4,7 +4,7 @@
 # Results go to $OUT (or benchmarks/results/) for committing under benchmarks/results/.
 #
 # Each step has its own time limit (seconds; GPU_CHECK_LIMIT_SCALE multiplies them), so a step
-# that hangs leaves the others' results; the whole script stays within about 9 minutes.
+# that hangs leaves the others' results; the whole script stays within about 12 minutes.
 # A machine without network access that lacks some of the package's Python dependencies
 # (diffusers; open-clip-torch, whose CLIP vocabulary file the builtin models' tokenizer reads;
 # or one of their own dependencies) can take them as wheels (benchmarks/gpu_wheels.py downloads
@@ -54,6 +54,9 @@ if imported=$(python3 -c "import yaml, mace.erase, mace.cache, mace.tokenizer as
     procs=1; [ "$gpus" -ge 2 ] && procs=1,2
     step 150 "$out/erase_scaling-gpu.txt" python3 benchmarks/bench_erase_scaling.py --device cuda --sizes 10 \
         --processes "$procs" --out "$out/erase_scaling-gpu.json"
+    # SD 1.4's real shapes (random weights, built from configs): cache, then every erase stage.
+    step 200 "$out/real_shapes-gpu.txt" python3 benchmarks/bench_real_shapes.py --device cuda \
+        --out "$out/real_shapes-sd14-shapes-cuda.json"
 else
     echo "mace erase on the GPU skipped: the package does not import here ($(tail -n 1 <<<"$imported")); see MACE_WHEELS" \
         | tee "$out/erase_scaling-gpu.txt"
