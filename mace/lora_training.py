@@ -237,17 +237,21 @@ def stored_fingerprint(output_dir: str | os.PathLike, concept: str) -> str | Non
         return None
 
 
-def start_trackers(report_to, logging_dir: str | os.PathLike, run_name: str = "MACE") -> list:
+def start_trackers(report_to: str | Sequence[str] | None, logging_dir: str | os.PathLike, run_name: str = "MACE") -> list:
     """Started accelerate trackers for ``report_to`` (see ``mace.config.report_to_trackers``);
     those whose package is not installed are left out (the config warns about them). Each
     process logs its own concepts: under torchrun, ranks other than 0 name their run
     ``<run_name>-rank<r>``."""
+    from accelerate import PartialState
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+    names = report_to_trackers(report_to)[0]
+    if names:
+        PartialState()  # accelerate's trackers log through its logger, which needs the state set up
     if distributed.rank() > 0:
         run_name = f"{run_name}-rank{distributed.rank()}"
     trackers = []
-    for name in report_to_trackers(report_to)[0]:
+    for name in names:
         cls = LOGGER_TYPE_TO_CLASS[name]
         tracker = cls(run_name, str(logging_dir)) if cls.requires_logging_directory else cls(run_name)
         tracker.main_process_only = False  # the concepts are this process's own
