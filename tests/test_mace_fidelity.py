@@ -344,7 +344,7 @@ def test_generate_data_false_uses_the_data_there_and_refuses_missing_data(tmp_pa
 # --- 6. keys accepted and never silently dropped --------------------------------------------------
 
 def test_keys_without_effect_are_warned_about_by_name(tmp_path):
-    values = {"use_8bit_adam": True, "report_to": "wandb", "num_train_epochs": 3, "checkpointing_steps": 10,
+    values = {"use_8bit_adam": True, "num_train_epochs": 3, "checkpointing_steps": 10,
               "sam_checkpoint": "sam_vit_h.pth", "negative_guidance": 2.0, "lora": False}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"MACE": {"multi_concept": [[["ship", "object"]]], "mapping_concept": ["ground"],
