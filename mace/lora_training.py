@@ -42,6 +42,7 @@ from .lora import (
 )
 from .lora_io import LORA_WEIGHT_NAME, save_lora
 from .models import added_conditions, encode_prompts, projection_weights
+from .names import folder_name
 from .prepare import concept_data_files, load_concept_data
 from .prompts import PromptPair
 
@@ -178,7 +179,9 @@ class TrainingResult:
 
 
 def lora_dir(output_dir: str | os.PathLike, concept: str) -> Path:
-    return Path(output_dir) / "lora" / concept.replace(" ", "-")
+    """A concept's LoRA folder: ``<output_dir>/lora/<name with '-' for spaces>``, a safe folder
+    name (``mace.names.folder_name``) when the name is no plain folder name."""
+    return Path(output_dir) / "lora" / folder_name(concept).replace(" ", "-")
 
 
 def preservation_files(settings: LoraTrainingSettings) -> list[Path]:

@@ -26,6 +26,7 @@ from .atomic import save_image_atomically
 from .attention import AttentionMapRecorder, ProcessorSwap
 from .config import MACEConfig
 from .images import image_files, image_tensor, mask_tensor, read_image
+from .names import MASK_SUFFIX, folder_name
 from .prompts import concept_token_positions
 
 
@@ -58,9 +59,13 @@ def attention_masks(maps: torch.Tensor, size: int, threshold: float) -> list[Ima
 
 
 def concept_folders(input_data_dir: str | os.PathLike, concept: str) -> tuple[Path, Path]:
-    """(image folder, mask folder) of a concept in this package's layout."""
+    """(image folder, mask folder) of a concept in this package's layout: the original tools'
+    ``<concept>`` and ``<concept> mask`` for a plain name; a name that is no plain folder name
+    (separators, ``..``, control characters, too long; see ``mace.names``) gets a safe one, so
+    both folders always lie inside ``input_data_dir``."""
     root = Path(input_data_dir)
-    return root / concept, root / f"{concept} mask"
+    folder = folder_name(concept)
+    return root / folder, root / f"{folder}{MASK_SUFFIX}"
 
 
 def original_mask_folder(input_data_dir: str | os.PathLike, concept: str) -> Path:
@@ -70,7 +75,8 @@ def original_mask_folder(input_data_dir: str | os.PathLike, concept: str) -> Pat
     the name, as in the original object configs (``input_data_dir: ./data/object/ship``): then
     the masks of ``./data/object/ship/ship`` are in ``./data/object/ship mask/ship mask``."""
     image_dir, _ = concept_folders(input_data_dir, concept)
-    return Path(str(image_dir).replace(concept, f"{concept} mask"))
+    folder = folder_name(concept)
+    return Path(str(image_dir).replace(folder, f"{folder}{MASK_SUFFIX}"))
 
 
 def mask_folders(input_data_dir: str | os.PathLike, concept: str) -> list[Path]:
@@ -127,8 +133,11 @@ def generate_concept_data(
         for b, p in enumerate(batch_prompts):
             ids_o = tok(p).input_ids
             ids_n = tok(p.replace(concept, mapping)).input_ids
-            pos = concept_token_positions(ids_o, ids_n) or list(range(1, len(ids_o) - 1))
-            positions[b, pos] = True
+            # The pipeline truncates a prompt to the tokenizer's length: a very long name's
+            # tokens beyond it are not seen (nor recorded).
+            limit = tok.model_max_length
+            pos = [q for q in concept_token_positions(ids_o, ids_n) if q < limit]
+            positions[b, pos or list(range(1, min(len(ids_o), limit) - 1))] = True
         latent_side = size // pipe.vae_scale_factor
         recorder = AttentionMapRecorder(positions, len(idx) if settings.guidance_scale > 1 else 0, latent_side)
         with ProcessorSwap(pipe.unet, lambda _, r=recorder: r):
