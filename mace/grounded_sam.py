@@ -79,9 +79,9 @@ def _check_source(name: str | os.PathLike, key: str) -> str:
     return name
 
 
-def _load(cls, name: str, key: str):
+def _load(cls, name: str, key: str, **kwargs):
     try:
-        return cls.from_pretrained(name)
+        return cls.from_pretrained(name, **kwargs)
     except FileNotFoundError:
         raise
     except OSError as error:
@@ -129,9 +129,11 @@ class GroundedSamMasker:
 
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         detector_processor = _load(AutoProcessor, grounding_model, "grounding_model")
-        detector = _load(AutoModelForZeroShotObjectDetection, grounding_model, "grounding_model").to(device)
+        # Weights from safetensors only (a pickled checkpoint is never loaded), no remote code.
+        detector = _load(AutoModelForZeroShotObjectDetection, grounding_model, "grounding_model",
+                         use_safetensors=True, trust_remote_code=False).to(device)
         sam_processor = _load(SamProcessor, sam_model, "sam_model")
-        sam = _load(SamModel, sam_model, "sam_model").to(device)
+        sam = _load(SamModel, sam_model, "sam_model", use_safetensors=True).to(device)
         return cls(detector, detector_processor, sam, sam_processor, box_threshold=box_threshold,
                    text_threshold=text_threshold, batch_size=batch_size)
 

@@ -35,7 +35,7 @@ def load_clip(name_or_path: str | os.PathLike) -> Clip:
     path = str(name_or_path)
     if os.sep in path and not os.path.exists(path):
         raise FileNotFoundError(f"CLIP model folder {path} does not exist")
-    model = CLIPModel.from_pretrained(path).eval()
+    model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()  # a pickled checkpoint is never loaded
     processor = CLIPProcessor.from_pretrained(path, backend="pil")
     return Clip(model, processor)
 
