@@ -32,39 +32,65 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, replace: 
 
     Write a file (or, with ``directory=True``, fill a folder) at the yielded path. If the
     block raises, the temporary is removed and ``target`` is left as it was. With
-    ``replace=False`` a ``target`` that appeared meanwhile (another process) is kept.
+    ``replace=False`` a ``target`` that appeared meanwhile (another process) is kept. An
+    OSError on the way (a full disk, a read-only folder) names ``target``.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        if not replace and target.exists():
-            return
-        # mkstemp/mkdtemp create 0600/0700; give the result the modes a plain open() or mkdir()
-        # would, so that a model written here is as readable as any other file of the user's.
-        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    with _naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
         if directory:
-            old = None
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-                old.rmdir()
-                target.rename(old)
-            tmp.rename(target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         else:
-            os.replace(tmp, target)
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+    try:
+        with _naming(target):
+            yield tmp
+            if replace or not target.exists():
+                _finish(tmp, target, directory)
     finally:
         if directory:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """Re-raise an OSError that does not name ``target`` as one that does (same errno, so the
+    same subclass: FileNotFoundError stays one)."""
+    try:
+        yield
+    except OSError as err:
+        if str(target) in str(err):
+            raise
+        message = f"cannot write {target}: {err.strerror or err or type(err).__name__}"
+        raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
+
+
+def _finish(tmp: Path, target: Path, directory: bool) -> None:
+    """Move the written temporary over ``target``; a folder that fails to move in leaves the
+    old ``target`` in place."""
+    # mkstemp/mkdtemp create 0600/0700; give the result the modes a plain open() or mkdir()
+    # would, so that a model written here is as readable as any other file of the user's.
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    if not directory:
+        os.replace(tmp, target)
+        return
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+        old.rmdir()
+        target.rename(old)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if old is not None:
+            old.rename(target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
