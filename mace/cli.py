@@ -20,6 +20,7 @@ def _cmd_cache(args) -> int:
     from .cache import build_preservation_cache, read_prompt_file
     from .pipelines import load_pipeline
 
+    _at_least(args.batch_size, "--batch-size")
     prompts = read_prompt_file(args.prompts)
     start = time.perf_counter()
     pipe = load_pipeline(args.model, device=distributed.local_device(args.device))  # torchrun: this rank's GPU
@@ -45,8 +46,52 @@ def _cmd_prepare(args) -> int:
     return _cmd_erase(args, stages=("prepare",))
 
 
-def _cmd_sample(args) -> int:
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+
+
+def _at_least(value: int, flag: str, low: int = 1) -> None:
+    if value < low:
+        raise ValueError(f"{flag} must be at least {low}, got {value}")
+
+
+def _seed_of(text: str, where: str) -> int:
+    """A seed from a CSV cell: an integer in [0, 2**63)."""
+    try:
+        seed = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{where}: evaluation_seed {text[:40]!r} is not an integer") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{where}: evaluation_seed {text[:40]!r} is outside 0..{MAX_SEED}")
+    return seed
+
+
+def _sample_rows(path: str, default_seed: int) -> list[tuple[str, int]]:
+    """(prompt, seed) of each row of a ``mace sample --csv`` file; a bad file or row is one line naming it."""
     import csv
+
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "prompt" not in reader.fieldnames:
+                raise ValueError(f"{path}: needs a 'prompt' column (and optionally 'evaluation_seed')")
+            for row in reader:
+                where = f"{path} line {reader.line_num}"
+                prompt = (row.get("prompt") or "").strip()
+                if not prompt:
+                    raise ValueError(f"{where}: the prompt is empty")
+                seed = row.get("evaluation_seed")
+                rows.append((prompt, _seed_of(seed, where) if seed and seed.strip() else default_seed))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {err.start})") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: not a readable CSV file ({err})") from None
+    if not rows:
+        raise ValueError(f"{path} holds no prompts")
+    return rows
+
+
+def _cmd_sample(args) -> int:
     from pathlib import Path
 
     import torch
@@ -56,24 +101,26 @@ def _cmd_sample(args) -> int:
 
     if bool(args.prompt) == bool(args.csv):
         raise ValueError("give exactly one of --prompt or --csv")
-    jobs = []
-    if args.prompt:
-        jobs = [(args.prompt, args.seed + i, f"{i}") for i in range(args.num_images)]
-    else:
-        with open(args.csv, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "prompt" not in reader.fieldnames:
-                raise ValueError(f"{args.csv}: needs a 'prompt' column (and optionally 'evaluation_seed')")
-            for row_index, row in enumerate(reader):
-                seed = int(row.get("evaluation_seed") or args.seed)
-                jobs += [(row["prompt"], seed + i, f"{row_index}_{i}") for i in range(args.num_images)]
+    _at_least(args.num_images, "--num-images")
+    _at_least(args.steps, "--steps")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must lie in 0..{MAX_SEED}, got {args.seed}")
+    # Image files are named by row and image number, never by a prompt: the CSV's text is data.
+    rows = [(args.prompt, args.seed)] if args.prompt else _sample_rows(args.csv, args.seed)
+    total = len(rows) * args.num_images
+
+    def jobs():
+        for row_index, (prompt, seed) in enumerate(rows):
+            for i in range(args.num_images):
+                yield prompt, (seed + i) % (MAX_SEED + 1), f"{i}" if args.prompt else f"{row_index}_{i}"
+
     pipe = load_pipeline(args.model, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
     made = 0
-    for prompt, seed, name in tqdm(jobs, desc="sampling", unit="img"):
+    for prompt, seed, name in tqdm(jobs(), total=total, desc="sampling", unit="img"):
         target = out / f"{name}.png"
         if target.exists():
             continue
@@ -81,7 +128,7 @@ def _cmd_sample(args) -> int:
                      generator=torch.Generator().manual_seed(seed)).images[0]
         save_image_atomically(image, target)
         made += 1
-    print(f"sampled {made} image(s) ({len(jobs) - made} already there) into {out}")
+    print(f"sampled {made} image(s) ({total - made} already there) into {out}")
     return 0
 
 
@@ -147,6 +194,7 @@ def _check_attack_flags(args) -> None:
     from .robustness import make_attacks
 
     make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget)
+    _at_least(args.steps, "--steps")
     if args.attack_images < 1:
         raise ValueError(f"--attack-images must be at least 1, got {args.attack_images}")
     if not 0 < args.success_share <= 1:
@@ -198,6 +246,9 @@ def _cmd_eval(args) -> int:
 
     if args.attacks:
         _check_attack_flags(args)
+    _at_least(args.images_per_concept, "--images-per-concept")
+    _at_least(args.background_images, "--background-images", 0)
+    _at_least(args.steps, "--steps")
     model, original, erased = _models_and_concepts(args)
     out = Path(args.out)
     pipe = load_pipeline(model, device=args.device)
