@@ -148,6 +148,13 @@ class MACEConfig:
     sam_model: str = "facebook/sam-vit-huge"
     concepts_per_batch: int = 8  # LoRAs trained together in one UNet batch
     report_prompts: list = field(default_factory=list)  # kept prompts shown in report.html
+    # The report stage's cost (report.html): at most report_max_concepts erased concepts shown
+    # (spread over the list), report_images images per prompt and model, at report_steps
+    # sampling steps (None: min(10, generation_steps)), report_batch_size images per call.
+    report_max_concepts: int = 8
+    report_images: int = 2
+    report_steps: int | None = None
+    report_batch_size: int = 8
 
     @property
     def concepts(self) -> list[tuple[str, str]]:
@@ -275,6 +282,9 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
          f"mask_method must be 'attention' or 'grounded_sam', got {config.mask_method!r}"),
         (config.concepts_per_batch >= 1, "concepts_per_batch must be >= 1"),
         (config.num_images_per_concept >= 1, "num_images_per_concept must be >= 1"),
+        (config.report_max_concepts >= 1 and config.report_images >= 1 and config.report_batch_size >= 1
+         and (config.report_steps is None or config.report_steps >= 1),
+         "report_max_concepts, report_images, report_steps and report_batch_size must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

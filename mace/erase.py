@@ -35,7 +35,7 @@ from .lora_training import LoraTrainingSettings, expected_fingerprints, lora_dir
 from .prepare import GenerationSettings, concept_data_files, generate_concept_data
 from .prompts import PromptPair, concept_prompt_pairs, templates_for
 from .refinement import RefinementSettings, refine
-from .report import REPORT_IMAGES, erased_prompts, strips, write_report
+from .report import REPORT_STEPS, erased_prompts, sample, strips, write_report
 from .run_state import RunModels, RunState
 from .world import judge_for
 
@@ -304,15 +304,22 @@ def _current_loras(models: RunModels, config: MACEConfig, concepts, input_dir: P
 
 
 def _report(config: MACEConfig, models: RunModels, summary: ErasureSummary) -> Path:
-    groups = {"erased": erased_prompts(config.concepts), "kept": list(config.report_prompts or DEFAULT_REPORT_PROMPTS)}
-    seeds = [config.seed + i for i in range(REPORT_IMAGES)]
+    shown = sample(config.concepts, config.report_max_concepts)
+    groups = {"erased": erased_prompts(shown), "kept": list(config.report_prompts or DEFAULT_REPORT_PROMPTS)}
+    prompts = [prompt for group in groups.values() for prompt in group]
+    seeds = [config.seed + i for i in range(config.report_images)]
     size = resolution(models.pipe, config)
+    steps = config.report_steps or min(REPORT_STEPS, config.generation_steps)
+    images = {}
     with _precision(config, models.pipe):
-        images = {tag: {group: strips(models.use(version), prompts, seeds, size=size, steps=config.generation_steps,
-                                      guidance_scale=config.guidance_scale) for group, prompts in groups.items()}
-                  for tag, version in (("before", "original"), ("after", "final"))}
+        for tag, version in (("before", "original"), ("after", "final")):
+            rows = iter(strips(models.use(version), prompts, seeds, size=size, steps=steps,
+                               guidance_scale=config.guidance_scale, batch_size=config.report_batch_size))
+            images[tag] = {group: [next(rows) for _ in group_prompts] for group, group_prompts in groups.items()}
     title = (f"Model {config.pretrained_model_name_or_path} -> {config.final_save_path}; "
              f"erased: {', '.join(summary.concepts)}")
+    note = (f"Showing {len(shown)} of {len(config.concepts)} erased concepts, spread over the list "
+            f"(report_max_concepts: {config.report_max_concepts})." if len(shown) < len(config.concepts) else "")
     return write_report(config.output_dir, title=title, groups=groups, images=images, seeds=seeds,
-                        stage_seconds=summary.seconds,
-                        judge=judge_for(config.pretrained_model_name_or_path))
+                        stage_seconds=summary.seconds, judge=judge_for(config.pretrained_model_name_or_path),
+                        note=note, steps=steps)
