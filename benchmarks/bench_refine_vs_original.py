@@ -25,17 +25,18 @@ the kernel's peak mark reset there):
 - ``original``: ``original_refinement`` below, a re-statement of the original code's stage 1
   (its prepare_k_v and closed_form_refinement). Each concept's 30 old and 30 new prompts are
   encoded in one batch per concept, so the 30 mapping prompts are encoded once per concept.
-- ``original-precomputed``: the same with the text encoder replaced by a look-up of the
-  embeddings the project's run recorded: the original's algorithm without any encoding.
+- ``original-precomputed`` (with ``--precomputed``): the same with the text encoder replaced by
+  a look-up of the embeddings the project's run recorded: the original's algorithm without
+  any encoding. Without it, the original's encoding time is measured inside its run.
 
 ``reference`` (not timed) solves the same normal equations exactly (float64 statistics,
 float64 solve) from the recorded embeddings and measures every method's error against it.
 The original at 100 concepts would hold every token's projection through all 32 layers
-(about 23 GB here) and encode 6,000 prompts; it is not run: its time is the precomputed run's
-linear fit through 10 and 20 concepts plus 6,000 encodings at the per-prompt time of the
-10-concept original run, its memory the same linear fit, and its error that of the original's
-float32 arithmetic (float32 sums, float32 torch.inverse) applied to the 100-concept
-statistics (checked against the real re-statement at 10 concepts).
+(about 23 GB here) and encode 6,000 prompts; it is not run (``--original-max``): its time and
+memory are the 10-concept run's scaled by 10 (everything it does but the 32 d x d inverses is
+per concept), and its error is that of the original's float32 arithmetic (float32 sums,
+float32 torch.inverse) applied to the 100-concept statistics, an emulation checked against the
+real re-statement at 10 concepts.
 
 Prints a table and writes JSON to benchmarks/results/refine_vs_original-sd14-cpu-<N>cores.json.
 """
@@ -67,7 +68,6 @@ PRESERVE_WEIGHT = 2e5
 MAPPING = "a person"
 PROMPTS_PER_CONCEPT = 30
 PRESERVED_PROMPTS = 64
-SUBSET = 20  # concepts of the precomputed original run that, with 10, fits the line to 100
 
 
 def effective_scale() -> float:
@@ -338,14 +338,23 @@ def original_arithmetic(weights, f_oo, f_no, P, lam, s):
     return [(w @ f_no + s * (w @ C) + lam * w) @ inv for w in weights]
 
 
-def errors(weights, exact, original):
+def errors(weights, exact, original, c_oo=None):
+    """Relative Frobenius errors against the exact weights: of the weights, of the edit (W* - W0)
+    and the worst layer's; with ``c_oo`` also of the outputs on the concepts' own old tokens,
+    sqrt(sum_l tr(D_l C_oo D_l^T) / sum_l tr(W*_l C_oo W*_l^T)), D_l = W_l - W*_l: a weight error
+    along directions the tokens barely span (an ill-conditioned C_oo's) hardly shows there."""
     import torch
 
     diff = sum(float(((w.double() - x) ** 2).sum()) for w, x in zip(weights, exact))
     norm = sum(float((x**2).sum()) for x in exact)
     edit = sum(float(((x - o.double()) ** 2).sum()) for x, o in zip(exact, original))
     worst = max(float(torch.linalg.norm(w.double() - x) / torch.linalg.norm(x)) for w, x in zip(weights, exact))
-    return {"rel_error": (diff / norm) ** 0.5, "rel_error_of_edit": (diff / edit) ** 0.5, "max_layer_rel_error": worst}
+    out = {"rel_error": (diff / norm) ** 0.5, "rel_error_of_edit": (diff / edit) ** 0.5, "max_layer_rel_error": worst}
+    if c_oo is not None:
+        num = sum(float(((w.double() - x) @ c_oo * (w.double() - x)).sum()) for w, x in zip(weights, exact))
+        den = sum(float((x @ c_oo * x).sum()) for x in exact)
+        out["rel_output_error"] = (num / den) ** 0.5
+    return out
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -391,14 +400,19 @@ def run_one(method: str, n: int, work: Path, model: str, sub: int | None = None)
         c_oo, c_no, f_oo, f_no = statistics(tokenizer, table, concepts)
         del table
         exact, cond = exact_solution(original_weights, c_oo, c_no, P, LAMB, s)
-        out = {"condition_number": cond, "tokens": None, "errors": {}}
+        out = {"condition_number": cond, "errors": {}}
         for m in ("project", "original", "original-precomputed"):
             f = work / f"weights-{m}-{n}.pt"
             if f.exists():
-                out["errors"][m] = errors(torch.load(f), exact, original_weights)
+                out["errors"][m] = errors(torch.load(f), exact, original_weights, c_oo)
         out["errors"]["original float32 arithmetic (emulated)"] = errors(
-            original_arithmetic(original_weights, f_oo, f_no, P, LAMB, s), exact, original_weights)
-        out["errors"]["unedited"] = errors(original_weights, exact, original_weights)
+            original_arithmetic(original_weights, f_oo, f_no, P, LAMB, s), exact, original_weights, c_oo)
+        out["errors"]["unedited"] = errors(original_weights, exact, original_weights, c_oo)
+        # The same float32 arithmetic with a ridge (lamb 0.1, as the project's demo config), for
+        # how much of its error is lamb 0's conditioning.
+        ridge, cond_ridge = exact_solution(original_weights, c_oo, c_no, P, 0.1, s)
+        out["with lamb 0.1"] = {"condition_number": cond_ridge, "original float32 arithmetic (emulated)": errors(
+            original_arithmetic(original_weights, f_oo, f_no, P, 0.1, s), ridge, original_weights, c_oo)}
         return out
 
     concepts = concept_pairs(n)[:sub] if sub else concept_pairs(n)
@@ -459,29 +473,34 @@ def measure(method, n, work, model, sub=None, timeout=3600) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def extrapolate(n, at10, sub_cell, enc_per_prompt):
-    """The original at n concepts from its precomputed runs at 10 and SUBSET concepts (linear in
-    the number of concepts) plus 60 n encodings at the measured per-prompt time."""
-    def line(key):
-        a, b = at10[key], sub_cell[key]
-        return b + (b - a) * (n - SUBSET) / (SUBSET - 10)
-
-    rest = line("seconds")
+def extrapolate(n, at, enc_per_prompt):
+    """The original at n concepts from its run at fewer (``at``): every part of it but the 32
+    d x d inverses is per concept (encoding, values through every layer, per-layer per-concept
+    sums), so its non-encoding time and its stored tokens scale with n (the inverses, a few
+    seconds, are scaled too: an overestimate of that much); encoding is 60 n prompts at the
+    measured per-prompt time."""
+    k = n / at["concepts"]
+    rest = (at["seconds"] - at["encode_seconds"]) * k
     encode = 2 * PROMPTS_PER_CONCEPT * n * enc_per_prompt
+    stored = at["stored_values_mb"] * k
     return {"seconds": rest + encode, "encode_seconds": encode, "non_encoding_seconds": rest,
-            "above_baseline_mb": line("above_baseline_mb"), "stored_values_mb": line("stored_values_mb"),
-            "prompts_encoded": 2 * PROMPTS_PER_CONCEPT * n, "extrapolated": True}
+            "gc_seconds": at["gc_seconds"] * (n + 32) / (at["concepts"] + 32),
+            "above_baseline_mb": at["above_baseline_mb"] - at["stored_values_mb"] + stored, "stored_values_mb": stored,
+            "prompts_encoded": 2 * PROMPTS_PER_CONCEPT * n, "concepts": n, "extrapolated_from": at["concepts"]}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concepts", default="10,100")
     parser.add_argument("--original-max", type=int, default=10, help="largest n the original runs at in full")
+    parser.add_argument("--precomputed", action="store_true",
+                        help="also run the original with the recorded embeddings looked up (no encoding)")
     parser.add_argument("--model", default="builtin:sd14-shapes")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the recorded embeddings and each finished cell here; a rerun resumes from it")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -491,62 +510,67 @@ def main(argv=None) -> int:
     if args.smoke:
         args.model, args.concepts = "builtin:tiny", "2"
     counts = [int(c) for c in args.concepts.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="refine-vs-original-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="refine-vs-original-"))
+    work.mkdir(parents=True, exist_ok=True)
+    done_file = work / "cells.json"
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+
+    def cell(method, n):
+        key = f"{method},{n}"
+        if key not in done or done[key].get("seconds", 0) is None:
+            done[key] = measure(method, n, work, args.model, timeout=args.timeout)
+            done_file.write_text(json.dumps(done))
+        print(f"  {key}: {done[key]}", flush=True)
+        return done[key]
+
     rows = []
     try:
         import torch
 
-        torch.save(torch.zeros(1), work / "P.pt")  # replaced by the prep cell
-        measure("prep", 0, work, args.model, timeout=args.timeout)
-        at10 = None
+        if not (work / "P.pt").exists():
+            torch.save(torch.zeros(1), work / "P.pt")  # replaced by the prep cell
+            measure("prep", 0, work, args.model, timeout=args.timeout)
+        smaller = None
         for n in counts:
-            row = {"concepts": n, "project": measure("project", n, work, args.model, timeout=args.timeout)}
-            print(f"  project {n}: {row['project']}", flush=True)
+            row = {"concepts": n, "project": cell("project", n)}
             if n <= args.original_max:
-                row["original"] = measure("original", n, work, args.model, timeout=args.timeout)
-                print(f"  original {n}: {row['original']}", flush=True)
-                row["original-precomputed"] = measure("original-precomputed", n, work, args.model, timeout=args.timeout)
-                if n == 10:
-                    at10 = row
-            else:
-                sub = measure("original-precomputed", n, work, args.model, sub=SUBSET, timeout=args.timeout)
-                row["original-precomputed-subset"] = sub
-                if at10 is not None and sub.get("seconds") is not None:
-                    o10 = at10["original"]
-                    per_prompt = o10["encode_seconds"] / o10["prompts_encoded"]
-                    row["original"] = extrapolate(n, at10["original-precomputed"], sub, per_prompt)
-                    pre = {**row["original"], "seconds": row["original"]["non_encoding_seconds"], "encode_seconds": 0.0}
-                    row["original-precomputed"] = pre
-            print(f"  original-precomputed {n}: {row.get('original-precomputed')}", flush=True)
-            row["reference"] = measure("reference", n, work, args.model, timeout=args.timeout)
-            print(f"  reference {n}: {row['reference']}", flush=True)
+                row["original"] = cell("original", n)
+                if args.precomputed:
+                    row["original-precomputed"] = cell("original-precomputed", n)
+                smaller = row["original"]
+            elif smaller is not None and smaller.get("seconds") is not None:
+                per_prompt = smaller["encode_seconds"] / smaller["prompts_encoded"]
+                row["original"] = extrapolate(n, smaller, per_prompt)
+            row["reference"] = cell("reference", n)
             rows.append(row)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
 
     def fmt(x, spec):
         return format(x, spec) if isinstance(x, (int, float)) else "-"
 
-    print("| concepts | method | s | encode s | prompts encoded | MB above baseline | rel. error | rel. error of the edit |")
+    print("| concepts | method | s | encode s | prompts encoded | MB above baseline | rel. error of the edit | "
+          "rel. output error |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         errs = row["reference"].get("errors", {})
         for m in ("project", "original", "original-precomputed"):
-            cell = row.get(m)
-            if not cell:
+            c = row.get(m)
+            if not c:
                 continue
             err = errs.get(m) or (errs.get("original float32 arithmetic (emulated)") if m != "project" else None) or {}
-            print(f"| {row['concepts']} | {m}{' (extrapolated)' if cell.get('extrapolated') else ''} | "
-                  f"{fmt(cell.get('seconds'), '.1f')} | {fmt(cell.get('encode_seconds'), '.1f')} | "
-                  f"{fmt(cell.get('prompts_encoded'), 'd')} | {fmt(cell.get('above_baseline_mb'), '.0f')} | "
-                  f"{fmt(err.get('rel_error'), '.2e')} | {fmt(err.get('rel_error_of_edit'), '.2e')} |")
+            print(f"| {row['concepts']} | {m}{' (extrapolated)' if c.get('extrapolated_from') else ''} | "
+                  f"{fmt(c.get('seconds'), '.1f')} | {fmt(c.get('encode_seconds'), '.1f')} | "
+                  f"{fmt(c.get('prompts_encoded'), 'd')} | {fmt(c.get('above_baseline_mb'), '.0f')} | "
+                  f"{fmt(err.get('rel_error_of_edit'), '.2e')} | {fmt(err.get('rel_output_error'), '.2e')} |")
     out = args.out or RESULTS / f"refine_vs_original-{'tiny-smoke' if args.smoke else 'sd14'}-cpu-{os.cpu_count()}cores.json"
     write_json_atomically(out, {
         "platform": platform.platform(), "cpus": os.cpu_count(), "model": args.model,
         "settings": {"lamb": LAMB, "train_preserve_scale": TRAIN_PRESERVE_SCALE, "preserve_weight": PRESERVE_WEIGHT,
                      "effective_preserve_scale": effective_scale(), "mapping": MAPPING,
                      "prompts_per_concept": PROMPTS_PER_CONCEPT, "preserved_prompts": PRESERVED_PROMPTS,
-                     "subset_for_extrapolation": SUBSET},
+                     "original_run_in_full_up_to": args.original_max},
         "measured": "each cell a fresh process; seconds: wall time of the refinement (the project's less the time "
                     "spent recording its embeddings); memory: peak RSS above the RSS with the text encoder, the 32 "
                     "projections and the caches loaded and warmed up; errors against a float64 solve of the same "
