@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .images import image_files
+from .names import control_characters, merge_duplicates
 from .prompts import CONCEPT_TYPES
 
 FUSION_TOKENS = ("all", "concept", "name")
@@ -234,6 +235,9 @@ def _normalise_concepts(raw) -> list[list[str]]:
             raise ConfigError(f"multi_concept[{i}] {name!r}: unknown concept type {kind!r}; choose one of {', '.join(CONCEPT_TYPES)}")
         if not name:
             raise ConfigError(f"multi_concept[{i}] has an empty name")
+        if control_characters(name):
+            raise ConfigError(f"multi_concept[{i}] {name!r}: a concept name cannot hold control characters "
+                              f"({control_characters(name)})")
         out.append([name, kind])
     return out
 
@@ -266,6 +270,7 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
             f"multi_concept has {len(config.multi_concept)} concepts but mapping_concept has "
             f"{len(config.mapping_concept)} entries; give one mapping per concept"
         )
+    _merge_duplicate_concepts(config)
     checks = [
         (config.lamb >= 0, "lamb must be >= 0"),
         (config.rank >= 1, "rank must be >= 1"),
@@ -308,6 +313,24 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
     for key, message in config_warnings(config):
         warnings.warn(ConfigWarning(f"{key}={getattr(config, key)!r} {message}"), stacklevel=2)
     return config
+
+
+def _merge_duplicate_concepts(config: MACEConfig) -> None:
+    """Concepts that are one for the original's normalisation and the text encoder (case, '-'
+    and spaces aside: ``mace.names.duplicate_key``) are erased once, the first of them, with a
+    warning naming them; duplicates with different types or mappings are a ConfigError."""
+    names, kinds = [n for n, _ in config.multi_concept], [k for _, k in config.multi_concept]
+    try:
+        kept, merged = merge_duplicates(names, kinds, config.mapping_concept)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not merged:
+        return
+    config.multi_concept = [config.multi_concept[i] for i in kept]
+    config.mapping_concept = [config.mapping_concept[i] for i in kept]
+    for group in merged:
+        warnings.warn(ConfigWarning(f"multi_concept: {', '.join(map(repr, group))} are the same concept (case, '-' "
+                                    f"and spaces aside): erased once, as {group[0]!r}"), stacklevel=3)
 
 
 # Keys of the original files that this implementation does not act on, with the values at which
