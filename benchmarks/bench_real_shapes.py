@@ -14,13 +14,17 @@ quality. The run, each step in a fresh process (its own peak RSS):
 3. ``mace erase`` of ``--concepts`` concepts, one process per stage: ``prepare`` generates
    ``--images`` images per concept at ``--generation-steps`` steps and their cross-attention
    masks (the 64 x 64 attention-map recording), ``refine`` (with the cache), ``train``
-   (``--train-steps`` LoRA steps per concept), ``fuse``, ``report``.
+   (``--train-steps`` LoRA steps per concept), ``fuse``, ``report`` (its defaults: the
+   erased and kept prompts, 2 images each, at min(10, generation steps) steps);
+4. with ``--checkpointing-variant``, ``train`` again with gradient checkpointing switched.
 
 Each stage's seconds are the stage's own (from the run's summary, model loading excluded), peak
 RSS is the process's. From the measured unit costs (per caption, per image and sampling step,
 per concept, per LoRA step) the JSON and table project a 100-concept run with the original's
 settings: 8 images of 30 steps per concept, 50 LoRA steps, the original's COCO cache of
-616,800 captions. Concept-linear projections count the whole stage time as per-concept cost,
+616,800 captions, and the report at its defaults (8 of the erased concepts and 3 kept prompts,
+2 images each, before and after); the benchmark's own report shows its concepts and one kept
+prompt, 1 image each. Concept-linear projections count the whole stage time as per-concept cost,
 so they are upper bounds.
 """
 
@@ -32,6 +36,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS  # noqa: E402
 
 STAGES = ("prepare", "refine", "train", "fuse", "report")
+REPORT_MAX_CONCEPTS = 8  # the report's default bound on erased concepts shown
 ORIGINAL = {"images": 8, "generation_steps": 30, "train_steps": 50, "coco_captions": 616_800}
 
 SUBJECTS = ["a man", "a woman", "two children", "a dog", "a cat", "a group of people", "an old bus", "a red car",
@@ -75,6 +81,7 @@ def erase_config(args, work: Path, cache: Path) -> dict:
         "aug_length": 30, "prompt_len": 30, "rank": 1, "learning_rate": 1e-4, "train_batch_size": 1,
         "max_train_steps": args.train_steps, "concepts_per_batch": 1,
         "num_images_per_concept": args.images, "generation_steps": args.generation_steps, "sample_batch_size": 1,
+        "report_images": 1, "report_prompts": ["a photo of a dog"],
         "use_gsam_mask": True, "mask_method": "attention", "gradient_checkpointing": args.gradient_checkpointing,
         "input_data_dir": str(work / "data"), "output_dir": str(work / "run"), "final_save_path": str(work / "final"),
         "seed": 0,
@@ -147,8 +154,14 @@ def projection(args, steps: dict) -> dict:
         "train": per_lora_step * n * ORIGINAL["train_steps"],
         "fuse": steps["fuse"]["seconds"] / args.concepts * n,
     }
+    if "report" in steps:  # bounded: the same shown concepts and images whatever the count
+        per_image_step = steps["report"]["seconds"] / (steps["report"]["images"] * min(10, args.generation_steps))
+        # defaults: 3 kept prompts, 2 images each, before and after, min(10, 30) steps
+        out["report"] = per_image_step * 2 * (min(n, REPORT_MAX_CONCEPTS) + 3) * 2 * 10
     out = {k: round(v, 1) for k, v in out.items()}
     out["total_without_cache"] = round(sum(v for k, v in out.items() if k != "cache_coco"), 1)
+    if "report" in out:
+        out["report_share_of_total"] = round(out["report"] / out["total_without_cache"], 4)
     out["unit_costs"] = {"cache_seconds_per_caption": round(per_caption, 5),
                          "prepare_seconds_per_image_step": round(per_image_step, 3),
                          "train_seconds_per_lora_step": round(per_lora_step, 3)}
@@ -167,6 +180,8 @@ def main() -> int:
     parser.add_argument("--mixed-precision", choices=["fp16", "bf16"], default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--checkpointing-variant", action="store_true",
+                        help="afterwards, train again with gradient checkpointing switched (its time and memory)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="JSON (default: benchmarks/results/real_shapes-<model>-<device>.json)")
     parser.add_argument("--probe", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -191,6 +206,7 @@ def main() -> int:
     write_text_atomically(config, json.dumps(erase_config(args, work, cache), indent=1))  # YAML reads JSON
 
     steps: dict = {}
+    load_average_start = list(os.getloadavg())
     steps["load"] = run_probe("load", args.model, args.device)
     print(f"load: {steps['load']['seconds']:.1f} s, peak RSS {steps['load']['peak_rss_mb']:.0f} MB", flush=True)
     steps["cache"] = run_probe("cache", args.model, str(prompts), str(cache), args.device)
@@ -198,7 +214,19 @@ def main() -> int:
           f"{steps['cache']['peak_rss_mb']:.0f} MB", flush=True)
     for stage in stages:
         steps[stage] = run_probe("erase", str(config), stage)
+        if stage == "report":  # before and after, each shown prompt, report_images each
+            steps[stage]["images"] = 2 * (args.concepts + 1)
         print(f"{stage}: {steps[stage]['seconds']:.1f} s, peak RSS {steps[stage]['peak_rss_mb']:.0f} MB", flush=True)
+
+    if args.checkpointing_variant and "train" in steps:
+        variant = erase_config(args, work, cache)
+        variant["MACE"]["gradient_checkpointing"] = not args.gradient_checkpointing
+        other = work / "erase-checkpointing.yaml"
+        write_text_atomically(other, json.dumps(variant, indent=1))
+        shutil.rmtree(work / "run" / "lora")  # this run's own LoRAs: trained again under the variant
+        name = f"train (gradient checkpointing {'off' if args.gradient_checkpointing else 'on'})"
+        steps[name] = run_probe("erase", str(other), "train")
+        print(f"{name}: {steps[name]['seconds']:.1f} s, peak RSS {steps[name]['peak_rss_mb']:.0f} MB", flush=True)
 
     rows = [{"step": k, **v} for k, v in steps.items()]
     result = {
@@ -207,7 +235,7 @@ def main() -> int:
         "prompts": args.prompts, "concepts": args.concepts, "images_per_concept": args.images,
         "generation_steps": args.generation_steps, "train_steps": args.train_steps,
         "build_seconds": build_seconds, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "load_average_end": list(os.getloadavg()), "steps": rows,
+        "load_average_start": load_average_start, "load_average_end": list(os.getloadavg()), "steps": rows,
         "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
     }
     if {"cache", "prepare", "refine", "train", "fuse"} <= set(steps):
