@@ -209,18 +209,25 @@ def test_external_peft_lora_scale_matches_diffusers_fuse(tiny_path, tmp_path):
         torch.testing.assert_close((lin.weight.double() - w), (B @ A).double(), rtol=1e-4, atol=1e-5)
 
 
-def test_lam_zero_with_few_tokens_is_an_error_not_noise(tiny_pipe):
-    W = _weights(tiny_pipe)
+@pytest.fixture(scope="module")
+def wide_pipe(tiny_path):
+    """A text encoder wider than one prompt's 77 tokens (SD 2.x shaped, 96): one prompt's tokens
+    span at most 77 of its 96 directions, so lam = 0 leaves the system singular."""
+    return mace.load_pipeline("builtin:tiny-sd2-base")
+
+
+def test_lam_zero_with_few_tokens_is_an_error_not_noise(wide_pipe):
+    W = _weights(wide_pipe)
     with pytest.raises(NotPositiveDefiniteError, match="not numerically positive definite"):
-        mace.refine(tiny_pipe, [("a photo of Emma Stone", "a photo of a person")], lam=0.0)
-    assert all(torch.equal(a, b) for a, b in zip(W, _weights(tiny_pipe)))  # nothing was written
+        mace.refine(wide_pipe, [("a photo of Emma Stone", "a photo of a person")], lam=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(W, _weights(wide_pipe)))  # nothing was written
 
 
-def test_lam_zero_with_jitter_reports_it_and_stays_finite(tiny_pipe):
+def test_lam_zero_with_jitter_reports_it_and_stays_finite(wide_pipe):
     with pytest.warns(SPDJitterWarning):
-        report = mace.refine(tiny_pipe, [("a photo of Emma Stone", "a photo of a person")], lam=0.0, jitter=1e-6)
+        report = mace.refine(wide_pipe, [("a photo of Emma Stone", "a photo of a person")], lam=0.0, jitter=1e-6)
     assert report.jitter > 0
-    assert all(torch.isfinite(w).all() for w in _weights(tiny_pipe))
+    assert all(torch.isfinite(w).all() for w in _weights(wide_pipe))
 
 
 def test_sdxl_refine_and_fuse_fast_equal_reference():
