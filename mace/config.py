@@ -151,7 +151,7 @@ class MACEConfig:
     report_prompts: list = field(default_factory=list)  # kept prompts shown in report.html
     # The report stage's cost (report.html): at most report_max_concepts erased concepts shown
     # (spread over the list), report_images images per prompt and model, at report_steps
-    # sampling steps (None: min(10, generation_steps)), report_batch_size images per call.
+    # sampling steps (None: min(8, generation_steps)), report_batch_size images per call.
     report_max_concepts: int = 8
     report_images: int = 2
     report_steps: int | None = None

@@ -17,7 +17,7 @@ from .atomic import save_image_atomically, write_text_atomically
 
 # Defaults of the config keys report_batch_size and report_steps (see MACEConfig for the others).
 REPORT_BATCH = 8  # images per pipeline call
-REPORT_STEPS = 10  # sampling steps, at most the run's generation_steps
+REPORT_STEPS = 8  # sampling steps, at most the run's generation_steps
 Judge = Callable[[str, Sequence[Image.Image]], str]
 T = TypeVar("T")
 
