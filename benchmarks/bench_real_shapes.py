@@ -22,9 +22,9 @@ Each stage's seconds are the stage's own (from the run's summary, model loading 
 RSS is the process's. From the measured unit costs (per caption, per image and sampling step,
 per concept, per LoRA step) the JSON and table project a 100-concept run with the original's
 settings: 8 images of 30 steps per concept, 50 LoRA steps, the original's COCO cache of
-616,800 captions, and the report at its defaults (8 of the erased concepts and 3 kept prompts,
-2 images each, before and after); the benchmark's own report shows its concepts and one kept
-prompt, 1 image each. Concept-linear projections count the whole stage time as per-concept cost,
+616,800 captions, and the report at its defaults (at most 8 of the erased concepts and 3 kept
+prompts, 2 images each, before and after, at its default steps); the benchmark's own report
+shows its concepts and one kept prompt, 1 image each. Concept-linear projections count the whole stage time as per-concept cost,
 so they are upper bounds.
 """
 
@@ -47,7 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS  # noqa: E402
 
 STAGES = ("prepare", "refine", "train", "fuse", "report")
-REPORT_MAX_CONCEPTS = 8  # the report's default bound on erased concepts shown
 ORIGINAL = {"images": 8, "generation_steps": 30, "train_steps": 50, "coco_captions": 616_800}
 
 SUBJECTS = ["a man", "a woman", "two children", "a dog", "a cat", "a group of people", "an old bus", "a red car",
@@ -155,9 +154,14 @@ def projection(args, steps: dict) -> dict:
         "fuse": steps["fuse"]["seconds"] / args.concepts * n,
     }
     if "report" in steps:  # bounded: the same shown concepts and images whatever the count
-        per_image_step = steps["report"]["seconds"] / (steps["report"]["images"] * min(10, args.generation_steps))
-        # defaults: 3 kept prompts, 2 images each, before and after, min(10, 30) steps
-        out["report"] = per_image_step * 2 * (min(n, REPORT_MAX_CONCEPTS) + 3) * 2 * 10
+        from mace.config import MACEConfig
+        from mace.report import REPORT_STEPS
+
+        defaults = MACEConfig()
+        per_image_step = steps["report"]["seconds"] / (steps["report"]["images"] * min(REPORT_STEPS, args.generation_steps))
+        shown = min(n, defaults.report_max_concepts) + 3  # 3 kept prompts by default
+        steps_then = min(REPORT_STEPS, ORIGINAL["generation_steps"])
+        out["report"] = per_image_step * 2 * shown * defaults.report_images * steps_then
     out = {k: round(v, 1) for k, v in out.items()}
     out["total_without_cache"] = round(sum(v for k, v in out.items() if k != "cache_coco"), 1)
     if "report" in out:

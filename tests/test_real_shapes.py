@@ -61,8 +61,8 @@ def test_projection_scales_each_unit_cost_to_the_originals_settings():
     assert out["train"] == pytest.approx(5.0 * 100 * 50)  # 5 s per LoRA step
     assert (out["refine"], out["fuse"]) == (100.0, 50.0)
     assert out["total_without_cache"] == pytest.approx(48000 + 25000 + 150)
-    # The report is bounded: 8 shown + 3 kept prompts, 2 images, before and after, 10 steps.
+    # The report is bounded: 8 shown + 3 kept prompts, 2 images, before and after, 8 steps.
     steps["report"] = {"seconds": 24.0, "images": 6}  # 1 s per image and step at 4 steps
     out = projection(args, steps)
-    assert out["report"] == pytest.approx(2 * 11 * 2 * 10)
-    assert out["report_share_of_total"] == pytest.approx(440 / (48000 + 25000 + 150 + 440), abs=1e-4)
+    assert out["report"] == pytest.approx(2 * 11 * 2 * 8)
+    assert out["report_share_of_total"] == pytest.approx(352 / (48000 + 25000 + 150 + 352), abs=1e-4)
