@@ -74,9 +74,10 @@ def _torchrun(tmp_path, *args) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
-def _close(got: dict, want: dict, rel: float = 1e-4) -> None:
+def _close(got: dict, want: dict, rel: float = 1e-3) -> None:
     """Every tensor within ``rel`` of its reference, in Frobenius norm: the ranks sum the
-    statistics in another order, so the results differ by rounding only."""
+    statistics in another order and run the UNet on other batches, so the results differ by
+    rounding only (amplified by LoRA training, see LORA_REL)."""
     assert got.keys() == want.keys()
     for key in want:
         error, size = float((got[key].double() - want[key].double()).norm()), float(want[key].double().norm())
@@ -84,9 +85,12 @@ def _close(got: dict, want: dict, rel: float = 1e-4) -> None:
 
 
 # AdamW divides each update by the gradient's own magnitude, so a LoRA element whose gradient
-# is near zero turns rounding differences into larger ones (measured: up to 5e-5 in norm,
-# against 1e-9 for the refined model and 2e-6 for the fused one).
-LORA_REL = 1e-3
+# is near zero turns rounding differences into larger ones. How large depends on the CPU: the
+# UNet's float32 kernels round differently for a batch of one concept and of two (oneDNN and
+# BLAS pick their blocking by shape and instruction set), and the ranks batch other concepts
+# together than one process does. Measured in norm: LoRAs up to 5e-5 on one machine and
+# 2.7e-3 on another, the fused model 2e-6 and 1.7e-4; the refined model 1e-9 on both.
+LORA_REL = 1e-2
 
 
 def _lora(root, name):
@@ -136,14 +140,14 @@ def test_two_processes_give_the_weights_of_one(reference, tmp_path):
     assert len(images) == 2 * 2 * len(CONCEPTS)  # 2 images and 2 masks a concept
     assert all((two / "data" / p).read_bytes() == (one / "out" / "data" / p).read_bytes() for p in images)
     # The refined model (statistics summed over ranks), each rank's LoRAs and the fused model.
-    for model in ("refined", "final"):
-        _close(load_file(str(two / model / UNET_FILE)), load_file(str(one / "out" / model / UNET_FILE)))
+    _close(load_file(str(two / "refined" / UNET_FILE)), load_file(str(one / "out" / "refined" / UNET_FILE)), 1e-6)
+    _close(load_file(str(two / "final" / UNET_FILE)), load_file(str(one / "out" / "final" / UNET_FILE)))
     for name in CONCEPTS:
         _close(_lora(two, name), _lora(one / "out", name), LORA_REL)
     # The fusion moved the weights far more than the tolerance (the comparison is not vacuous).
     refined, final = load_file(str(one / "out" / "refined" / UNET_FILE)), load_file(str(one / "out" / "final" / UNET_FILE))
     moved = max(float((final[k] - refined[k]).norm() / refined[k].norm()) for k in final if refined[k].norm() > 0)
-    assert moved > 100 * 1e-4, moved
+    assert moved > 100 * 1e-3, moved  # measured 0.39
 
     # Rank 0 alone printed each command's summary, which covers every rank's work.
     assert len([line for line in run.stdout.splitlines() if line.startswith("cache ")]) == 1, run.stdout
