@@ -154,6 +154,16 @@ def build_tiny_sdxl(seed: int = 0):
     )
 
 
+def _sd_vae(seed: int, sample_size: int):
+    """Stable Diffusion's VAE (SD 1.x and 2.x share it): 4 levels, 128-512 channels, 8x down."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, sample_size=sample_size,
+    ).eval()
+
+
 def build_sd14_shapes(seed: int = 0):
     """SD 1.4's published architecture with random weights (built from configs, nothing
     downloaded): the 860M-parameter UNet (320/640/1280/1280, 16 cross-attention layers, 64 x 64
@@ -161,14 +171,8 @@ def build_sd14_shapes(seed: int = 0):
     PNDM scheduler SD 1.4 ships. For measuring time and memory at real shapes; it draws noise."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, norm_num_groups=32, sample_size=512,
-    ).eval()
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=_text_encoder(768, 12, False, seed + 2, heads=12, intermediate=3072),
+        vae=_sd_vae(seed + 1, 512), text_encoder=_text_encoder(768, 12, False, seed + 2, heads=12, intermediate=3072),
         tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler("sd1"), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
@@ -182,14 +186,8 @@ def build_sd21_shapes(seed: int = 0):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                                 use_linear_projection=True, upcast_attention=True).eval()
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, norm_num_groups=32, sample_size=768,
-    ).eval()
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=_text_encoder(1024, 23, False, seed + 2, hidden_act="gelu", pad_token_id=0, heads=16,
+        vae=_sd_vae(seed + 1, 768), text_encoder=_text_encoder(1024, 23, False, seed + 2, hidden_act="gelu", pad_token_id=0, heads=16,
                                             intermediate=4096),
         tokenizer=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_scheduler("sd2"), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
