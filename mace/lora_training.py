@@ -37,6 +37,7 @@ from .lora import (
     MultiConceptLoRA,
     clip_grad_norm_per_concept,
     concept_token_mask,
+    forward_process,
     sample_timesteps,
     train_step,
 )
@@ -392,6 +393,7 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
         with torch.no_grad():
             base_norms = [torch.einsum("od,de,oe->", w.float().to(device), preserve, w.float().to(device)).clamp_min(1e-30)
                           for w in projection_weights(unet)]
+    noise_process = forward_process(pipe.scheduler)  # built once: train_step would build it every step
     with LoraTrainingHooks(unet, lora) as hooks:
         for step in range(1, settings.max_train_steps + 1):
             step_loss = 0.0
@@ -401,7 +403,7 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
                 per = [settings.train_batch_size] * len(step_data)
                 targets = AttentionTargets(batch["tokens"], batch["masks"], per,
                                            prior_sizes=per if prior is not None else None)
-                loss = train_step(unet, hooks, pipe.scheduler, batch["latents"], batch["embeddings"], targets,
+                loss = train_step(unet, hooks, noise_process, batch["latents"], batch["embeddings"], targets,
                                   batch["noise"], batch["timesteps"], prior_loss_weight=settings.prior_loss_weight,
                                   loss_scale=1.0 / accumulate, autocast_dtype=settings.autocast_dtype,
                                   added_cond_kwargs=batch["added_cond_kwargs"], grad_scaler=scaler)

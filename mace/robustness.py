@@ -528,7 +528,7 @@ def _noisy_batch(scheduler, latents: torch.Tensor, n: int, g: torch.Generator) -
     t = torch.randint(scheduler.config.num_train_timesteps, (n,), generator=g)
     noise = torch.randn(latents[index].shape, generator=g)
     z0 = latents[index]
-    process = forward_process(scheduler)  # DDPM's, whatever the pipeline samples with
+    process = forward_process(scheduler)  # DDPM's, whatever the pipeline samples with (no-op when it is)
     return process.add_noise(z0, noise, t), t, prediction_target(process, z0, noise, t)
 
 
@@ -572,7 +572,8 @@ def soft_prompt_attack(pipe, concept: str, targets: Targets, template: str = "a 
                          added_cond_kwargs=extra).sample
         return ((pred.float() - target.to(device)) ** 2).mean()
 
-    probe = _noisy_batch(pipe.scheduler, latents, s.probe_size, torch.Generator().manual_seed(seed_for(seed, "probe", concept)))
+    process = forward_process(pipe.scheduler)
+    probe = _noisy_batch(process, latents, s.probe_size, torch.Generator().manual_seed(seed_for(seed, "probe", concept)))
     try:
         with _frozen(pipe.unet, pipe.vae, *(enc for _, enc in encoders)):
             with torch.no_grad():
@@ -580,7 +581,7 @@ def soft_prompt_attack(pipe, concept: str, targets: Targets, template: str = "a 
             for _ in range(s.budget):
                 optimiser.zero_grad()
                 with torch.enable_grad():
-                    loss(*_noisy_batch(pipe.scheduler, latents, s.batch_size, g)).backward()
+                    loss(*_noisy_batch(process, latents, s.batch_size, g)).backward()
                 optimiser.step()
             with torch.no_grad():
                 end = float(loss(*probe))
