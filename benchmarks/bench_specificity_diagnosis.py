@@ -174,6 +174,7 @@ def main(argv=None) -> int:
         settings = FusionSettings.from_config(config)
         fuse(base_pipe, zero, {n: [p.old for p in pairs[n]] for n in names}, lam=settings.lam,
              preserve=settings.preserve.matrix(base_pipe), preserve_scale=settings.preserve_scale, original=original,
+             preserve_per_token=settings.preserve_per_token,
              tokens=settings.tokens)
         zero_fused = [w.clone() for w in projection_weights(base_pipe.unet)]
         # How specific each LoRA is: its relative change on its own concept's tokens (the name

@@ -197,11 +197,13 @@ class PreservationSettings:
     prior_cache: str | None = None
     domain_cache: str | None = None
     preserve_weight: float = 0.0
+    per_token: bool = False  # each cache divided by its token count: P is a weighted mean of e e^T
 
     @classmethod
     def from_config(cls, config) -> PreservationSettings:
         """The caches of a MACEConfig and their weights."""
-        return cls(config.prior_preservation_cache_path, config.domain_preservation_cache_path, config.preserve_weight)
+        return cls(config.prior_preservation_cache_path, config.domain_preservation_cache_path, config.preserve_weight,
+                   config.preserve_per_token)
 
     @property
     def files(self) -> list[Path]:
@@ -211,15 +213,16 @@ class PreservationSettings:
         """The settings plus a hash of each cache file's bytes (for fingerprints)."""
         return {"prior": files_digest([self.prior_cache]) if self.prior_cache else None,
                 "domain": files_digest([self.domain_cache]) if self.domain_cache else None,
-                "preserve_weight": self.preserve_weight}
+                "preserve_weight": self.preserve_weight, "per_token": self.per_token}
 
     def matrix(self, pipe) -> torch.Tensor | None:
-        """P for ``pipe`` (each cache checked against its text encoder), None without caches."""
+        """P for ``pipe`` (each cache checked against its text encoder), None without caches;
+        with ``per_token``, P = C_prior / N_prior + preserve_weight * C_domain / N_domain."""
         caches = []
-        if self.prior_cache:
-            caches.append((load_preservation_cache(self.prior_cache, pipe=pipe), 1.0))
-        if self.domain_cache:
-            caches.append((load_preservation_cache(self.domain_cache, pipe=pipe), self.preserve_weight))
+        for path, weight in ((self.prior_cache, 1.0), (self.domain_cache, self.preserve_weight)):
+            if path:
+                cache = load_preservation_cache(path, pipe=pipe)
+                caches.append((cache, weight / max(cache.tokens, 1) if self.per_token else weight))
         return preservation_matrix(caches)
 
 

@@ -241,11 +241,15 @@ def refine_weights_streamed(
     dtype: torch.dtype = torch.float64,
     jitter: float | None = None,
     combine: Callable[[object], bool] | None = None,
+    preserve_per_token: bool = False,
 ) -> tuple[list[torch.Tensor], SolveReport]:
     """Closed-form refinement from aligned token batches (e.g. a generator that encodes prompts).
 
     Each batch is (old_tokens, new_tokens), both (N_b, d); only the running statistics are
     kept between batches. Same result as :func:`refine_weights` on the concatenated tokens.
+    With ``preserve_per_token`` the preservation weight is ``preserve_scale`` times the number
+    of token pairs (a per-token mean statistic ``preserve`` then weighs one preserved token
+    ``preserve_scale`` times as much as one erased token, whatever the counts).
     ``combine(statistics)``, when given, runs once every batch is in: it may merge other
     processes' statistics in place (``mace.distributed.combine_statistics``) and says whether
     this call solves; when it does not, the weights come back unchanged.
@@ -260,6 +264,8 @@ def refine_weights_streamed(
         acc.add(old_tokens, new_tokens)
     if combine is not None and not combine(acc):
         return list(weights), SolveReport(acc.tokens)
+    if preserve_per_token:  # s counts per erased token pair (every process's, once combined)
+        preserve_scale = preserve_scale * acc.tokens
     if method == "fast":
         return solve_refinement(weights, acc, lam=lam, preserve=preserve, preserve_scale=preserve_scale, jitter=jitter)
     return acc.solve(weights, lam, preserve, preserve_scale, jitter)
@@ -516,12 +522,14 @@ def fuse_weights_streamed(
     max_tokens_per_call: int = CALL_TOKENS,
     group: int = 64,
     combine: Callable[[object], bool] | None = None,
+    preserve_per_token: bool = False,
 ) -> tuple[list[torch.Tensor], SolveReport]:
     """Closed-form fusion from token batches (e.g. a generator that encodes each concept's prompts).
 
     Each batch is (concept index i, (N_b, d) tokens of concept i's prompts); only running
     statistics are kept between batches. Same result as :func:`fuse_weights` on the
-    concatenated tokens of each concept. ``combine`` as in :func:`refine_weights_streamed`.
+    concatenated tokens of each concept. ``combine`` and ``preserve_per_token`` as in
+    :func:`refine_weights_streamed` (the count: every token of every concept's prompts).
     """
     _check_method(method)
     n, d = loras.num_concepts, weights[0].shape[1]
@@ -542,6 +550,8 @@ def fuse_weights_streamed(
     if combine is not None and not combine(acc):
         tokens = acc.tokens
         return list(weights), SolveReport(sum(tokens) if isinstance(tokens, list) else tokens)
+    if preserve_per_token:  # s counts per token of the concepts' prompts (every process's, once combined)
+        preserve_scale = preserve_scale * (sum(acc.tokens) if isinstance(acc.tokens, list) else acc.tokens)
     if method == "fast":
         return solve_fusion(weights, acc, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
                             original=anchor, jitter=jitter)

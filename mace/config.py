@@ -44,10 +44,25 @@ class MACEConfig:
     # computes them: refinement weights P by train_preserve_scale ** 2, fusion by
     # fuse_preserve_scale (beyond max_memory concepts: both by train_preserve_scale); lamb weighs
     # staying close to the original weights (refinement) or the refined ones (fusion).
+    #
+    # preserve_scale_mode says what the scales count. "absolute" (the default, the original's
+    # semantics): as above, so a value tuned for one number of concepts or one cache size holds
+    # for that number and size only (the original's own configs raise preserve_weight from 8e3
+    # at 1 celebrity to 2e5 at 100). "per_token": each cache is divided by its token count N_c,
+    #   P = C_prior / N_prior + preserve_weight * C_domain / N_domain,
+    # and each solve weights P by its scale times the number of tokens it erases, N_e (the
+    # aligned token pairs of refinement, the tokens of the concepts' prompts in fusion); the
+    # scale is used once (train_preserve_scale in refinement, fuse_preserve_scale in fusion,
+    # whatever max_memory). Each solve then minimises
+    #   N_e * [ mean_erased ||W' e - v||^2 + scale * mean_preserved ||(W' - W) e_p||^2 ] + lamb ||W' - W0||^2,
+    # so the scale is how much one preserved token weighs against one erased token, and one
+    # value carries across concept counts and cache sizes. lora_preserve_scale is a relative
+    # change of the caches' keys and values already, the same in both modes.
     lamb: float = 0.0
     train_preserve_scale: float = 0.0
     fuse_preserve_scale: float = 0.0
     preserve_weight: float = 0.0
+    preserve_scale_mode: str = "absolute"  # or "per_token"
     prior_preservation_cache_path: str | None = None
     domain_preservation_cache_path: str | None = None
     all_words: bool = False
@@ -168,18 +183,25 @@ class MACEConfig:
         return autocast_dtype(self.mixed_precision)
 
     @property
+    def preserve_per_token(self) -> bool:
+        """Whether the preservation scales count per token (preserve_scale_mode: per_token)."""
+        return self.preserve_scale_mode == "per_token"
+
+    @property
     def effective_refine_preserve_scale(self) -> float:
         """s of refinement's solve: train_preserve_scale ** 2, as the original computes it (its
         caches are scaled by train_preserve_scale and the solve scales them again); with more
-        than max_memory concepts the original scales once."""
-        if len(self.multi_concept) > self.max_memory:
+        than max_memory concepts the original scales once. Per token: train_preserve_scale (the
+        solve multiplies it by the erased token count)."""
+        if self.preserve_per_token or len(self.multi_concept) > self.max_memory:
             return self.train_preserve_scale
         return self.train_preserve_scale**2
 
     @property
     def effective_fuse_preserve_scale(self) -> float:
-        """s of fusion's solve: fuse_preserve_scale (train_preserve_scale beyond max_memory concepts)."""
-        if len(self.multi_concept) > self.max_memory:
+        """s of fusion's solve: fuse_preserve_scale (train_preserve_scale beyond max_memory concepts,
+        except per token)."""
+        if not self.preserve_per_token and len(self.multi_concept) > self.max_memory:
             return self.train_preserve_scale
         return self.fuse_preserve_scale
 
@@ -279,6 +301,8 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
         (config.max_train_steps >= 0, "max_train_steps must be >= 0"),
         (config.train_preserve_scale >= 0 and config.fuse_preserve_scale >= 0 and config.lora_preserve_scale >= 0,
          "preserve scales must be >= 0"),
+        (config.preserve_scale_mode in ("absolute", "per_token"),
+         f"preserve_scale_mode must be 'absolute' or 'per_token', got {config.preserve_scale_mode!r}"),
         (config.lora_preserve_scale == 0 or config.prior_preservation_cache_path or config.domain_preservation_cache_path,
          "lora_preserve_scale needs a preservation cache (prior_preservation_cache_path or domain_preservation_cache_path)"),
         (config.method in ("fast", "reference"), f"method must be 'fast' or 'reference', got {config.method!r}"),

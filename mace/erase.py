@@ -190,7 +190,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
                     refine(pipe, [p for name in pairs for p in pairs[name]], lam=refine_settings.lam,
                            preserve=refine_settings.preserve.matrix(pipe), preserve_scale=refine_settings.preserve_scale,
                            all_words=refine_settings.all_words, method=refine_settings.method, jitter=refine_settings.jitter,
-                           distributed=True)
+                           distributed=True, preserve_per_token=refine_settings.preserve_per_token)
                 _save(models, "refined", refined_path, state, "refine", refine_fp)
                 summary.wrote.append(f"refined model {refined_path}")
 
@@ -235,7 +235,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
                          {n: [p.old for p in pairs[n]] for n in pairs}, lam=fuse_settings.lam,
                          preserve=fuse_settings.preserve.matrix(pipe), preserve_scale=fuse_settings.preserve_scale,
                          original=models.weights("original"), method=fuse_settings.method, jitter=fuse_settings.jitter,
-                         tokens=fuse_settings.tokens, distributed=True)
+                         tokens=fuse_settings.tokens, distributed=True, preserve_per_token=fuse_settings.preserve_per_token)
                 _save(models, "final", final_path, state, "fuse", fuse_fp)
                 summary.wrote.append(f"final model {final_path}")
 

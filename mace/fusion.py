@@ -29,14 +29,17 @@ class FusionSettings:
     method: str = "fast"
     jitter: float | None = None
     tokens: str = "all"  # "all" tokens of each concept's prompts, "concept": the name and after, "name"
+    preserve_per_token: bool = False  # preserve_scale_mode: per_token (the scale counts per fused token)
 
     @classmethod
     def from_config(cls, config: MACEConfig) -> FusionSettings:
         """The original code's effective weight: fuse_preserve_scale once (train_preserve_scale
-        with more than max_memory concepts, as its other branch does)."""
+        with more than max_memory concepts, as its other branch does). Under
+        ``preserve_scale_mode: per_token``, fuse_preserve_scale per fused token, against per-token
+        mean caches (MACEConfig's comment)."""
         return cls(lam=config.lamb, preserve=PreservationSettings.from_config(config),
                    preserve_scale=config.effective_fuse_preserve_scale, method=config.method, jitter=config.solve_jitter,
-                   tokens=config.fusion_tokens)
+                   tokens=config.fusion_tokens, preserve_per_token=config.preserve_per_token)
 
 
 def stack_loras(loras: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], projections) -> LoraStack:
@@ -95,6 +98,7 @@ def fuse(
     batch_size: int = 64,
     tokens: str = "all",
     distributed: bool = False,
+    preserve_per_token: bool = False,
 ) -> SolveReport:
     """Fuse one LoRA per concept into the pipeline's cross-attention projections, in place.
 
@@ -105,6 +109,8 @@ def fuse(
             concept's LoRA does.
         lam: weight of staying close to the current (refined) weights.
         preserve, preserve_scale: d x d preservation statistic and its weight s.
+        preserve_per_token: s is ``preserve_scale`` times the number of fused tokens (for a
+            per-token mean statistic; see :func:`mace.closed_form.refine_weights_streamed`).
         original: the weights preservation anchors to (a pipeline, or tensors in projection
             order); default: the pipeline's current weights.
         method: "fast" (one grouped fuse_loras call and one solve) or "reference".
@@ -163,7 +169,7 @@ def fuse(
     report = edit_projections(pipe.unet, lambda weights: fuse_weights_streamed(
         weights, stack, batches(), lam=lam, preserve=preserve, preserve_scale=preserve_scale,
         original=anchor, method=method, dtype=dtype, jitter=jitter,
-        combine=dist.combine_statistics if distributed else None,
+        combine=dist.combine_statistics if distributed else None, preserve_per_token=preserve_per_token,
     ))
     report.extra["concepts"] = len(concepts)
     return report

@@ -27,16 +27,18 @@ class RefinementSettings:
     all_words: bool = False
     method: str = "fast"
     jitter: float | None = None
+    preserve_per_token: bool = False  # preserve_scale_mode: per_token (the scale counts per erased token pair)
 
     @classmethod
     def from_config(cls, config: MACEConfig) -> RefinementSettings:
         """The original code's effective weights: it multiplies the caches by train_preserve_scale
         and passes that scale to the solve again, so P enters with train_preserve_scale ** 2 (with
         more than max_memory concepts it folds the concepts into the caches and the weight is
-        train_preserve_scale once)."""
+        train_preserve_scale once). Under ``preserve_scale_mode: per_token``, train_preserve_scale
+        once, per erased token pair, against per-token mean caches (MACEConfig's comment)."""
         return cls(lam=config.lamb, preserve=PreservationSettings.from_config(config),
                    preserve_scale=config.effective_refine_preserve_scale, all_words=config.all_words, method=config.method,
-                   jitter=config.solve_jitter)
+                   jitter=config.solve_jitter, preserve_per_token=config.preserve_per_token)
 
 
 def aligned_pair_batches(
@@ -128,13 +130,16 @@ def refine(
     jitter: float | None = None,
     batch_size: int = 64,
     distributed: bool = False,
+    preserve_per_token: bool = False,
 ) -> SolveReport:
     """Closed-form refinement of every cross-attention key/value projection, in place.
 
     Each projection W becomes the minimiser of
     sum ||W' e_o - W e_n||^2 + lam ||W' - W||^2 + s sum_p ||W' e_p - W e_p||^2
     over the aligned tokens of the (old_prompt, new_prompt) pairs; ``preserve`` is the d x d
-    statistic of the preserved prompts (a cache or a tensor), s = ``preserve_scale``.
+    statistic of the preserved prompts (a cache or a tensor), s = ``preserve_scale`` (with
+    ``preserve_per_token``: ``preserve_scale`` times the number of aligned token pairs, for a
+    per-token mean statistic; see :func:`mace.closed_form.refine_weights_streamed`).
     ``method="fast"`` shares one d x d solve across layers; ``"reference"`` is paper-literal.
     With ``distributed`` (every rank of a torch.distributed run calls it with the same
     arguments, see mace.distributed) each rank encodes its share of the pairs, the statistics
@@ -152,6 +157,7 @@ def refine(
     report = edit_projections(pipe.unet, lambda weights: refine_weights_streamed(
         weights, batches, lam=lam, preserve=preserve, preserve_scale=preserve_scale,
         method=method, dtype=dtype, jitter=jitter, combine=dist.combine_statistics if distributed else None,
+        preserve_per_token=preserve_per_token,
     ))
     report.extra["pairs"] = count
     return report
