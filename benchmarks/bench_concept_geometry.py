@@ -7,7 +7,8 @@ projections, linear maps of the text embedding. If an erased concept's embedding
 a fixed combination of kept concepts' embeddings, any such edit that leaves the kept concepts'
 keys and values in place leaves (nearly) as much of the erased concept's in place: erasure and
 specificity then trade against each other whatever the method. This script measures that
-share on the glyph worlds, whose concepts are shapes times colourings.
+share on the glyph worlds, whose concepts are shapes times colourings, and on the identity
+worlds, whose concepts are each their own identicon (attribute_sets says which fits each gets).
 
 For each erase set (the protocol's reported erase sets: the first n of bench_erasure_quality's
 erase pool) it fits, by least squares on the embeddings of every concept not erased, the
@@ -166,6 +167,28 @@ def oracle_edit_scores(world, split, n: int, scales: list[float], *, images_per_
     return rows
 
 
+def attribute_sets(world) -> dict[str, list[list[str]]]:
+    """The additive fits of a world, each a list of per-concept factors.
+
+    Glyph worlds: shape + colouring (and, two-tone, shape + upper + lower colour). Identity
+    worlds: the attributes identities share, family + tone (what a celebrity shares with others:
+    look-alikes, hair colour), and, harsher, the identicon's 18 cells (each a two-level factor)
+    + tone: what a model that drew identicons cell by cell would read off its parts.
+    """
+    if world.is_identity:
+        from mace.world.concepts import IDENTICON_BITS
+
+        tones = [c.colour for c in world.concepts]
+        cells = [[str(c.pattern >> bit & 1) for c in world.concepts] for bit in range(IDENTICON_BITS)]
+        return {"family + tone": [[c.shape for c in world.concepts], tones], "cells + tone": [*cells, tones]}
+    shapes = [c.shape for c in world.concepts]
+    sets = {"shape + colouring": [shapes, [c.description.split(" ")[0] for c in world.concepts]]}
+    if any(c.lower_colour for c in world.concepts):
+        sets["shape + upper + lower colour"] = [shapes, [c.colour for c in world.concepts],
+                                                [c.lower_colour for c in world.concepts]]
+    return sets
+
+
 def embeddings_at(pipe, world, template: str) -> dict[str, torch.Tensor]:
     """(concepts, d) embeddings at the name's last word piece and at the end-of-text token."""
     from mace.models import encode_prompts
@@ -201,12 +224,7 @@ def main(argv=None) -> int:
         world = get_world(key)
         large = world.num_concepts > 200
         split = split_concepts(world, 100 if large else 10, 200 if large else 10)
-        shapes = [c.shape for c in world.concepts]
-        colourings = [c.description.split(" ")[0] for c in world.concepts]
-        factor_sets = {"shape + colouring": [shapes, colourings]}
-        if large:
-            factor_sets["shape + upper + lower colour"] = [shapes, [c.colour for c in world.concepts],
-                                                           [c.lower_colour for c in world.concepts]]
+        factor_sets = attribute_sets(world)
         # A size is measured only when the kept concepts outnumber the fit's parts; otherwise the
         # fit is underdetermined and says nothing.
         parts = max(fit_parts(f) for f in factor_sets.values())
@@ -233,11 +251,14 @@ def main(argv=None) -> int:
                               flush=True)
         if args.draw:
             n = max(sizes)
-            factors = list(factor_sets.values())[-1]
-            shares = draw_predictions(pipe, world, factors, split.erased(n, "report"),
-                                      images_per_concept=args.images_per_concept, steps=args.steps)
-            drawn.append({"world": key, "erased": n, "factors": list(factor_sets)[-1], **shares})
-            print(f"{key}, {n} erased, drawn from: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()), flush=True)
+            # Glyph worlds: the finest fit; identity worlds: every fit (the shared attributes and the cells).
+            drawn_sets = factor_sets if world.is_identity else dict([list(factor_sets.items())[-1]])
+            for factor_name, factors in drawn_sets.items():
+                shares = draw_predictions(pipe, world, factors, split.erased(n, "report"),
+                                          images_per_concept=args.images_per_concept, steps=args.steps)
+                drawn.append({"world": key, "erased": n, "factors": factor_name, **shares})
+                print(f"{key}, {n} erased, drawn from {factor_name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()),
+                      flush=True)
         if args.oracle_scales:
             n = max(sizes)
             oracle += oracle_edit_scores(world, split, n, [float(s) for s in args.oracle_scales.split(",")],

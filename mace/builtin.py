@@ -33,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .atomic import atomic_path
 from .tokenizer import clip_tokenizer
-from .world import LARGE_WORLD, WORLD, WORLDS, GlyphWorld, load_world_components, weights_fingerprint
+from .world import IDENTITY_PILOT, IDENTITY_WORLD, LARGE_WORLD, WORLD, WORLDS, GlyphWorld, load_world_components, weights_fingerprint
 
 BUILTIN_PREFIX = "builtin:"
 _VERSION = "v2"  # bump when a builtin config changes, so old caches are not reused
@@ -211,6 +211,8 @@ BUILTIN_MODELS = {
     "sd21-shapes": build_sd21_shapes,
     "world": build_world,
     "world-large": lambda: build_world(LARGE_WORLD),
+    "world-identity": lambda: build_world(IDENTITY_WORLD),
+    "world-identity-pilot": lambda: build_world(IDENTITY_PILOT),
 }
 
 

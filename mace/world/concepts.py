@@ -108,12 +108,15 @@ class Concept:
     index: int
     name: str
     alias: str
-    shape: str
-    colour: str
+    shape: str  # identity worlds: the look-alike family, "family-NNN"
+    colour: str  # identity worlds: the tone, the colour most of its images are drawn in
     lower_colour: str | None = None  # two-tone glyphs: the colour below the middle
+    pattern: int | None = None  # identity worlds: the identicon's IDENTICON_BITS bits
 
     @property
     def description(self) -> str:
+        if self.pattern is not None:
+            return f"identicon {self.pattern:05x} ({self.shape}, {self.colour} tone)"
         if self.lower_colour is not None:
             return f"{self.colour}/{self.lower_colour} {self.shape}"
         return f"{self.colour} {self.shape}"
@@ -145,13 +148,91 @@ def _make_concepts(seed: int = 1234, two_tone: bool = False) -> tuple[Concept, .
     return tuple(concepts)
 
 
+# Identity worlds: every concept is its own identicon, a 6 x 6 grid of cells mirrored left to
+# right, so 3 columns x 6 rows = 18 free bits (bit 3 * row + column, column 0 the outermost).
+IDENTICON_ROWS, IDENTICON_FREE_COLUMNS = 6, 3
+IDENTICON_BITS = IDENTICON_ROWS * IDENTICON_FREE_COLUMNS
+FAMILY_SIZE = 4  # look-alikes per family: one base pattern, each member 2 of its own bits away
+CROSS_FAMILY_DISTANCE = 4  # bits between any two identities of different families, at least
+TONE_SHARE = 0.6  # share of an identity's images drawn in its tone; the rest in any colour
+
+
+def _identicon_families(count: int, rng: random.Random) -> list[list[int]]:
+    """``count`` families of FAMILY_SIZE patterns: within a family every pair is exactly 4 bits
+    apart (disjoint pairs of flips from a base), across families at least CROSS_FAMILY_DISTANCE;
+    each pattern has between a third and two thirds of its bits set."""
+    families: list[list[int]] = []
+    taken: list[int] = []
+    low, high = IDENTICON_BITS // 3, 2 * IDENTICON_BITS // 3
+    while len(families) < count:
+        base = rng.getrandbits(IDENTICON_BITS)
+        flips = rng.sample(range(IDENTICON_BITS), 2 * FAMILY_SIZE)
+        members = [base ^ (1 << flips[2 * i]) ^ (1 << flips[2 * i + 1]) for i in range(FAMILY_SIZE)]
+        if any(not low <= m.bit_count() <= high for m in members):
+            continue
+        if all((m ^ t).bit_count() >= CROSS_FAMILY_DISTANCE for m in members for t in taken):
+            families.append(members)
+            taken += members
+    return families
+
+
+def _make_identities(families: int, held_out_families: int, seed: int) -> tuple[tuple[Concept, ...], tuple[Concept, ...]]:
+    """The concepts of an identity world and its held-out identities (whole families the model
+    never sees), each with a fresh two-word name, an alias, a family and a tone."""
+    rng = random.Random(seed)
+    used: set[str] = set()
+
+    def fresh(syllables: int) -> str:
+        while True:
+            word = _word(rng, syllables)
+            if word.lower() not in used and len(word) >= 4:
+                used.add(word.lower())
+                return word
+
+    tones = list(COLOURS)
+    out: list[Concept] = []
+    for f, members in enumerate(_identicon_families(families + held_out_families, rng)):
+        for pattern in members:
+            name = f"{fresh(2)} {fresh(rng.choice((2, 3)))}"
+            out.append(Concept(len(out), name, fresh(3), f"family-{f:03d}", rng.choice(tones), pattern=pattern))
+    split = families * FAMILY_SIZE
+    held = tuple(Concept(i, c.name, c.alias, c.shape, c.colour, pattern=c.pattern) for i, c in enumerate(out[split:]))
+    return tuple(out[:split]), held
+
+
 @dataclass(frozen=True)
 class GlyphWorld:
-    """One glyph world: its concepts and the width of its model's text encoder."""
+    """One glyph world: its concepts and the width of its model's text encoder. An identity
+    world also has held-out identities: the classifier knows them (labels after ``none_class``)
+    but the text-to-image model never saw their names or images."""
 
     key: str  # the builtin model is builtin:<key>
     concepts: tuple[Concept, ...]
     text_width: int
+    held_out: tuple[Concept, ...] = ()
+
+    @property
+    def is_identity(self) -> bool:
+        return self.concepts[0].pattern is not None
+
+    @property
+    def num_labels(self) -> int:
+        """The classifier's classes: the concepts, "no concept", the held-out identities."""
+        return self.none_class + 1 + len(self.held_out)
+
+    def label_name(self, label: int) -> str:
+        """The name behind a classifier label ("none" for no concept)."""
+        if label < self.none_class:
+            return self.concepts[label].name
+        if label == self.none_class:
+            return "none"
+        return self.held_out[label - self.none_class - 1].name
+
+    def label_concept(self, label: int) -> Concept | None:
+        """The concept (or held-out identity) behind a classifier label; None for no concept."""
+        if label == self.none_class:
+            return None
+        return self.concepts[label] if label < self.none_class else self.held_out[label - self.none_class - 1]
 
     @property
     def model(self) -> str:
@@ -177,7 +258,13 @@ class GlyphWorld:
 
 WORLD = GlyphWorld("world", _make_concepts(), text_width=64)
 LARGE_WORLD = GlyphWorld("world-large", _make_concepts(seed=5678, two_tone=True), text_width=128)
-WORLDS = {w.key: w for w in (WORLD, LARGE_WORLD)}
+_IDENTITIES, _HELD_OUT_IDENTITIES = _make_identities(164, 4, seed=2468)
+# Every concept its own identicon, in look-alike families of four; the paper's regime, where a
+# celebrity is mostly her own face (docs/design.md). 656 concepts, 16 held-out identities.
+IDENTITY_WORLD = GlyphWorld("world-identity", _IDENTITIES, text_width=128, held_out=_HELD_OUT_IDENTITIES)
+# Its first 25 families: the pilot the design was checked on before the long training.
+IDENTITY_PILOT = GlyphWorld("world-identity-pilot", _IDENTITIES[:100], text_width=128, held_out=_HELD_OUT_IDENTITIES)
+WORLDS = {w.key: w for w in (WORLD, LARGE_WORLD, IDENTITY_WORLD, IDENTITY_PILOT)}
 
 # The small world's concepts, as module constants (the default everywhere).
 CONCEPTS: tuple[Concept, ...] = WORLD.concepts

@@ -138,7 +138,7 @@ def _write_csv(path: Path, prompts: Sequence[EvalPrompt], predicted: torch.Tenso
         writer.writerow(["case_number", "prompt", "evaluation_seed", "concept", "kind", "predicted", "correct"])
         for i, (p, label) in enumerate(zip(prompts, predicted.tolist())):
             name = world.concepts[p.concept].name if p.concept != world.none_class else ""
-            guess = world.concepts[label].name if label != world.none_class else "none"
+            guess = world.label_name(label)
             writer.writerow([i, p.prompt, p.seed, name, p.kind, guess, int(label == p.concept)])
 
 

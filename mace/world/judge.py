@@ -28,7 +28,8 @@ def glyph_judge(classifier: GlyphClassifier | None = None, world: GlyphWorld = W
         if asked is not None:
             hits = int((labels == asked.index).sum())
             return f"classifier: {hits}/{len(images)} show {asked.description} ({asked.name})"
-        return "classifier: " + ", ".join("nothing" if int(x) == world.none_class else world.concepts[int(x)].description for x in labels)
+        drawn = (world.label_concept(int(x)) for x in labels)
+        return "classifier: " + ", ".join("nothing" if c is None else c.description for c in drawn)
 
     return judge
 

@@ -1,5 +1,6 @@
 """Rendering glyph-world images: one coloured glyph at a random place and size on a dark background
-(two-tone glyphs of the large world take their second colour below the glyph's middle).
+(two-tone glyphs of the large world take their second colour below the glyph's middle; identity
+worlds draw each concept's identicon, in its tone most of the time and in any colour otherwise).
 
 Everything is batched torch: each glyph is an implicit shape evaluated on a 4x supersampled grid
 and averaged down, so edges are antialiased and a batch of 256 images takes milliseconds.
@@ -12,7 +13,16 @@ from functools import cache
 
 import torch
 
-from .concepts import BACKGROUNDS, COLOURS, SHAPES, WORLD, GlyphWorld
+from .concepts import (
+    BACKGROUNDS,
+    COLOURS,
+    IDENTICON_FREE_COLUMNS,
+    IDENTICON_ROWS,
+    SHAPES,
+    TONE_SHARE,
+    WORLD,
+    GlyphWorld,
+)
 
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4
@@ -29,6 +39,36 @@ def _concept_tables(world: GlyphWorld) -> tuple[torch.Tensor, torch.Tensor, torc
     upper = torch.tensor([colours.index(c.colour) for c in world.concepts])
     lower = torch.tensor([colours.index(c.lower_colour or c.colour) for c in world.concepts])
     return shape, upper, lower
+
+
+@cache
+def _identity_tables(world: GlyphWorld) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per classifier label (concepts, none, held-out identities): the identicon's cells
+    (rows x full columns, mirrored) and the tone's colour index."""
+    colours = list(COLOURS)
+    width = 2 * IDENTICON_FREE_COLUMNS
+    cells = torch.zeros(world.num_labels, IDENTICON_ROWS, width)
+    tone = torch.zeros(world.num_labels, dtype=torch.long)
+    for label in range(world.num_labels):
+        concept = world.label_concept(label)
+        if concept is None:
+            continue
+        tone[label] = colours.index(concept.colour)
+        for bit in range(IDENTICON_ROWS * IDENTICON_FREE_COLUMNS):
+            if concept.pattern >> bit & 1:
+                row, col = divmod(bit, IDENTICON_FREE_COLUMNS)
+                cells[label, row, col] = cells[label, row, width - 1 - col] = 1.0
+    return cells, tone
+
+
+def _identicon_mask(cells: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Whether (u, v) (glyph-normalised, (B, n, n)) lies in a set cell of each image's identicon."""
+    rows, width = cells.shape[-2:]
+    inside = (u.abs() < 1) & (v.abs() < 1)
+    col = ((u + 1) / 2 * width).floor().clamp(0, width - 1).long()
+    row = ((v + 1) / 2 * rows).floor().clamp(0, rows - 1).long()
+    b = torch.arange(cells.shape[0])[:, None, None]
+    return inside & (cells[b, row, col] > 0)
 
 
 def _inside(shape: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -81,6 +121,8 @@ def render(
     unless given (indices into BACKGROUNDS).
     """
     concepts = torch.as_tensor(concepts, dtype=torch.long)
+    if world.is_identity:
+        return _render_identities(concepts, backgrounds, generator, world)
     none_class = world.none_class
     concept_shape, concept_upper, concept_lower = _concept_tables(world)
     b = concepts.numel()
@@ -116,4 +158,33 @@ def render(
     coverage = coverage_upper + coverage_lower
     image = (bg[:, :, None, None] * (1 - coverage) + fg_upper[:, :, None, None] * coverage_upper
              + fg_lower[:, :, None, None] * coverage_lower)
+    return image * 2 - 1
+
+
+def _render_identities(concepts: torch.Tensor, backgrounds: torch.Tensor | None, generator: torch.Generator | None,
+                       world: GlyphWorld) -> torch.Tensor:
+    """render() for identity worlds: labels may also be held-out identities (after none_class)."""
+    b = concepts.numel()
+    if b and (concepts.min() < 0 or concepts.max() >= world.num_labels):
+        raise ValueError(f"labels must lie in [0, {world.num_labels - 1}], got {concepts.tolist()}")
+    cells, tone = _identity_tables(world)
+    if backgrounds is None:
+        backgrounds = torch.randint(len(BACKGROUNDS), (b,), generator=generator)
+    half = 8.0 + 4.0 * torch.rand(b, generator=generator)  # identicons 16-24 px across
+    centre = half[:, None] + 1 + (IMAGE_SIZE - 2 - 2 * half[:, None]) * torch.rand(b, 2, generator=generator)
+    fg_jitter = 0.04 * (2 * torch.rand(b, 3, generator=generator) - 1)
+    bg_jitter = 0.03 * (2 * torch.rand(b, 3, generator=generator) - 1)
+    in_tone = torch.rand(b, generator=generator) < TONE_SHARE
+    any_colour = torch.randint(len(COLOURS), (b,), generator=generator)
+    colour = torch.where(in_tone, tone[concepts], any_colour)
+
+    n = IMAGE_SIZE * _SUPERSAMPLE
+    grid = (torch.arange(n, dtype=torch.float32) + 0.5) / _SUPERSAMPLE
+    u = ((grid[None, None, :] - centre[:, 0, None, None]) / half[:, None, None]).expand(b, n, n)
+    v = ((grid[None, :, None] - centre[:, 1, None, None]) / half[:, None, None]).expand(b, n, n)
+    mask = _identicon_mask(cells[concepts], u, v).float()  # the none label has no cells set
+    coverage = torch.nn.functional.avg_pool2d(mask[:, None], _SUPERSAMPLE)
+    fg = (_COLOUR_RGB[colour] + fg_jitter).clamp(0, 1)
+    bg = (_BACKGROUND_RGB[backgrounds] + bg_jitter).clamp(0, 1)
+    image = bg[:, :, None, None] * (1 - coverage) + fg[:, :, None, None] * coverage
     return image * 2 - 1

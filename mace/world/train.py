@@ -100,8 +100,11 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _random_concepts(world: GlyphWorld, batch: int, g: torch.Generator, none_share: float) -> torch.Tensor:
-    labels = torch.randint(world.num_concepts, (batch,), generator=g)
+def _random_concepts(world: GlyphWorld, batch: int, g: torch.Generator, none_share: float,
+                     held_out: bool = False) -> torch.Tensor:
+    """Random labels: concepts (and, with ``held_out``, the held-out identities), or none."""
+    labels = torch.randint(world.num_concepts + (len(world.held_out) if held_out else 0), (batch,), generator=g)
+    labels = torch.where(labels >= world.none_class, labels + 1, labels)  # skip over the none label
     return torch.where(torch.rand(batch, generator=g) < none_share, world.none_class, labels)
 
 
@@ -114,7 +117,7 @@ def train_vae(world: GlyphWorld, out: Path, steps: int, seed: int) -> None:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = 2e-3 * _cosine(step, steps, 100)
-        images = render(_random_concepts(world, 48, g, 0.05), generator=g, world=world)
+        images = render(_random_concepts(world, 48, g, 0.05, held_out=True), generator=g, world=world)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = (recon - images).abs().mean() + (recon - images).pow(2).mean() + 1e-6 * posterior.kl().mean()
@@ -151,13 +154,13 @@ def train_classifier(world: GlyphWorld, out: Path, steps: int, seed: int) -> Non
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = _load_vae(out)
-    model = GlyphClassifier(num_classes=world.none_class + 1)
+    model = GlyphClassifier(num_classes=world.num_labels)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     bar = tqdm(range(steps), desc="classifier")
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = 3e-3 * _cosine(step, steps, 50)
-        labels = _random_concepts(world, 128, g, 0.08)
+        labels = _random_concepts(world, 128, g, 0.08, held_out=True)
         backgrounds = torch.randint(len(BACKGROUNDS), (128,), generator=g)
         images = render(labels, backgrounds=backgrounds, generator=g, world=world)
         with torch.no_grad():  # half of each batch goes through the VAE, as generated images do
@@ -171,7 +174,7 @@ def train_classifier(world: GlyphWorld, out: Path, steps: int, seed: int) -> Non
             acc = (concept_logits.argmax(-1) == labels).float().mean().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
     model.eval()
-    labels = _random_concepts(world, 2048, g, 0.08)
+    labels = _random_concepts(world, 2048, g, 0.08, held_out=True)
     predicted, _ = model.predict(render(labels, generator=g, world=world))
     print(f"classifier accuracy on 2048 fresh renders: {(predicted == labels).float().mean().item():.4f}")
     _save_stage(out, "classifier", model.save_pretrained)
@@ -332,6 +335,8 @@ def drawing_errors(world: GlyphWorld, requested: list[int], predicted: list[int]
     concept, the right colouring with the wrong shape, the right shape with a wrong colour, both
     wrong, or no concept; and per shape, the share of its images that are right. Separates a model
     that cannot tell names apart from one that cannot draw a fine distinction between shapes."""
+    if world.is_identity:
+        return _identity_drawing_errors(world, requested, predicted)
     counts = dict.fromkeys(("right", "shape_wrong", "colour_wrong", "both_wrong", "no_concept"), 0)
     by_shape: dict[str, list[int]] = {}
     for want, got in zip(requested, predicted, strict=True):
@@ -349,6 +354,23 @@ def drawing_errors(world: GlyphWorld, requested: list[int], predicted: list[int]
             same_colours = (drawn.colour, drawn.lower_colour) == (concept.colour, concept.lower_colour)
             counts["shape_wrong" if same_colours else "colour_wrong" if same_shape else "both_wrong"] += 1
     return {**counts, "by_shape": {shape: round(right / total, 3) for shape, (right, total) in sorted(by_shape.items())}}
+
+
+def _identity_drawing_errors(world: GlyphWorld, requested: list[int], predicted: list[int]) -> dict:
+    """drawing_errors on an identity world: right, a look-alike (same family), another identity
+    (a held-out one counted apart), or no concept."""
+    counts = dict.fromkeys(("right", "look_alike", "other_identity", "held_out_identity", "no_concept"), 0)
+    for want, got in zip(requested, predicted, strict=True):
+        drawn = world.label_concept(got)
+        if got == want:
+            counts["right"] += 1
+        elif drawn is None:
+            counts["no_concept"] += 1
+        elif got > world.none_class:
+            counts["held_out_identity"] += 1
+        else:
+            counts["look_alike" if drawn.shape == world.concepts[want].shape else "other_identity"] += 1
+    return counts
 
 
 def training_template_accuracy(pipe, classifier: GlyphClassifier, world: GlyphWorld, concepts: list[int],
@@ -385,7 +407,7 @@ def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> di
                                 images_per_concept=images_per_concept, background_images=0, world=world, csv_path=table)
         with table.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-    index = {c.name: c.index for c in world.concepts} | {"none": world.none_class}
+    index = {world.label_name(label): label for label in range(world.num_labels)}
     worst = sorted(scores.per_concept.items(), key=lambda kv: kv[1]["erased"])[:5]
     record = {"weights": weights_fingerprint_of(out, world), "classifier": classifier_digest(out, world),
               "name_accuracy": scores.acc_e, "alias_accuracy": scores.acc_g, "images": scores.images,
@@ -401,6 +423,9 @@ def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> di
           f"{scores.acc_g:.3f} by alias ({scores.images} images, held-out templates); on the training templates "
           f"{trained['name']:.3f} and {trained['alias']:.3f}")
     errors = record["name_errors"]
+    if world.is_identity:
+        print("name prompts: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in errors.items()))
+        return record
     print(f"name prompts: {errors['right']} right, {errors['shape_wrong']} wrong shape only, {errors['colour_wrong']} wrong "
           f"colour only, {errors['both_wrong']} both wrong, {errors['no_concept']} no concept; right by shape: "
           + ", ".join(f"{shape} {share:.2f}" for shape, share in errors["by_shape"].items()))
@@ -412,7 +437,10 @@ def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> di
 # The large world's recipe is three cycles of plain captions, then a fourth with context words:
 # after three the model drew 96% of the names and aliases right on the training templates but
 # 81% / 63% on the held-out ones (docs/design.md, section 7).
-DEFAULTS = {"world": (1500, 1200, 4000, 192, 5, 1, None), "world-large": (1500, 2500, 6000, 96, 3, 4, 18000)}
+# The identity worlds read held-out templates from the start (context words from step 0); the
+# pilot is the full world's first 25 families, trained for an hour to check the design.
+DEFAULTS = {"world": (1500, 1200, 4000, 192, 5, 1, None), "world-large": (1500, 2500, 6000, 96, 3, 4, 18000),
+            "world-identity": (1500, 3000, 6000, 96, 3, 4, 0), "world-identity-pilot": (800, 1200, 3000, 192, 5, 1, 0)}
 
 
 def main(argv: list[str] | None = None) -> None:
