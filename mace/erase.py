@@ -29,12 +29,12 @@ from .atomic import save_pipeline_atomically
 from .cache import PreservationSettings, read_prompt_file
 from .config import ConfigError, MACEConfig
 from .fingerprint import digest
-from .fusion import FusionSettings, fuse
+from .fusion import FusionSettings
 from .grounded_sam import GroundedSamMasker
 from .lora_training import LoraTrainingSettings, expected_fingerprints, lora_dir, stored_fingerprint, train_concept_loras
 from .prepare import GenerationSettings, concept_data_files, generate_concept_data
 from .prompts import PromptPair, concept_prompt_pairs, templates_for
-from .refinement import RefinementSettings, refine
+from .refinement import RefinementSettings
 from .report import REPORT_STEPS, erased_prompts, sample, strips, write_report
 from .run_state import RunModels, RunState
 from .world import judge_for
@@ -64,6 +64,37 @@ class ErasureSummary:
         wrote = "; ".join(self.wrote) if self.wrote else "nothing new"
         return (f"erased {len(self.concepts)} concept(s) [{'; '.join(self.concepts)}] in {sum(self.seconds.values()):.1f} s "
                 f"({times}){skipped}; wrote: {wrote}")
+
+
+@dataclass
+class RunSettings:
+    """Every stage's settings, read from the config once per run and passed whole to the
+    stages; the preservation statistic P is read from its caches at most once."""
+
+    generation: GenerationSettings
+    refine: RefinementSettings
+    train: LoraTrainingSettings
+    fuse: FusionSettings
+    preserve: PreservationSettings
+    _matrix: list = field(default_factory=list, repr=False)  # [P] once read
+
+    @classmethod
+    def from_config(cls, config: MACEConfig, image_size: int) -> RunSettings:
+        preserve = PreservationSettings.from_config(config)
+        return cls(GenerationSettings.from_config(config, image_size), RefinementSettings.from_config(config, preserve),
+                   LoraTrainingSettings.from_config(config, image_size), FusionSettings.from_config(config, preserve),
+                   preserve)
+
+    def preserve_matrix(self, pipe) -> torch.Tensor | None:
+        """P of the caches (checked against ``pipe``'s text encoder, which every version of the
+        run's model shares), read on first use."""
+        if not self._matrix:
+            self._matrix.append(self.preserve.matrix(pipe))
+        return self._matrix[0]
+
+    def lora_preserve(self, pipe) -> torch.Tensor | None:
+        """The statistic the LoRA loss's preservation term uses (lora_preserve_scale), else None."""
+        return self.preserve_matrix(pipe) if self.train.preserve_scale > 0 else None
 
 
 def concept_pairs(config: MACEConfig) -> dict[str, list[PromptPair]]:
@@ -154,6 +185,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
     models.saved_in("refined", refined_path)
     models.saved_in("final", final_path)
     pairs = concept_pairs(config)
+    settings = RunSettings.from_config(config, resolution(models.pipe, config))
     torch.manual_seed(config.seed)
     if config.allow_tf32:  # as the original script: TF32 matmuls on Ampere+ GPUs
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -165,9 +197,8 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
     elif "prepare" in stages:
         with _timed(summary, "prepare"):
             pipe = models.use("original")
-            settings = GenerationSettings.from_config(config, resolution(pipe, config))
             with _precision(config, pipe):  # each rank its share of the concepts
-                made = sum(generate_concept_data(pipe, name, mapping, kind, input_dir, settings,
+                made = sum(generate_concept_data(pipe, name, mapping, kind, input_dir, settings.generation,
                                                  prompts=[p.old for p in pairs[name]], progress=progress,
                                                  masker=masker, with_masks=config.use_gsam_mask)
                            for (name, kind), mapping in distributed.shard(zip(config.concepts, config.mapping_concept)))
@@ -177,9 +208,8 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
             else:
                 summary.skipped.append("prepare")
 
-    refine_settings = RefinementSettings.from_config(config)
     refine_fp = digest({"model": str(config.pretrained_model_name_or_path), "pairs": [(p.old, p.new) for n in pairs for p in pairs[n]],
-                        "settings": refine_settings, "caches": refine_settings.preserve.identity()})
+                        "settings": settings.refine, "caches": settings.preserve.identity()})
     if "refine" in stages:
         with _timed(summary, "refine"):
             if state.is_done("refine", refine_fp, refined_path):
@@ -187,10 +217,8 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
             else:
                 pipe = models.use("original")
                 with _closed_form_errors("refine"):
-                    refine(pipe, [p for name in pairs for p in pairs[name]], lam=refine_settings.lam,
-                           preserve=refine_settings.preserve.matrix(pipe), preserve_scale=refine_settings.preserve_scale,
-                           all_words=refine_settings.all_words, method=refine_settings.method, jitter=refine_settings.jitter,
-                           distributed=True, preserve_per_token=refine_settings.preserve_per_token)
+                    settings.refine.apply(pipe, [p for name in pairs for p in pairs[name]],
+                                          preserve=settings.preserve_matrix(pipe), distributed=True)
                 _save(models, "refined", refined_path, state, "refine", refine_fp)
                 summary.wrote.append(f"refined model {refined_path}")
 
@@ -205,11 +233,10 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
         with _timed(summary, "train"):
             pipe = models.use("refined")
             _require_data(input_dir, config)
-            settings = LoraTrainingSettings.from_config(config, resolution(pipe, config))
             # Each rank trains its share of the concepts; one LoRA shared by all concepts is rank 0's.
-            mine = distributed.shard(concepts) if settings.separate else (concepts if distributed.is_main() else [])
-            result = train_concept_loras(pipe, mine, settings, input_data_dir=input_dir, output_dir=output_dir,
-                                         progress=progress, preserve=_lora_preserve(config, pipe))
+            mine = distributed.shard(concepts) if settings.train.separate else (concepts if distributed.is_main() else [])
+            result = train_concept_loras(pipe, mine, settings.train, input_data_dir=input_dir, output_dir=output_dir,
+                                         progress=progress, preserve=settings.lora_preserve(pipe))
             summary.trained = distributed.merge_dicts(result.trained)  # every rank's, once all LoRAs are saved
             lora_fps = distributed.merge_dicts(result.fingerprints)
             if summary.trained:
@@ -219,23 +246,20 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
             else:
                 summary.skipped.append("train")
 
-    fuse_settings = FusionSettings.from_config(config)
     if "fuse" in stages:
         with _timed(summary, "fuse"):
             if lora_fps is None:  # train did not run now: check the saved LoRAs are current
-                lora_fps = _current_loras(models, config, concepts, input_dir, output_dir)
-            fuse_fp = digest({"refine": refine_fp, "settings": fuse_settings, "caches": fuse_settings.preserve.identity(),
+                lora_fps = _current_loras(models, settings, concepts, input_dir, output_dir)
+            fuse_fp = digest({"refine": refine_fp, "settings": settings.fuse, "caches": settings.preserve.identity(),
                               "loras": lora_fps})
             if state.is_done("fuse", fuse_fp, final_path):
                 summary.skipped.append("fuse")
             else:
                 pipe = models.use("refined")
                 with _closed_form_errors("fuse"):
-                    fuse(pipe, {n: lora_dir(output_dir, n) for n, _ in config.concepts},
-                         {n: [p.old for p in pairs[n]] for n in pairs}, lam=fuse_settings.lam,
-                         preserve=fuse_settings.preserve.matrix(pipe), preserve_scale=fuse_settings.preserve_scale,
-                         original=models.weights("original"), method=fuse_settings.method, jitter=fuse_settings.jitter,
-                         tokens=fuse_settings.tokens, distributed=True, preserve_per_token=fuse_settings.preserve_per_token)
+                    settings.fuse.apply(pipe, {n: lora_dir(output_dir, n) for n, _ in config.concepts},
+                                        {n: [p.old for p in pairs[n]] for n in pairs}, preserve=settings.preserve_matrix(pipe),
+                                        original=models.weights("original"), distributed=True)
                 _save(models, "final", final_path, state, "fuse", fuse_fp)
                 summary.wrote.append(f"final model {final_path}")
 
@@ -279,18 +303,10 @@ def _require_data(input_dir: Path, config: MACEConfig) -> None:
             raise StageError(f"{err}; run the prepare stage") from None
 
 
-def _lora_preserve(config: MACEConfig, pipe) -> torch.Tensor | None:
-    """The preservation statistic the LoRA loss uses (lora_preserve_scale), else None."""
-    if config.lora_preserve_scale <= 0:
-        return None
-    return PreservationSettings.from_config(config).matrix(pipe)
-
-
-def _current_loras(models: RunModels, config: MACEConfig, concepts, input_dir: Path, output_dir: Path) -> dict[str, str]:
+def _current_loras(models: RunModels, settings: RunSettings, concepts, input_dir: Path, output_dir: Path) -> dict[str, str]:
     """Each concept's LoRA fingerprint, checked against what training would produce now."""
     pipe = models.use("refined")
-    settings = LoraTrainingSettings.from_config(config, resolution(pipe, config))
-    expected = expected_fingerprints(pipe, concepts, settings, input_dir, _lora_preserve(config, pipe))
+    expected = expected_fingerprints(pipe, concepts, settings.train, input_dir, settings.lora_preserve(pipe))
     out = {}
     for name, _, _ in concepts:
         stored = stored_fingerprint(output_dir, name)

@@ -32,14 +32,22 @@ class FusionSettings:
     preserve_per_token: bool = False  # preserve_scale_mode: per_token (the scale counts per fused token)
 
     @classmethod
-    def from_config(cls, config: MACEConfig) -> FusionSettings:
+    def from_config(cls, config: MACEConfig, preserve: PreservationSettings | None = None) -> FusionSettings:
         """The original code's effective weight: fuse_preserve_scale once (train_preserve_scale
         with more than max_memory concepts, as its other branch does). Under
         ``preserve_scale_mode: per_token``, fuse_preserve_scale per fused token, against per-token
         mean caches (MACEConfig's comment)."""
-        return cls(lam=config.lamb, preserve=PreservationSettings.from_config(config),
+        return cls(lam=config.lamb, preserve=preserve or PreservationSettings.from_config(config),
                    preserve_scale=config.effective_fuse_preserve_scale, method=config.method, jitter=config.solve_jitter,
                    tokens=config.fusion_tokens, preserve_per_token=config.preserve_per_token)
+
+    def apply(self, pipe, loras: Mapping[str, LoraSource], prompts: Mapping[str, Sequence[str]], *,
+              preserve: torch.Tensor | None, original=None, distributed: bool = False) -> SolveReport:
+        """:func:`fuse` with these settings; ``preserve`` is their caches' statistic
+        (``self.preserve.matrix(pipe)``, read once per run by the caller)."""
+        return fuse(pipe, loras, prompts, lam=self.lam, preserve=preserve, preserve_scale=self.preserve_scale,
+                    original=original, method=self.method, jitter=self.jitter, tokens=self.tokens,
+                    distributed=distributed, preserve_per_token=self.preserve_per_token)
 
 
 def stack_loras(loras: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], projections) -> LoraStack:

@@ -34,7 +34,7 @@ from torch import nn
 import mace_kernels as mk
 
 from .attention import ProcessorSwap, cross_attention_forward
-from .models import cross_attention_projections
+from .models import cross_attention_projections, projection_weights
 
 
 def importance_weights(num_timesteps: int = 1000, temperature: float = 0.05) -> torch.Tensor:
@@ -233,6 +233,30 @@ def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, targ
     return torch.stack([chunk.mean() for chunk in torch.split(per_row, sizes)]).sum()
 
 
+@dataclass
+class LoraPreservation:
+    """lora_preserve_scale's term of the LoRA loss: ``scale`` times the sum over concepts of
+    :meth:`MultiConceptLoRA.preservation_penalty` (each concept's term depends on its own LoRA
+    only, so a batched step stays k single-concept steps)."""
+
+    lora: MultiConceptLoRA
+    statistic: torch.Tensor  # P (d, d) of the preserved tokens
+    base_norms: list[torch.Tensor]  # tr(W P W^T) per layer
+    scale: float
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, lora: MultiConceptLoRA, statistic: torch.Tensor, scale: float) -> LoraPreservation:
+        device = lora.A[0].device
+        statistic = statistic.to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            norms = [torch.einsum("od,de,oe->", w.float().to(device), statistic, w.float().to(device)).clamp_min(1e-30)
+                     for w in projection_weights(unet)]
+        return cls(lora, statistic, norms, scale)
+
+    def loss(self) -> torch.Tensor:
+        return self.scale * self.lora.preservation_penalty(self.statistic, self.base_norms).sum()
+
+
 def train_step(
     unet: nn.Module,
     hooks: LoraTrainingHooks,
@@ -248,13 +272,16 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    preservation: LoraPreservation | None = None,
 ) -> torch.Tensor:
-    """One forward/backward pass over a batch of k concepts' samples; returns the loss.
+    """One forward/backward pass over a batch of k concepts' samples; returns the loss, the
+    whole of what is optimised.
 
     Without ``targets.prior_sizes`` the loss is the attention loss. With it, the batch holds
     each concept's preservation samples after its own (see AttentionTargets) and the loss is
     attention loss + prior_loss_weight * sum over concepts of the MSE of the noise prediction
-    on that concept's preservation samples. Gradients of ``loss_scale * loss`` accumulate
+    on that concept's preservation samples. With ``preservation`` (lora_preserve_scale) its
+    term is added too. Gradients of ``loss_scale * loss`` accumulate
     (gradient accumulation passes 1 / steps); ``autocast_dtype`` runs the UNet in float16 or
     bfloat16 (mixed precision) while the LoRA parameters and the loss stay float32.
     ``scheduler``: the pipeline's (any sampler); the latents are noised by the model's forward
@@ -275,6 +302,8 @@ def train_step(
     if targets.prior_sizes is not None and sum(targets.prior_sizes) > 0:
         target = prediction_target(scheduler, latents, noise, timesteps)
         loss = loss + prior_loss_weight * prior_preservation_loss(prediction, target, targets)
+    if preservation is not None:  # with gradient accumulation, once per micro-step at loss_scale: once a step
+        loss = loss + preservation.loss()
     scaled = loss * loss_scale
     (grad_scaler.scale(scaled) if grad_scaler is not None else scaled).backward()
     return loss.detach()

@@ -33,6 +33,7 @@ from .fingerprint import digest, files_digest, seed_for, tensors_digest
 from .images import image_files, image_tensor, read_image
 from .lora import (
     AttentionTargets,
+    LoraPreservation,
     LoraTrainingHooks,
     MultiConceptLoRA,
     clip_grad_norm_per_concept,
@@ -387,12 +388,9 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
     # training does (the original runs through accelerate, which adds it for fp16). bf16 has
     # float32's range and needs none; disabled, the scaler passes everything through.
     scaler = torch.amp.GradScaler(lora.A[0].device.type, enabled=settings.autocast_dtype == torch.float16)
+    preservation = None
     if settings.preserve_scale > 0:
-        device = lora.A[0].device
-        preserve = _require_preserve(preserve).to(device=device, dtype=torch.float32)
-        with torch.no_grad():
-            base_norms = [torch.einsum("od,de,oe->", w.float().to(device), preserve, w.float().to(device)).clamp_min(1e-30)
-                          for w in projection_weights(unet)]
+        preservation = LoraPreservation.for_unet(unet, lora, _require_preserve(preserve), settings.preserve_scale)
     noise_process = forward_process(pipe.scheduler)  # built once: train_step would build it every step
     with LoraTrainingHooks(unet, lora) as hooks:
         for step in range(1, settings.max_train_steps + 1):
@@ -406,11 +404,10 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
                 loss = train_step(unet, hooks, noise_process, batch["latents"], batch["embeddings"], targets,
                                   batch["noise"], batch["timesteps"], prior_loss_weight=settings.prior_loss_weight,
                                   loss_scale=1.0 / accumulate, autocast_dtype=settings.autocast_dtype,
-                                  added_cond_kwargs=batch["added_cond_kwargs"], grad_scaler=scaler)
+                                  added_cond_kwargs=batch["added_cond_kwargs"], grad_scaler=scaler,
+                                  preservation=preservation)
                 if log is not None:  # reading the loss waits for the device: only when it is logged
                     step_loss += float(loss) / accumulate
-            if settings.preserve_scale > 0:  # per concept: each LoRA's gradient stays its own
-                scaler.scale(settings.preserve_scale * lora.preservation_penalty(preserve, base_norms).sum()).backward()
             scaler.unscale_(optimizer)  # clipping sees the true gradients
             clip_grad_norm_per_concept(lora, settings.max_grad_norm)
             scale = scaler.get_scale()

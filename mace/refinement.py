@@ -30,15 +30,23 @@ class RefinementSettings:
     preserve_per_token: bool = False  # preserve_scale_mode: per_token (the scale counts per erased token pair)
 
     @classmethod
-    def from_config(cls, config: MACEConfig) -> RefinementSettings:
+    def from_config(cls, config: MACEConfig, preserve: PreservationSettings | None = None) -> RefinementSettings:
         """The original code's effective weights: it multiplies the caches by train_preserve_scale
         and passes that scale to the solve again, so P enters with train_preserve_scale ** 2 (with
         more than max_memory concepts it folds the concepts into the caches and the weight is
         train_preserve_scale once). Under ``preserve_scale_mode: per_token``, train_preserve_scale
         once, per erased token pair, against per-token mean caches (MACEConfig's comment)."""
-        return cls(lam=config.lamb, preserve=PreservationSettings.from_config(config),
+        return cls(lam=config.lamb, preserve=preserve or PreservationSettings.from_config(config),
                    preserve_scale=config.effective_refine_preserve_scale, all_words=config.all_words, method=config.method,
                    jitter=config.solve_jitter, preserve_per_token=config.preserve_per_token)
+
+    def apply(self, pipe, pairs: Sequence[tuple[str, str] | PromptPair], *, preserve: torch.Tensor | None,
+              distributed: bool = False) -> SolveReport:
+        """:func:`refine` with these settings; ``preserve`` is their caches' statistic
+        (``self.preserve.matrix(pipe)``, read once per run by the caller)."""
+        return refine(pipe, pairs, lam=self.lam, preserve=preserve, preserve_scale=self.preserve_scale,
+                      all_words=self.all_words, method=self.method, jitter=self.jitter, distributed=distributed,
+                      preserve_per_token=self.preserve_per_token)
 
 
 def aligned_pair_batches(

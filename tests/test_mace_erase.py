@@ -180,3 +180,39 @@ def test_report_images_load_in_headless_chromium(tmp_path):
     match = re.search(r'data-images-loaded="(\d+)/(\d+)"', out.stdout)
     assert match, out.stderr[-2000:]
     assert match.group(1) == match.group(2) == "6"
+
+
+def test_each_settings_object_is_built_once_per_run(tmp_path, monkeypatch):
+    """The config is read into settings once per `mace erase` run and passed whole: every
+    stage's settings are built once and the preservation caches read once, in a first run and in
+    a second one (all stages done, the LoRAs checked against their fingerprints)."""
+    from mace import cache, fusion, lora_training, prepare, refinement
+    from mace import erase as erase_module
+
+    calls: dict[str, int] = {}
+
+    def count(owner, name: str, is_classmethod: bool) -> None:
+        original = getattr(owner, name).__func__ if is_classmethod else getattr(owner, name)
+        key = f"{owner.__name__}.{name}"
+
+        def wrapper(first, *args, **kwargs):
+            calls[key] = calls.get(key, 0) + 1
+            return original(first, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
+
+    for owner in (prepare.GenerationSettings, refinement.RefinementSettings, lora_training.LoraTrainingSettings,
+                  fusion.FusionSettings, cache.PreservationSettings):
+        count(owner, "from_config", True)
+    count(cache.PreservationSettings, "matrix", False)
+    cache_path = tmp_path / "prior.safetensors"
+    mace.build_preservation_cache(mace.load_pipeline("builtin:tiny"), GENERIC, cache_path, progress=False)
+    config = load_config(_config(tmp_path, max_train_steps=2, aug_length=2, prior_preservation_cache_path=str(cache_path),
+                                 train_preserve_scale=0.1, fuse_preserve_scale=0.1, lora_preserve_scale=1.0))
+    for run in range(2):
+        calls.clear()
+        summary = erase_module.erase(config, stages=("prepare", "refine", "train", "fuse"), progress=False)
+        assert calls == {"GenerationSettings.from_config": 1, "RefinementSettings.from_config": 1,
+                         "LoraTrainingSettings.from_config": 1, "FusionSettings.from_config": 1,
+                         "PreservationSettings.from_config": 1, "PreservationSettings.matrix": 1}, (run, calls)
+        assert (run == 1) == ({"refine", "train", "fuse"} <= set(summary.skipped))

@@ -483,3 +483,40 @@ def test_a_training_step_reads_back_only_host_values(tiny_pipe, tmp_path, monkey
     assert quiet["_canonical_inputs"] == 2 * 14 * 2  # two checks of seg_lens per LoRA layer (14) and step
     shown = _scalar_reads(tiny_pipe, concepts, size, data, tmp_path / "b", 2, True, monkeypatch)
     assert {k: shown[k] - quiet[k] for k in shown if shown[k] != quiet[k]} == {"_train_group": 2}
+
+
+def test_the_preservation_term_is_part_of_the_one_loss_train_step_optimises(tiny_pipe):
+    """lora_preserve_scale's term lives in train_step's loss: the loss returned (and logged) is
+    attention loss + scale * penalty, and its gradient is the sum of both terms' gradients,
+    at any loss_scale (gradient accumulation adds it once per optimiser step)."""
+    from mace.lora import LoraPreservation
+
+    unet, sched = tiny_pipe.unet, tiny_pipe.scheduler
+    concepts = [("Emma Stone", "a person", "celebrity"), ("ship", "ground", "object")]
+    emb, latents, noise, t, tokens, masks = _batch(tiny_pipe, concepts, 1)
+    kept = torch.randn(30, emb.shape[-1], generator=torch.Generator().manual_seed(4))
+    lora = MultiConceptLoRA(unet, 2, rank=2)
+    _randomise(lora, 5)
+    preservation = LoraPreservation.for_unet(unet, lora, kept.T @ kept, scale=3.0)
+
+    def grads_and_loss(with_term: bool, loss_scale: float = 1.0):
+        lora.zero_grad(set_to_none=True)
+        with LoraTrainingHooks(unet, lora) as hooks:
+            loss = train_step(unet, hooks, sched, latents, emb, AttentionTargets(tokens, masks, [1, 1]), noise, t,
+                              loss_scale=loss_scale, preservation=preservation if with_term else None)
+        return [None if p.grad is None else p.grad.clone() for p in list(lora.A) + list(lora.B)], loss
+
+    plain_grads, plain = grads_and_loss(False)
+    both_grads, both = grads_and_loss(True)
+    term = preservation.loss()
+    assert float(term) > 0
+    torch.testing.assert_close(both, plain + term.detach())
+    lora.zero_grad(set_to_none=True)
+    term.backward()
+    for g_both, g_plain, p in zip(both_grads, plain_grads, list(lora.A) + list(lora.B), strict=True):
+        expected = p.grad if g_plain is None else g_plain + p.grad
+        torch.testing.assert_close(g_both, expected, rtol=1e-5, atol=1e-8)
+    # Two micro-steps at loss_scale 1/2 give the single step's gradient.
+    half_grads, _ = grads_and_loss(True, 0.5)
+    for g_half, g_both in zip(half_grads, both_grads, strict=True):
+        torch.testing.assert_close(2 * g_half, g_both, rtol=1e-5, atol=1e-8)
