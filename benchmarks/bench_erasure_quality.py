@@ -62,12 +62,20 @@ PRESERVE_TEMPLATES = 5  # MACE's preservation prompts per kept concept (its firs
 # Raised when a change to this script or to the methods changes what a trial or row measures; a
 # resume then refuses older results. (The package's commit is not part of the settings, so that a
 # run of several hours may go on across commits that do not change the numbers.)
-PROTOCOL = 1
+PROTOCOL = 2  # 2: every method runs through mace.methods; SPEED draws its augmentation from the config's seed
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "world_erase.yaml"
-# The centre of each method's search: the preservation scale (SPEED: the null-space threshold;
-# 0.1 for UCE, SPEED and RECE is their papers' default).
-DEFAULT_SCALE = {"refine": 3.0, "mace": 3.0, "uce": 0.1, "speed": 0.1, "rece": 0.1}
+
+
+def _default_scales() -> dict[str, float]:
+    from mace.methods import METHODS as REGISTRY
+
+    return {name: m.default_scale for name, m in REGISTRY.items()}
+
+
+# The centre of each method's search: its knob's default in the registry of methods (the
+# preservation scale; SPEED: the null-space threshold; 0.1 for UCE, SPEED and RECE is their papers').
+DEFAULT_SCALE = _default_scales()
 
 
 def concept_order(seed: int = 0, world=None) -> list[int]:
@@ -123,45 +131,38 @@ def scale_grid(method: str, points: int, centres: dict[str, float] | None = None
 
 def erase_with(method: str, world, names: list[str], preserved: list[str], work: Path, scale: float, overrides: dict,
                data_dir: Path):
-    """The edited pipeline for one method, and the seconds the edit took (preservation included)."""
+    """The edited pipeline for one method (run through mace.methods, as `mace erase` runs it), and
+    the seconds the edit took (preservation included)."""
     import mace
     from mace.config import config_from_dict, load_config
-    from mace.erase import erase
+    from mace.methods import run_erasure
     from mace.prompts import OBJECT_TEMPLATES
-    from mace.rece import rece
-    from mace.speed import speed
-    from mace.uce import uce
     from mace.world import GENERIC_CONCEPT
 
     start = time.perf_counter()
     base = load_config(CONFIG, check_paths=False)  # its model and preservation cache are replaced below
     if method == "none":
         return mace.load_pipeline(world.model), 0.0
-    if method in ("uce", "speed", "rece"):
-        pipe = mace.load_pipeline(world.model)
-        if method == "uce":
-            uce(pipe, names, GENERIC_CONCEPT, preserved, lam=base.lamb, preserve_scale=scale)
-        elif method == "speed":
-            speed(pipe, names, GENERIC_CONCEPT, preserved, threshold=scale)
-        else:
-            rece(pipe, names, GENERIC_CONCEPT, preserved, lam=base.lamb, preserve_scale=scale)
-        return pipe, time.perf_counter() - start
     values = base.to_dict()
     values.update(multi_concept=[[n, "object"] for n in names], mapping_concept=[GENERIC_CONCEPT] * len(names),
                   pretrained_model_name_or_path=world.model, output_dir=str(work), input_data_dir=str(data_dir),
                   final_save_path=str(work / "final"), domain_preservation_cache_path=None,
-                  train_preserve_scale=0.0, fuse_preserve_scale=0.0, report_prompts=[], **overrides)
-    if preserved:  # MACE's domain preservation: a cache of prompts naming the concepts to keep
-        cache = work / "domain.safetensors"
-        prompts = [t.format(n) for n in preserved for t in OBJECT_TEMPLATES[:PRESERVE_TEMPLATES]]
-        mace.build_preservation_cache(mace.load_pipeline(world.model), prompts, cache, model_id=world.model, progress=False)
-        values.update(domain_preservation_cache_path=str(cache), preserve_weight=1.0,
-                      train_preserve_scale=scale, fuse_preserve_scale=scale)
-    config = config_from_dict(values)
-    stages = ("refine",) if method == "refine" else ("prepare", "refine", "train", "fuse")
-    summary = erase(config, stages, progress=False)
-    path = summary.refined_model if method == "refine" else summary.final_model
-    return mace.load_pipeline(path), time.perf_counter() - start
+                  train_preserve_scale=0.0, fuse_preserve_scale=0.0, report_prompts=[], erasure_method=method)
+    if method in ("uce", "speed", "rece"):  # they preserve the kept names' embeddings
+        values.update(preserve_concepts=list(preserved), method_scale=scale)
+        stages = ("edit",)
+    else:
+        values.update(**overrides)
+        if preserved:  # MACE's domain preservation: a cache of prompts naming the concepts to keep
+            cache = work / "domain.safetensors"
+            prompts = [t.format(n) for n in preserved for t in OBJECT_TEMPLATES[:PRESERVE_TEMPLATES]]
+            mace.build_preservation_cache(mace.load_pipeline(world.model), prompts, cache, model_id=world.model,
+                                          progress=False)
+            values.update(domain_preservation_cache_path=str(cache), preserve_weight=1.0,
+                          train_preserve_scale=scale, fuse_preserve_scale=scale)
+        stages = ("refine",) if method == "refine" else ("prepare", "refine", "train", "fuse")
+    summary = run_erasure(config_from_dict(values), stages, progress=False)
+    return mace.load_pipeline(summary.final_model), time.perf_counter() - start
 
 
 def measurement_settings(world, args, overrides: dict, attacks: list, split: Split) -> dict:

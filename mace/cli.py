@@ -33,11 +33,11 @@ def _cmd_cache(args) -> int:
 def _cmd_erase(args, stages=None) -> int:
     from . import distributed
     from .config import load_config
-    from .erase import STAGES, erase
+    from .methods import run_erasure
 
     config = load_config(args.config, args.set)
-    chosen = tuple(stages or (args.stages.split(",") if args.stages else STAGES))
-    summary = erase(config, chosen, progress=not args.quiet)
+    chosen = tuple(stages or (args.stages.split(",") if args.stages else ()))
+    summary = run_erasure(config, chosen, progress=not args.quiet)
     distributed.print_summary(summary.line())  # under torchrun: once, by rank 0
     return 0
 
@@ -315,13 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--device", default=None)
     cache.set_defaults(func=_cmd_cache)
 
-    for name, func, text in (("erase", _cmd_erase, "run MACE end to end: prepare, refine, train, fuse, report"),
+    for name, func, text in (("erase", _cmd_erase, "run an erasure end to end (the config's erasure_method, default "
+                                                    "MACE: prepare, refine, train, fuse, report)"),
                              ("prepare", _cmd_prepare, "generate the concepts' images and masks")):
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="MACE YAML config (the original erase_*.yaml files work)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
         if name == "erase":
-            p.add_argument("--stages", default=None, help="comma-separated subset of prepare,refine,train,fuse,report")
+            p.add_argument("--stages", default=None, help="comma-separated subset of the method's stages (MACE: "
+                           "prepare,refine,train,fuse,report; refine: refine,report; uce, speed, rece: edit,report)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=func)
 

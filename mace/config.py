@@ -23,6 +23,7 @@ from .names import control_characters, merge_duplicates
 from .prompts import CONCEPT_TYPES
 
 FUSION_TOKENS = ("all", "concept", "name")
+ERASURE_METHODS = ("mace", "refine", "uce", "speed", "rece")  # mace.methods.METHODS, in this order
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,15 @@ class MACEConfig:
     enable_xformers_memory_efficient_attention: bool = False
     set_grads_to_none: bool = False
     # --- this project's additions -------------------------------------------------------------
+    # Which erasure method `mace erase` runs (mace.methods): "mace" (the paper), "refine"
+    # (its stage 1 alone), "uce", "speed" or "rece"; method_scale sets the method's tuning knob
+    # (mace/refine: train_preserve_scale and fuse_preserve_scale; uce/rece: the preservation
+    # scale of preserve_concepts; speed: the null-space threshold); None: mace and refine keep
+    # the scales above, the others take their papers' 0.1. preserve_concepts: the texts
+    # uce, speed and rece preserve (MACE and refine preserve through the caches above).
+    erasure_method: str = "mace"
+    method_scale: float | None = None
+    preserve_concepts: list = field(default_factory=list)
     method: str = "fast"  # "fast" or "reference" (paper-literal closed-form steps)
     concept_prompts_file: str | None = None  # optional prompt templates, one per line, {} = concept
     solve_jitter: float | None = None  # None: a singular system is an error; a float adds a reported ridge
@@ -301,6 +311,11 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
         (config.max_train_steps >= 0, "max_train_steps must be >= 0"),
         (config.train_preserve_scale >= 0 and config.fuse_preserve_scale >= 0 and config.lora_preserve_scale >= 0,
          "preserve scales must be >= 0"),
+        (config.erasure_method in ERASURE_METHODS,
+         f"erasure_method must be one of {', '.join(ERASURE_METHODS)}, got {config.erasure_method!r}"),
+        (config.method_scale is None or config.method_scale >= 0, "method_scale must be >= 0"),
+        (isinstance(config.preserve_concepts, list) and all(isinstance(p, str) and p.strip() for p in config.preserve_concepts),
+         "preserve_concepts must be a list of non-empty texts"),
         (config.preserve_scale_mode in ("absolute", "per_token"),
          f"preserve_scale_mode must be 'absolute' or 'per_token', got {config.preserve_scale_mode!r}"),
         (config.lora_preserve_scale == 0 or config.prior_preservation_cache_path or config.domain_preservation_cache_path,
