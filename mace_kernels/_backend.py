@@ -25,6 +25,13 @@ Backend = Literal["torch", "triton", "cpp"]
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cpp")
 ENV_VAR = "MACE_KERNELS_BACKEND"
 
+# The torch.library namespace of the five public ops (torch.ops.mace.token_covariance, ...).
+# Not "mace_kernels": the C++ extension owns that namespace for its CPU kernels, one of which is
+# already called fuse_loras. Each op takes a ``backend`` string ("auto" or a name) and resolves
+# it with select_backend when it runs, so a compiled graph still honours MACE_KERNELS_BACKEND
+# and the Triton fallback.
+OPS_NAMESPACE = "mace"
+
 try:  # Triton is optional: the torch and cpp backends serve without it.
     import triton  # noqa: F401
     import triton.language  # noqa: F401

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import accumulation_dtype, cpp_ops, implementation
+from ._backend import OPS_NAMESPACE, accumulation_dtype, cpp_ops, implementation
 from ._grouped_matmul import grouped_matmul
 from ._utils import shape_of
 
@@ -42,18 +42,25 @@ def fuse_loras(
     Returns:
         A list of (out_l, d) tensors in float64 when C (or base_transform) is float64, else
         float32.
+
+    Runs the custom op ``torch.ops.mace.fuse_loras`` (all layers' rows stacked; an empty base
+    list stands for no base term; it resolves ``backend`` when it runs) and splits its result
+    per layer.
     """
-    A, B, C, base, base_transform, acc = _canonical_inputs(A, B, C, base, base_transform)
-    run = implementation("fuse_loras", _IMPLEMENTATIONS, backend, C.device)
-    packed = run(A, B, C.to(acc), base, None if base_transform is None else base_transform.to(acc))
+    A, B = list(A), list(B)
+    if (base is None) != (base_transform is None):
+        raise ValueError("fuse_loras: base and base_transform go together")
+    base = [] if base is None else list(base)
+    _check_inputs(A, B, C, base, base_transform)
+    packed = _fuse_loras_op(A, B, C, base, base_transform, "auto" if backend is None else backend)
     return list(torch.split(packed, [b.shape[1] for b in B]))
 
 
-def _canonical_inputs(A, B, C, base, base_transform):
+def _check_inputs(A, B, C, base, base_transform) -> torch.dtype:
+    """Shapes, dtypes and devices (no values) with base a list, empty for none; the accumulation dtype."""
     if not isinstance(C, torch.Tensor) or C.dim() != 3 or C.shape[1] != C.shape[2]:
         raise ValueError(f"fuse_loras: C must be (n, d, d), got {shape_of(C)}")
     n, d = C.shape[0], C.shape[1]
-    A, B = list(A), list(B)
     if not A or len(A) != len(B):
         raise ValueError(f"fuse_loras: A and B must list the same layers, got {len(A)} and {len(B)}")
     r = A[0].shape[1] if isinstance(A[0], torch.Tensor) and A[0].dim() == 3 else None
@@ -67,23 +74,52 @@ def _canonical_inputs(A, B, C, base, base_transform):
                 raise TypeError(f"fuse_loras: {name}[{lay}] must be floating point, got {t.dtype}")
             if t.device != C.device:
                 raise ValueError(f"fuse_loras: {name}[{lay}] is on {t.device}, C on {C.device}")
-    if (base is None) != (base_transform is None):
+    if base and base_transform is None:
         raise ValueError("fuse_loras: base and base_transform go together")
-    dtypes = [C.dtype]
-    if base is not None:
-        base = list(base)
-        if len(base) != len(A):
-            raise ValueError(f"fuse_loras: base has {len(base)} layers, A has {len(A)}")
-        if not isinstance(base_transform, torch.Tensor) or base_transform.dim() != 2 or base_transform.shape[1] != d:
-            raise ValueError(f"fuse_loras: base_transform must be (k, {d}), got {shape_of(base_transform)}")
-        k = base_transform.shape[0]
-        for lay, (w, b) in enumerate(zip(base, B)):
-            if not isinstance(w, torch.Tensor) or w.shape != (b.shape[1], k):
-                raise ValueError(f"fuse_loras: base[{lay}] must be ({b.shape[1]}, {k}) to match base_transform, got {shape_of(w)}")
-        base = [w.contiguous() for w in base]
-        dtypes.append(base_transform.dtype)
-    acc = accumulation_dtype(*dtypes)
-    return [a.contiguous() for a in A], [b.contiguous() for b in B], C, base, base_transform, acc
+    if base_transform is None:
+        return accumulation_dtype(C.dtype)
+    if len(base) != len(A):
+        raise ValueError(f"fuse_loras: base has {len(base)} layers, A has {len(A)}")
+    if not isinstance(base_transform, torch.Tensor) or base_transform.dim() != 2 or base_transform.shape[1] != d:
+        raise ValueError(f"fuse_loras: base_transform must be (k, {d}), got {shape_of(base_transform)}")
+    k = base_transform.shape[0]
+    for lay, (w, b) in enumerate(zip(base, B)):
+        if not isinstance(w, torch.Tensor) or w.shape != (b.shape[1], k):
+            raise ValueError(f"fuse_loras: base[{lay}] must be ({b.shape[1]}, {k}) to match base_transform, got {shape_of(w)}")
+    return accumulation_dtype(C.dtype, base_transform.dtype)
+
+
+# ----------------------------------------------------------------------------- custom op
+# Named like the function, in the "mace" namespace (the C++ extension's mace_kernels::fuse_loras
+# is its CPU kernel, which this op calls for the cpp backend).
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::fuse_loras", mutates_args=())
+def _fuse_loras_op(
+    A: list[torch.Tensor],
+    B: list[torch.Tensor],
+    C: torch.Tensor,
+    base: list[torch.Tensor],
+    base_transform: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """All layers' results stacked, (sum out_l, d) in the accumulation dtype; base [] for none."""
+    acc = _check_inputs(A, B, C, base, base_transform)
+    run = implementation("fuse_loras", _IMPLEMENTATIONS, backend, C.device)
+    packed = run(
+        [a.contiguous() for a in A],
+        [b.contiguous() for b in B],
+        C.to(acc),
+        [w.contiguous() for w in base] if base_transform is not None else None,
+        None if base_transform is None else base_transform.to(acc),
+    )
+    return packed.contiguous()
+
+
+@_fuse_loras_op.register_fake
+def _fuse_loras_fake(A, B, C, base, base_transform, backend):
+    acc = _check_inputs(A, B, C, base, base_transform)
+    return C.new_empty((sum(b.shape[1] for b in B), C.shape[1]), dtype=acc)
 
 
 def _fuse_torch(A, B, C, base, T):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import accumulation_dtype, cpp_ops, implementation
+from ._backend import OPS_NAMESPACE, accumulation_dtype, cpp_ops, implementation
 from ._tile_configs import tile_config
 from ._triton import cdiv, jit, tl, triton
 from ._utils import shape_of
@@ -63,7 +63,71 @@ def spd_solve(
     Returns:
         X with R's shape (batch dims broadcast) in the promoted dtype of M and R. The solve
         runs in float64 when either is float64, else float32.
+
+    Runs the custom op ``torch.ops.mace.spd_solve`` (X and the SolveInfo tensors). The op does
+    everything that reads values (finiteness and symmetry checks, the factorisation, the jitter,
+    the NotPositiveDefiniteError and the warning) and resolves ``backend`` when it runs; this
+    function checks shapes and builds the SolveInfo.
     """
+    _check_inputs(M, R)
+    X, shift, ratio = _spd_solve_op(M, R, jitter, float(max_jitter), "auto" if backend is None else backend)
+    if not return_info:
+        return X
+    return X, SolveInfo(jitter=shift, condition_lower_bound=ratio)
+
+
+def _check_inputs(M, R) -> tuple[torch.Size, torch.dtype, torch.dtype]:
+    """The checks that need no values: (batch shape, accumulation dtype, output dtype)."""
+    if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"spd_solve: M must be (..., d, d), got {shape_of(M)}")
+    d = M.shape[-1]
+    if not isinstance(R, torch.Tensor) or R.dim() < 2 or R.shape[-1] != d:
+        raise ValueError(f"spd_solve: R must be (..., m, {d}) to match M ({d} x {d}), got {shape_of(R)}")
+    if not (M.is_floating_point() and R.is_floating_point()):
+        raise TypeError(f"spd_solve: M and R must be floating point, got {M.dtype} and {R.dtype}")
+    if M.device != R.device:
+        raise ValueError(f"spd_solve: M and R are on {M.device} and {R.device}")
+    try:
+        batch_shape = torch.broadcast_shapes(M.shape[:-2], R.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"spd_solve: batch dimensions of M {tuple(M.shape[:-2])} and R {tuple(R.shape[:-2])} "
+            "do not broadcast"
+        ) from None
+    return batch_shape, accumulation_dtype(M.dtype, R.dtype), torch.promote_types(M.dtype, R.dtype)
+
+
+def _canonical_inputs(M, R):
+    batch_shape, acc, out_dtype = _check_inputs(M, R)
+    d = M.shape[-1]
+    Mc = M.to(acc)
+    if not bool(torch.isfinite(Mc).all()):
+        raise ValueError("spd_solve: M contains NaN or Inf")
+    if not bool(torch.isfinite(R).all()):
+        raise ValueError("spd_solve: R contains NaN or Inf")
+    scale = Mc.abs().amax()
+    asym = (Mc - Mc.mT).abs().amax()
+    tol = 1e-10 if acc == torch.float64 else 1e-4
+    if float(asym) > tol * float(scale):
+        raise ValueError(f"spd_solve: M is not symmetric (max |M - M^T| = {float(asym):.3g}, max |M| = {float(scale):.3g})")
+    m = R.shape[-2]
+    nb = 1
+    for size in batch_shape:
+        nb *= size
+    Mb = Mc.expand(*batch_shape, d, d).reshape(nb, d, d).contiguous()
+    Rb = R.to(acc).expand(*batch_shape, m, d).reshape(nb, m, d).contiguous()
+    return Mb, Rb, batch_shape, out_dtype
+
+
+# ----------------------------------------------------------------------------- custom op
+# Returns (X, jitter, condition_lower_bound): the SolveInfo fields as plain tensors.
+
+
+@torch.library.custom_op(f"{OPS_NAMESPACE}::spd_solve", mutates_args=())
+def _spd_solve_op(
+    M: torch.Tensor, R: torch.Tensor, jitter: float | None, max_jitter: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X (batch, m, d) in the promoted dtype; jitter and condition bound (batch) in the solve's dtype."""
     Mb, Rb, batch_shape, out_dtype = _canonical_inputs(M, R)
     factor, solve = implementation("spd_solve", _IMPLEMENTATIONS, backend, Mb.device)
     L, ok, ratio = _checked_factor(factor, Mb)
@@ -93,48 +157,15 @@ def spd_solve(
         )
     X = solve(L, Rb) if Rb.shape[1] else Rb.clone()
     X = X.reshape(*batch_shape, *R.shape[-2:]).to(out_dtype)
-    if not return_info:
-        return X
-    info = SolveInfo(jitter=shift.reshape(batch_shape), condition_lower_bound=ratio.reshape(batch_shape))
-    return X, info
+    # Contiguous, as the fake outputs are.
+    return X.contiguous(), shift.reshape(batch_shape), ratio.reshape(batch_shape)
 
 
-def _canonical_inputs(M, R):
-    if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2]:
-        raise ValueError(f"spd_solve: M must be (..., d, d), got {shape_of(M)}")
-    d = M.shape[-1]
-    if not isinstance(R, torch.Tensor) or R.dim() < 2 or R.shape[-1] != d:
-        raise ValueError(f"spd_solve: R must be (..., m, {d}) to match M ({d} x {d}), got {shape_of(R)}")
-    if not (M.is_floating_point() and R.is_floating_point()):
-        raise TypeError(f"spd_solve: M and R must be floating point, got {M.dtype} and {R.dtype}")
-    if M.device != R.device:
-        raise ValueError(f"spd_solve: M and R are on {M.device} and {R.device}")
-    try:
-        batch_shape = torch.broadcast_shapes(M.shape[:-2], R.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"spd_solve: batch dimensions of M {tuple(M.shape[:-2])} and R {tuple(R.shape[:-2])} "
-            "do not broadcast"
-        ) from None
-    acc = accumulation_dtype(M.dtype, R.dtype)
-    out_dtype = torch.promote_types(M.dtype, R.dtype)
-    Mc = M.to(acc)
-    if not bool(torch.isfinite(Mc).all()):
-        raise ValueError("spd_solve: M contains NaN or Inf")
-    if not bool(torch.isfinite(R).all()):
-        raise ValueError("spd_solve: R contains NaN or Inf")
-    scale = Mc.abs().amax()
-    asym = (Mc - Mc.mT).abs().amax()
-    tol = 1e-10 if acc == torch.float64 else 1e-4
-    if float(asym) > tol * float(scale):
-        raise ValueError(f"spd_solve: M is not symmetric (max |M - M^T| = {float(asym):.3g}, max |M| = {float(scale):.3g})")
-    m = R.shape[-2]
-    nb = 1
-    for size in batch_shape:
-        nb *= size
-    Mb = Mc.expand(*batch_shape, d, d).reshape(nb, d, d).contiguous()
-    Rb = R.to(acc).expand(*batch_shape, m, d).reshape(nb, m, d).contiguous()
-    return Mb, Rb, batch_shape, out_dtype
+@_spd_solve_op.register_fake
+def _spd_solve_fake(M, R, jitter, max_jitter, backend):
+    batch_shape, acc, out_dtype = _check_inputs(M, R)
+    X = R.new_empty((*batch_shape, *R.shape[-2:]), dtype=out_dtype)
+    return X, M.new_empty(batch_shape, dtype=acc), M.new_empty(batch_shape, dtype=acc)
 
 
 def _checked_factor(factor, Mb):
