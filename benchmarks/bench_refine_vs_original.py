@@ -113,7 +113,7 @@ def load_model(name: str):
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
     names = [n for n, _ in cross_attention_projections(unet)]
-    for n, w in zip(names, read_projection_weights(path, names)):
+    for n, w in zip(names, read_projection_weights(path, names), strict=True):
         parent, attr = n.rsplit(".", 1)
         linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
         linear.weight.data = w.float().contiguous()
@@ -177,7 +177,7 @@ def encode_table(tokenizer, encoder, prompts) -> dict:
                     return_tensors="pt").input_ids
     with torch.no_grad():
         emb = encoder(ids)[0].float()
-    return {tuple(r): e for r, e in zip(ids.tolist(), emb)}
+    return {tuple(r): e for r, e in zip(ids.tolist(), emb, strict=True)}
 
 
 # ----------------------------------------------------------------------------- the original, re-stated
@@ -249,7 +249,7 @@ def original_refinement(text_encoder, tokenizer, unet, concepts, domain_cache, *
         all_contexts, all_values = [], []
         for pairs in concepts:
             collect()
-            for (m, a), o in zip(slots, og):
+            for (m, a), o in zip(slots, og, strict=True):
                 setattr(m, a, copy.deepcopy(o))
             projections = [getattr(m, a) for m, a in slots]
             olds, news = [p.old for p in pairs], [p.new for p in pairs]
@@ -258,7 +258,7 @@ def original_refinement(text_encoder, tokenizer, unet, concepts, domain_cache, *
             emb = text_encoder(ids.to(text_encoder.device))[0]
             old_embs, new_embs = list(emb[:len(olds)]), list(emb[len(olds):])
             contexts, values = [], []
-            for k, (o, nw) in enumerate(zip(olds, news)):
+            for k, (o, nw) in enumerate(zip(olds, news, strict=True)):
                 io, inew = original_alignment(tokenizer(o).input_ids, tokenizer(nw).input_ids)
                 contexts.append(old_embs[k][io].detach())
                 values.append([proj(new_embs[k][inew]).detach() for proj in projections])
@@ -275,7 +275,7 @@ def original_refinement(text_encoder, tokenizer, unet, concepts, domain_cache, *
             mat2 = lamb * torch.eye(W.shape[1], device=W.device)
             total1 = torch.zeros_like(W)
             total2 = torch.zeros_like(mat2)
-            for contexts, values in zip(all_contexts, all_values):
+            for contexts, values in zip(all_contexts, all_values, strict=True):
                 ctx = torch.stack(contexts, dim=2)
                 val = torch.stack([v[layer] for v in values], dim=2)
                 total1 += torch.bmm(val, ctx.permute(0, 2, 1)).sum(dim=0)
@@ -345,13 +345,13 @@ def errors(weights, exact, original, c_oo=None):
     along directions the tokens barely span (an ill-conditioned C_oo's) hardly shows there."""
     import torch
 
-    diff = sum(float(((w.double() - x) ** 2).sum()) for w, x in zip(weights, exact))
+    diff = sum(float(((w.double() - x) ** 2).sum()) for w, x in zip(weights, exact, strict=True))
     norm = sum(float((x**2).sum()) for x in exact)
-    edit = sum(float(((x - o.double()) ** 2).sum()) for x, o in zip(exact, original))
-    worst = max(float(torch.linalg.norm(w.double() - x) / torch.linalg.norm(x)) for w, x in zip(weights, exact))
+    edit = sum(float(((x - o.double()) ** 2).sum()) for x, o in zip(exact, original, strict=True))
+    worst = max(float(torch.linalg.norm(w.double() - x) / torch.linalg.norm(x)) for w, x in zip(weights, exact, strict=True))
     out = {"rel_error": (diff / norm) ** 0.5, "rel_error_of_edit": (diff / edit) ** 0.5, "max_layer_rel_error": worst}
     if c_oo is not None:
-        num = sum(float(((w.double() - x) @ c_oo * (w.double() - x)).sum()) for w, x in zip(weights, exact))
+        num = sum(float(((w.double() - x) @ c_oo * (w.double() - x)).sum()) for w, x in zip(weights, exact, strict=True))
         den = sum(float((x @ c_oo * x).sum()) for x in exact)
         out["rel_output_error"] = (num / den) ** 0.5
     return out

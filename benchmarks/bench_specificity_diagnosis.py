@@ -61,7 +61,7 @@ def token_groups(tokenizer, prompts: list[str], names: list[str]):
 
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
     groups = torch.full((len(prompts), tokenizer.model_max_length), 1)
-    for b, (seq, name) in enumerate(zip(ids, names)):
+    for b, (seq, name) in enumerate(zip(ids, names, strict=True)):
         groups[b, 0] = 0
         piece = tokenizer(name, add_special_tokens=False).input_ids
         for i in range(len(seq) - len(piece) + 1):
@@ -81,7 +81,7 @@ def key_value_change(weights, original, embeddings, groups) -> dict[str, float]:
     for k, name in enumerate(GROUPS):
         rows = e[g == k]
         ratios = [((rows @ (w.double() - w0.double()).T).norm(dim=1) / (rows @ w0.double().T).norm(dim=1).clamp_min(1e-12)).mean()
-                  for w, w0 in zip(weights, original)]
+                  for w, w0 in zip(weights, original, strict=True)]
         out[name] = round(float(torch.stack(ratios).mean()), 4)
     return out
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                     A, B = lora[name]
                     summed[k] += B.float() @ A.float()
         set_projection_weights(base_pipe.unet, refined)
-        zero = {n: {name: (A, torch.zeros_like(B)) for name, (A, B) in lora.items()} for n, lora in zip(names, loras)}
+        zero = {n: {name: (A, torch.zeros_like(B)) for name, (A, B) in lora.items()} for n, lora in zip(names, loras, strict=True)}
         settings = FusionSettings.from_config(config)
         fuse(base_pipe, zero, {n: [p.old for p in pairs[n]] for n in names}, lam=settings.lam,
              preserve=settings.preserve.matrix(base_pipe), preserve_scale=settings.preserve_scale, original=original,
@@ -180,11 +180,11 @@ def main(argv=None) -> int:
         # How specific each LoRA is: its relative change on its own concept's tokens (the name
         # and after, in its training prompts) over its relative change on the kept prompts' tokens.
         ratios = []
-        for n, lora in zip(names, loras):
+        for n, lora in zip(names, loras, strict=True):
             own_prompts = [p.old for p in pairs[n]]
             own = encode_prompts(base_pipe, own_prompts)[from_name_on(base_pipe.tokenizer, own_prompts, n)]
             single = [w + (B.float() @ A.float() if name in lora else 0) for w, name, (A, B) in
-                      zip(refined, layer_names, (lora.get(name, (None, None)) for name in layer_names))]
+                      zip(refined, layer_names, (lora.get(name, (None, None)) for name in layer_names), strict=True)]
             on_own = key_value_change(single, refined, own[None], torch.full((1, own.shape[0]), 3))["end/pad"]
             on_kept = key_value_change(single, refined, kept_embeddings, torch.full(kept_groups.shape, 3))["end/pad"]
             ratios.append(on_own / max(on_kept, 1e-12))

@@ -38,7 +38,7 @@ def check(name, got, ref, dtype):
     ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
     # Outputs must pair up: a missing or extra result (or None for a tensor) is a mismatch.
     worst = 0.0 if got and len(got) == len(ref) else float("inf")
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         if g is None or r is None:
             if (g is None) != (r is None):
                 worst = float("inf")
@@ -155,8 +155,8 @@ def check_streamed_stages(dev: str) -> bool:
     for dtype in (torch.float64, torch.float32):
         for method in ("fast", "reference"):
             kw = dict(lam=0.1, preserve=preserve, preserve_scale=2.0, method=method, dtype=dtype)
-            ref, _ = refine_weights_streamed(weights, zip(old, new), **kw)
-            got, _ = refine_weights_streamed(weights, [(a.to(dev), b.to(dev)) for a, b in zip(old, new)], **kw)
+            ref, _ = refine_weights_streamed(weights, zip(old, new, strict=True), **kw)
+            got, _ = refine_weights_streamed(weights, [(a.to(dev), b.to(dev)) for a, b in zip(old, new, strict=True)], **kw)
             ok &= check(f"refinement, tokens on {dev} ({method}, {dtype})", got, ref, torch.float32)
             ref, _ = fuse_weights_streamed(weights, stack, concept_tokens, **kw, group=2)
             got, _ = fuse_weights_streamed(weights, stack, [(i, t.to(dev)) for i, t in concept_tokens], **kw, group=2)

@@ -126,7 +126,7 @@ class RefinementStatistics:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        olds, news = zip(*self._buffer)
+        olds, news = zip(*self._buffer, strict=True)
         self._buffer, self._buffered = [], 0
         old_tokens = olds[0] if len(olds) == 1 else torch.cat(olds)
         new_tokens = news[0] if len(news) == 1 else torch.cat(news)
@@ -197,7 +197,7 @@ class _ReferenceRefinement:
     def add(self, old_tokens: torch.Tensor, new_tokens: torch.Tensor) -> None:
         device = self.weights[0].device
         x, y = old_tokens.to(device, self.dtype), new_tokens.to(device, self.dtype)
-        for W, m1, m2 in zip(self.weights, self.mat1, self.mat2):
+        for W, m1, m2 in zip(self.weights, self.mat1, self.mat2, strict=True):
             values = y @ W.T  # W e_n for every token
             m1 += values.T @ x
             m2 += x.T @ x
@@ -210,7 +210,7 @@ class _ReferenceRefinement:
 
     def solve(self, weights, lam, preserve, preserve_scale, jitter):
         eye = torch.eye(weights[0].shape[1], dtype=self.dtype, device=self.weights[0].device)
-        return _solve_per_layer(weights, [lam * w + m1 for w, m1 in zip(self.weights, self.mat1)],
+        return _solve_per_layer(weights, [lam * w + m1 for w, m1 in zip(self.weights, self.mat1, strict=True)],
                                 [lam * eye + m2 for m2 in self.mat2], self.weights, preserve, preserve_scale, jitter,
                                 self.tokens)
 
@@ -219,7 +219,7 @@ def _solve_per_layer(weights, mat1s, mat2s, anchors, preserve, scale, jitter, to
     """The paper-literal solves, one per layer: X_l (mat2_l + s P) = mat1_l + s W0_l P, with
     W0_l = ``anchors[l]``; each result in its projection's dtype."""
     out, jit = [], 0.0
-    for w, mat1, mat2, w0 in zip(weights, mat1s, mat2s, anchors):
+    for w, mat1, mat2, w0 in zip(weights, mat1s, mat2s, anchors, strict=True):
         if preserve is not None and scale:
             p = preserve.to(mat2.device, mat2.dtype)
             mat1 = mat1 + scale * w0.to(mat2.device, mat2.dtype) @ p
@@ -384,7 +384,7 @@ class FusionStatistics:
                                          num_segments=len(concepts))
             parts += cxx.to(acc)
         del x
-        for c, cov in zip(concepts, parts):
+        for c, cov in zip(concepts, parts, strict=True):
             if c in self._pending:
                 self._pending[c] += cov
             else:
@@ -404,7 +404,7 @@ class FusionStatistics:
         if self.lora_term is None:
             self.lora_term = term
         else:
-            for acc, t in zip(self.lora_term, term):
+            for acc, t in zip(self.lora_term, term, strict=True):
                 acc += t
 
     def finish(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -459,15 +459,15 @@ def solve_fusion(
         if with_preserve:
             anchored = mk.closed_form_edit([w0.to(dtype) for w0 in original],
                                            preserve_scale * preserve.to(device=M.device, dtype=dtype))
-            for a, b in zip(numer, anchored):
+            for a, b in zip(numer, anchored, strict=True):
                 a += b
             del anchored
     del wd
     if lora_term is not None:
-        for a, b in zip(numer, lora_term):  # in place: each term is as large as the projections
+        for a, b in zip(numer, lora_term, strict=True):  # in place: each term is as large as the projections
             a += b.to(a.device)
     X, info = _solve(M, torch.cat(numer), jitter)
-    new = [part.to(w.dtype) for part, w in zip(torch.split(X, [w.shape[0] for w in weights]), weights)]
+    new = [part.to(w.dtype) for part, w in zip(torch.split(X, [w.shape[0] for w in weights]), weights, strict=True)]
     return new, SolveReport(sum(stats.tokens), float(info.jitter), float(info.condition_lower_bound))
 
 
@@ -502,7 +502,7 @@ class _ReferenceFusion:
 
     def solve(self, weights, preserve, scale, anchor, jitter):
         eye = torch.eye(weights[0].shape[1], dtype=self.dtype, device=self.weights[0].device)
-        return _solve_per_layer(weights, [self.lam * w + m1 for w, m1 in zip(self.weights, self.mat1)],
+        return _solve_per_layer(weights, [self.lam * w + m1 for w, m1 in zip(self.weights, self.mat1, strict=True)],
                                 [self.lam * eye + m2 for m2 in self.mat2], anchor if anchor is not None else weights,
                                 preserve, scale, jitter, self.tokens)
 

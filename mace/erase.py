@@ -104,7 +104,7 @@ def concept_pairs(config: MACEConfig) -> dict[str, list[PromptPair]]:
     """
     templates = read_prompt_file(config.concept_prompts_file) if config.concept_prompts_file else None
     out = {}
-    for (name, kind), mapping in zip(config.concepts, config.mapping_concept):
+    for (name, kind), mapping in zip(config.concepts, config.mapping_concept, strict=True):
         pool = templates or templates_for(kind)
         length, prompt_len = (config.aug_length, config.prompt_len) if config.augment else (1, 1)
         out[name] = concept_prompt_pairs(name, mapping, kind, aug_length=length, prompt_len=prompt_len,
@@ -201,7 +201,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
                 made = sum(generate_concept_data(pipe, name, mapping, kind, input_dir, settings.generation,
                                                  prompts=[p.old for p in pairs[name]], progress=progress,
                                                  masker=masker, with_masks=config.use_gsam_mask)
-                           for (name, kind), mapping in distributed.shard(zip(config.concepts, config.mapping_concept)))
+                           for (name, kind), mapping in distributed.shard(zip(config.concepts, config.mapping_concept, strict=True)))
             made = distributed.sum_over_ranks(made)  # every rank's images are there after this
             if made:
                 summary.wrote.append(f"{made} image(s) in {input_dir}")

@@ -142,7 +142,7 @@ def fuse(
     projections = cross_attention_projections(pipe.unet)
     names = [name for name, _ in projections]
     read = [read_lora(src, names) if not isinstance(src, Mapping) else dict(src) for src in loras.values()]
-    for concept, lora in zip(concepts, read):
+    for concept, lora in zip(concepts, read, strict=True):
         if not lora:
             raise ValueError(f"fuse: the LoRA of {concept!r} has no cross-attention key/value layer of this model")
     stack = stack_loras(read, projections)

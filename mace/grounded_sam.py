@@ -148,7 +148,7 @@ class GroundedSamMasker:
         results = self.detector_processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold, target_sizes=sizes)
         boxes = []
-        for result, (height, width) in zip(results, sizes):
+        for result, (height, width) in zip(results, sizes, strict=True):
             b = result["boxes"].detach().float().cpu().reshape(-1, 4)
             b[:, 0::2] = b[:, 0::2].clamp(0, width)
             b[:, 1::2] = b[:, 1::2].clamp(0, height)
@@ -183,7 +183,7 @@ class GroundedSamMasker:
         result, missed, empty = [], [], []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            for k, (image, masks) in enumerate(zip(chunk, self.segment(chunk, self.detect(chunk, text)))):
+            for k, (image, masks) in enumerate(zip(chunk, self.segment(chunk, self.detect(chunk, text)), strict=True)):
                 mask = union_mask(masks, image.size)
                 if mask is None and masks.shape[0] == 0:
                     missed.append(start + k)

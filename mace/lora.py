@@ -126,7 +126,7 @@ class MultiConceptLoRA(nn.Module):
 
     def concept_lora(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{projection name: (A (r, d), B (out, r))} of concept k (scale 1)."""
-        return {n: (a[k].detach().clone(), b[k].detach().clone()) for n, a, b in zip(self.names, self.A, self.B)}
+        return {n: (a[k].detach().clone(), b[k].detach().clone()) for n, a, b in zip(self.names, self.A, self.B, strict=True)}
 
 
 class _MultiLoraAttnProcessor:

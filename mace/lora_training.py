@@ -454,7 +454,7 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
     embeddings = encode_prompts(pipe, captions)  # batch order: each concept's rows, then its prior rows
     vae = pipe.vae
     latents, noise, timesteps = [], [], []
-    for segment, g in zip(images, gens):
+    for segment, g in zip(images, gens, strict=True):
         dist = vae.encode(segment).latent_dist
         draw = torch.randn(dist.mean.shape, generator=g).to(device, dist.mean.dtype)
         sample = (dist.mean + dist.std * draw) * vae.config.scaling_factor

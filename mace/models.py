@@ -57,7 +57,7 @@ def set_projection_weights(unet: nn.Module, weights: Sequence[torch.Tensor]) -> 
     if len(live) != len(weights):
         raise ValueError(f"{len(weights)} weights for {len(live)} cross-attention projections")
     with torch.no_grad():
-        for w, new in zip(live, weights):
+        for w, new in zip(live, weights, strict=True):
             if w.shape != new.shape:
                 raise ValueError(f"a projection weight is {tuple(w.shape)}, got {tuple(new.shape)}")
             w.copy_(new.to(w.device, w.dtype))

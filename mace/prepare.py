@@ -152,7 +152,7 @@ def generate_concept_data(
                 raise ValueError(f"the masker returned {len(masks)} masks for {len(images)} images")
         else:
             masks = attention_masks(recorder.maps, size, settings.mask_threshold)
-        for i, image, mask in zip(idx, images, masks):
+        for i, image, mask in zip(idx, images, masks, strict=True):
             save_image_atomically(image, image_dir / f"{i}.png")
             if mask is not None:
                 save_image_atomically(mask, mask_dir / f"{i}.png")

@@ -59,7 +59,7 @@ def adversarial_embeddings(
     weights, original = list(weights), list(original)
     if not weights or len(weights) != len(original):
         raise ValueError(f"rece: {len(weights)} edited projections but {len(original)} original ones")
-    for w, w0 in zip(weights, original):
+    for w, w0 in zip(weights, original, strict=True):
         if w.shape != w0.shape:
             raise ValueError(f"rece: an edited projection is {tuple(w.shape)}, its original {tuple(w0.shape)}")
     d = weights[0].shape[1]

@@ -80,7 +80,7 @@ def aligned_pair_batches(
         start = stop
         table = dict(kept)
         if fresh:
-            table.update(zip(fresh, encode_prompts(pipe, list(fresh), batch_size)))
+            table.update(zip(fresh, encode_prompts(pipe, list(fresh), batch_size), strict=True))
         e_old = torch.stack([table[o] for o, _ in batch])
         e_new = torch.stack([table[n] for _, n in batch])
         for pair in batch:
@@ -95,7 +95,7 @@ def aligned_pair_batches(
         ids_old = tok([o for o, _ in batch], truncation=True, max_length=length).input_ids
         ids_new = tok([n for _, n in batch], truncation=True, max_length=length).input_ids
         rows_b, rows_o, rows_n = [], [], []
-        for b, (io, inew) in enumerate(zip(ids_old, ids_new)):
+        for b, (io, inew) in enumerate(zip(ids_old, ids_new, strict=True)):
             po, pn = align_tokens(io, inew, length)
             rows_b += [b] * len(po)
             rows_o += po
@@ -107,7 +107,7 @@ def aligned_pair_batches(
 def aligned_pair_tokens(pipe, pairs: Sequence[tuple[str, str]], *, all_words: bool = False, batch_size: int = 64):
     """(old_tokens, new_tokens): the aligned (N, d) embeddings of every pair's corresponding tokens
     (all batches of :func:`aligned_pair_batches` at once; the stage itself streams them)."""
-    olds, news = zip(*aligned_pair_batches(pipe, pairs, all_words=all_words, batch_size=batch_size))
+    olds, news = zip(*aligned_pair_batches(pipe, pairs, all_words=all_words, batch_size=batch_size), strict=True)
     return torch.cat(olds), torch.cat(news)
 
 

@@ -263,7 +263,7 @@ def _encode_ids(pipe, ids: Sequence[torch.Tensor], insert: Sequence[torch.Tensor
     ``insert[e]`` ((K, d_e) or (B, K, d_e)), gradients flowing into them."""
     encoders = _encoders(pipe)
     parts, pooled = [], None
-    for e, ((_, enc), enc_ids) in enumerate(zip(encoders, ids)):
+    for e, ((_, enc), enc_ids) in enumerate(zip(encoders, ids, strict=True)):
         handle = None
         if insert is not None:
             value = insert[e]
@@ -329,7 +329,7 @@ def _frozen(*modules: nn.Module):
     try:
         yield
     finally:
-        for p, flag in zip(params, flags):
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
 
 
@@ -726,7 +726,7 @@ def attack_success_rate(
     plain_images = generate_images(pipe, [p for p in plains for _ in range(images_per_concept)],
                                    [x for c in concepts for x in seeds[c]], steps=steps, guidance_scale=guidance_scale,
                                    batch_size=batch_size, progress=False)
-    plain_hits = {c: int(judge(im, c).sum()) for c, im in zip(concepts, plain_images.split(images_per_concept))}
+    plain_hits = {c: int(judge(im, c).sum()) for c, im in zip(concepts, plain_images.split(images_per_concept), strict=True)}
     plain_seconds = time.perf_counter() - start
 
     reports = {}
@@ -764,7 +764,7 @@ def attack_success_rate(
             images = generate_images(pipe, [found_text[c] for c in chosen for _ in range(images_per_concept)],
                                      [x for c in chosen for x in seeds[c]], steps=steps, guidance_scale=guidance_scale,
                                      batch_size=batch_size, progress=False)
-            for c, im in zip(chosen, images.split(images_per_concept)):
+            for c, im in zip(chosen, images.split(images_per_concept), strict=True):
                 rows[c].hits = int(judge(im, c).sum())
         if found_emb:
             chosen = list(found_emb)
@@ -774,7 +774,7 @@ def attack_success_rate(
                 pooled = torch.cat([found_emb[c].pooled.expand(images_per_concept, -1) for c in chosen])
             images = generate_from_embeddings(pipe, emb, pooled, [x for c in chosen for x in seeds[c]], steps=steps,
                                               guidance_scale=guidance_scale, batch_size=batch_size)
-            for c, im in zip(chosen, images.split(images_per_concept)):
+            for c, im in zip(chosen, images.split(images_per_concept), strict=True):
                 rows[c].hits = int(judge(im, c).sum())
         share = (time.perf_counter() - t_images) / max(1, len(found_text) + len(found_emb))
         for c in list(found_text) + list(found_emb):

@@ -195,7 +195,7 @@ def speed_weights(
         # The unconstrained edit E_l = W_l D (I + C_1)^-1 of every layer at once: it ranks the priors.
         E = torch.split(mk.spd_solve(eye + c1, torch.cat(Wd) @ D), [w.shape[0] for w in Wd])
         sets = []
-        for W, E_l in zip(Wd, E):
+        for W, E_l in zip(Wd, E, strict=True):
             kept = _at_or_above_mean(r, E_l) if prior_filter else r
             if augment:
                 v = _smallest_right_singular_vector(W)
@@ -222,7 +222,7 @@ def speed_weights(
     jit, cond = float(info.jitter.max()), float(info.condition_lower_bound.max())
 
     transforms, columns = [], []
-    for P_l, Q_l in zip(P, Q):
+    for P_l, Q_l in zip(P, Q, strict=True):
         B = _constraint_basis(P_l, K, constraint_ridge)
         delta = Q_l
         if B.shape[1]:
@@ -238,7 +238,7 @@ def speed_weights(
     if len(transforms) == 1:
         new = mk.closed_form_edit(weights, transforms[0])
     else:
-        new = [mk.closed_form_edit([w], T)[0] for w, T in zip(weights, transforms)]
+        new = [mk.closed_form_edit([w], T)[0] for w, T in zip(weights, transforms, strict=True)]
     null_dims = [int(v) for v in null.sum(-1)]
     prior = [int(v) for v in sizes]
     report = SolveReport(n, jit, cond, extra={
@@ -303,7 +303,7 @@ def speed(
                                     threshold=threshold, retain_scale=retain_scale, constraint_ridge=constraint_ridge,
                                     augment=augment, prior_filter=prior_filter, generator=generator, jitter=jitter)
         out = list(weights)
-        for i, w in zip(chosen, new):
+        for i, w in zip(chosen, new, strict=True):
             out[i] = w
         return out, report
 

@@ -45,7 +45,7 @@ def uce_tokens(pipe, texts: Sequence[str], guides: Sequence[str] | None = None) 
     g_emb = encode_prompts(pipe, list(guides))
     g_ids = tok(list(guides), truncation=True, max_length=length).input_ids
     old, new = [], []
-    for b, (io, ig) in enumerate(zip(ids, g_ids)):
+    for b, (io, ig) in enumerate(zip(ids, g_ids, strict=True)):
         lo, lg = _last_piece(io), _last_piece(ig)
         n = length - max(lo, lg)  # both runs end inside the 77 positions
         old.append(emb[b, lo : lo + n])

@@ -194,7 +194,7 @@ def implementation(op: str, table: dict, backend: str | None, device: torch.devi
         return _guarded(op, kernel, ref) if by_default else kernel
 
     if isinstance(chosen, tuple):
-        return tuple(prepared(f, g) for f, g in zip(chosen, reference))
+        return tuple(prepared(f, g) for f, g in zip(chosen, reference, strict=True))
     return prepared(chosen, reference)
 
 

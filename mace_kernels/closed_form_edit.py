@@ -31,7 +31,7 @@ def closed_form_edit(
     _check_inputs(weights, transform)
     packed = _closed_form_edit_op(weights, transform, "auto" if backend is None else backend)
     sizes = [w.shape[0] for w in weights]
-    return [part.to(w.dtype) for part, w in zip(torch.split(packed, sizes), weights)]
+    return [part.to(w.dtype) for part, w in zip(torch.split(packed, sizes), weights, strict=True)]
 
 
 def _check_inputs(weights, transform) -> torch.dtype:

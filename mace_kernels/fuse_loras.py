@@ -64,7 +64,7 @@ def _check_inputs(A, B, C, base, base_transform) -> torch.dtype:
     if not A or len(A) != len(B):
         raise ValueError(f"fuse_loras: A and B must list the same layers, got {len(A)} and {len(B)}")
     r = A[0].shape[1] if isinstance(A[0], torch.Tensor) and A[0].dim() == 3 else None
-    for lay, (a, b) in enumerate(zip(A, B)):
+    for lay, (a, b) in enumerate(zip(A, B, strict=True)):
         if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[0] != n or a.shape[2] != d or a.shape[1] != r:
             raise ValueError(f"fuse_loras: A[{lay}] must be ({n}, {r}, {d}) (concepts, rank, d), got {shape_of(a)}")
         if not isinstance(b, torch.Tensor) or b.dim() != 3 or b.shape[0] != n or b.shape[2] != r:
@@ -83,7 +83,7 @@ def _check_inputs(A, B, C, base, base_transform) -> torch.dtype:
     if not isinstance(base_transform, torch.Tensor) or base_transform.dim() != 2 or base_transform.shape[1] != d:
         raise ValueError(f"fuse_loras: base_transform must be (k, {d}), got {shape_of(base_transform)}")
     k = base_transform.shape[0]
-    for lay, (w, b) in enumerate(zip(base, B)):
+    for lay, (w, b) in enumerate(zip(base, B, strict=True)):
         if not isinstance(w, torch.Tensor) or w.shape != (b.shape[1], k):
             raise ValueError(f"fuse_loras: base[{lay}] must be ({b.shape[1]}, {k}) to match base_transform, got {shape_of(w)}")
     return accumulation_dtype(C.dtype, base_transform.dtype)
@@ -125,7 +125,7 @@ def _fuse_loras_fake(A, B, C, base, base_transform, backend):
 def _fuse_torch(A, B, C, base, T):
     """Reference: a Python loop over layers and concepts, one small product at a time."""
     outs = []
-    for lay, (a, b) in enumerate(zip(A, B)):
+    for lay, (a, b) in enumerate(zip(A, B, strict=True)):
         out = torch.zeros((b.shape[1], C.shape[1]), dtype=C.dtype, device=C.device)
         for i in range(C.shape[0]):
             out += b[i].to(C.dtype) @ (a[i].to(C.dtype) @ C[i])

@@ -183,7 +183,8 @@ def _grad_dtypes(grad, x, weight, A, B) -> tuple[torch.dtype, ...]:
 def _lora_apply_backward_fake(grad, x, weight, A, B, seg_lens, scale, backend, output_mask):
     shapes = (x.shape, weight.shape, A.shape, B.shape, (weight.shape[0],))
     dtypes = _grad_dtypes(grad, x, weight, A, B)
-    return tuple(grad.new_empty(shape if need else (0,), dtype=dtype) for shape, need, dtype in zip(shapes, output_mask, dtypes))
+    return tuple(grad.new_empty(shape if need else (0,), dtype=dtype)
+                 for shape, need, dtype in zip(shapes, output_mask, dtypes, strict=True))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -196,7 +197,7 @@ def _backward(ctx, grad):
     x, weight, A, B = ctx.saved_tensors
     mask = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = _lora_apply_backward_op(grad, x, weight, A, B, ctx.seg_lens, ctx.scale, ctx.backend, mask)
-    return (*(g if need else None for g, need in zip(grads, mask)), None, None, None)
+    return (*(g if need else None for g, need in zip(grads, mask, strict=True)), None, None, None)
 
 
 _lora_apply_op.register_autograd(_backward, setup_context=_setup_context)

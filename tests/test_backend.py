@@ -200,7 +200,7 @@ def test_lora_apply_falls_back_with_the_same_values_and_gradients(triton_by_defa
 
     with pytest.warns(mace_kernels.TritonFallbackWarning, match="mace_kernels.lora_apply"):
         fallen = run(None)
-    for got, want in zip(fallen, run("torch")):
+    for got, want in zip(fallen, run("torch"), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 

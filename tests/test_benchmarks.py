@@ -144,6 +144,6 @@ def test_concept_geometry_counts_the_fit_parts_and_shuffles_attributes_together(
     assert fit_parts(factors) == 1 + 12 + 10 == 23
     assert world.num_concepts - 100 < fit_parts(factors) < world.num_concepts - 10
     control = shuffled(factors, random.Random(0))
-    assert control != factors and all(sorted(a) == sorted(b) for a, b in zip(control, factors))
-    pairs = set(zip(*factors))
-    assert set(zip(*control)) <= pairs and len(set(zip(*control))) == len(pairs)
+    assert control != factors and all(sorted(a) == sorted(b) for a, b in zip(control, factors, strict=True))
+    pairs = set(zip(*factors, strict=True))
+    assert set(zip(*control, strict=True)) <= pairs and len(set(zip(*control, strict=True))) == len(pairs)

@@ -15,7 +15,7 @@ def test_matches_per_layer_matmul(backend, wdtype, tdtype, d, outs):
     got = closed_form_edit(weights, T, backend=backend)
     assert [g.shape for g in got] == [w.shape for w in weights]
     assert all(g.dtype == wdtype for g in got)
-    for g, w in zip(got, weights):
+    for g, w in zip(got, weights, strict=True):
         ref = (w.double() @ T.double()).to(wdtype)
         assert_close_scaled(g, ref, wdtype if wdtype != torch.float64 else tdtype)
 

@@ -65,7 +65,7 @@ def test_lora_parameters_live_beside_the_projections_they_adapt(fake_cuda, tiny_
     # The initial A is drawn on the CPU, so a seed gives the same LoRA on every device.
     cpu = MultiConceptLoRA(tiny_pipe.unet, 3, 2, concept_seeds=[1, 2, 3])
     again = MultiConceptLoRA(tiny_pipe.unet, 3, 2, concept_seeds=[1, 2, 3])
-    assert all(torch.equal(a, b) for a, b in zip(cpu.A, again.A))
+    assert all(torch.equal(a, b) for a, b in zip(cpu.A, again.A, strict=True))
 
 
 def test_the_attention_loss_takes_host_token_positions_to_the_probabilities(fake_cuda, tiny_pipe):
@@ -280,7 +280,7 @@ class SimulatedGPU(TorchFunctionMode):
         leaves = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         marked = [self.on_gpu(x) for x in leaves]
         if any(marked) and name not in self.CROSSING:
-            if any(not m and x.dim() > 0 for x, m in zip(leaves, marked)):
+            if any(not m and x.dim() > 0 for x, m in zip(leaves, marked, strict=True)):
                 raise RuntimeError(f"Expected all tensors to be on the same device ({name} on the simulated GPU "
                                    "met a CPU tensor)")
         out = func(*args, **kwargs)
@@ -355,7 +355,7 @@ def test_closed_form_baselines_edit_host_weights_from_gpu_encodings(method, tiny
     _encoding_on_the_gpu(monkeypatch, mace.uce, mace.rece, mace.speed)
     with SimulatedGPU():
         run(pipe, *args)
-    for got, want in zip(projection_weights(pipe.unet), expected):
+    for got, want in zip(projection_weights(pipe.unet), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
@@ -389,7 +389,7 @@ def test_refinement_and_fusion_edit_host_weights_from_gpu_encodings(method, tiny
     _encoding_on_the_gpu(monkeypatch, mace.refinement, mace.fusion)
     with SimulatedGPU():
         got = run(mace.load_pipeline(tiny_path))
-    for g, w in zip(got, expected):
+    for g, w in zip(got, expected, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
 

@@ -15,7 +15,7 @@ def _problem(n, r, d, outs, dtype, cdtype):
 
 def _oracle(A, B, C, base=None, T=None):
     outs = []
-    for lay, (a, b) in enumerate(zip(A, B)):
+    for lay, (a, b) in enumerate(zip(A, B, strict=True)):
         out = torch.einsum("ior,ird,ide->oe", b.double(), a.double(), C.double())
         if base is not None:
             out = out + base[lay].double() @ T.double()
@@ -32,7 +32,7 @@ def test_matches_oracle(backend, dtype, cdtype, n, r, d, outs):
     got = fuse_loras(A, B, C, backend=backend)
     ref = _oracle(A, B, C)
     assert len(got) == len(ref) == len(outs)
-    for g, e in zip(got, ref):
+    for g, e in zip(got, ref, strict=True):
         assert g.dtype == cdtype
         assert_close_scaled(g.double(), e, cdtype)
 
@@ -46,7 +46,7 @@ def test_with_base_term(backend, cdtype):
     T = torch.randn(d, d, dtype=cdtype)
     got = fuse_loras(A, B, C, base=base, base_transform=T, backend=backend)
     assert len(got) == len(outs)
-    for g, e in zip(got, _oracle(A, B, C, base, T)):
+    for g, e in zip(got, _oracle(A, B, C, base, T), strict=True):
         assert_close_scaled(g.double(), e, cdtype)
 
 
@@ -58,10 +58,10 @@ def test_rectangular_base_stacks_two_terms(backend):
     W = [torch.randn(o, d, dtype=torch.float64) for o in outs]
     W0 = [torch.randn(o, d, dtype=torch.float64) for o in outs]
     T, T0 = torch.randn(d, d, dtype=torch.float64), torch.randn(d, d, dtype=torch.float64)
-    got = fuse_loras(A, B, C, base=[torch.cat([w, w0], 1) for w, w0 in zip(W, W0)],
+    got = fuse_loras(A, B, C, base=[torch.cat([w, w0], 1) for w, w0 in zip(W, W0, strict=True)],
                      base_transform=torch.cat([T, T0]), backend=backend)
     assert len(got) == len(outs)
-    for g, e, w0 in zip(got, _oracle(A, B, C, W, T), W0):
+    for g, e, w0 in zip(got, _oracle(A, B, C, W, T), W0, strict=True):
         assert_close_scaled(g, e + w0 @ T0, torch.float64)
 
 

@@ -42,7 +42,7 @@ def test_forward_and_grads_match_dense_reference(backend, dtype, seg_lens, d_in,
     y_ref = _dense_reference(*ref_leaves, seg_lens, 0.5)
     (y_ref * g.double()).sum().backward()
     assert_close_scaled(y, y_ref.detach().to(dtype), dtype)
-    for name, leaf, ref in zip("x W bias A B".split(), leaves, ref_leaves):
+    for name, leaf, ref in zip("x W bias A B".split(), leaves, ref_leaves, strict=True):
         # Gradients are accumulated in float32 and cast to the parameter's dtype once.
         assert_close_scaled(leaf.grad, ref.grad.to(dtype), dtype, name=f"d{name}")
 

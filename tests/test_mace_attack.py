@@ -149,7 +149,7 @@ def test_attack_cli_on_an_erased_concept(erased_path, tmp_path, capsys):
     (["--attack-images", "0"], "--attack-images must be at least 1"),
 ])
 def test_attack_cli_bad_input_is_one_line(argv, message, tmp_path, capsys):
-    flags = {"--model": WORLD_MODEL, "--erased": ERASED, **dict(zip(argv[::2], argv[1::2]))}
+    flags = {"--model": WORLD_MODEL, "--erased": ERASED, **dict(zip(argv[::2], argv[1::2], strict=True))}
     assert main(["attack", *[x for pair in flags.items() for x in pair], "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err

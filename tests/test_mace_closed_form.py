@@ -12,7 +12,7 @@ SD14_OUT = [320] * 2 + [640] * 2 + [1280] * 3 + [1280] * 3 + [640] * 3 + [320] *
 
 def _rel(a, b):
     assert len(a) == len(b) > 0, (len(a), len(b))  # zip would silently compare fewer layers
-    return max(float((x.double() - y.double()).norm() / y.double().norm()) for x, y in zip(a, b))
+    return max(float((x.double() - y.double()).norm() / y.double().norm()) for x, y in zip(a, b, strict=True))
 
 
 def _refine_residual(W2, W, old, new, lam, P=None, s=0.0):
@@ -71,7 +71,7 @@ def test_refine_fast_equals_reference_on_builtin(tiny_path, preserve, with_prese
 
         old, new = (t.double() for t in aligned_pair_tokens(pipe, _pairs()))
         P, s = (preserve.cov, 1e-2) if with_preserve else (None, 0.0)
-        for w2, w in zip(results["fast"], before):
+        for w2, w in zip(results["fast"], before, strict=True):
             assert _refine_residual(w2, w, old, new, 0.5, P, s) < 1e-8
 
 
@@ -85,7 +85,7 @@ def test_refinement_maps_old_tokens_onto_new_outputs(tiny_pipe):
     W2 = _weights(tiny_pipe)
     assert len(W) == len(W2) == 14
     old, new = old.double(), new.double()
-    for w, w2 in zip(W, W2):
+    for w, w2 in zip(W, W2, strict=True):
         before = (old @ w.T - new @ w.T).norm()
         after = (old @ w2.T - new @ w.T).norm()
         assert float(after) < 0.5 * float(before)  # measured 0.29: 900 tokens, 64 dimensions
@@ -162,7 +162,7 @@ def test_fuse_on_builtin_reads_diffusers_loras_and_saves_a_loadable_pipeline(tin
     fused.to(torch.float32).save_pretrained(tmp_path / "fused")
     back = StableDiffusionPipeline.from_pretrained(tmp_path / "fused")
     assert len(mace.cross_attention_projections(back.unet)) == len(results["fast"][1]) == 14
-    for (_, a), b in zip(mace.cross_attention_projections(back.unet), results["fast"][1]):
+    for (_, a), b in zip(mace.cross_attention_projections(back.unet), results["fast"][1], strict=True):
         torch.testing.assert_close(a.weight.double(), b, rtol=1e-6, atol=1e-6)
 
 
@@ -176,7 +176,7 @@ def test_single_lora_is_reproduced_on_its_prompts(tiny_pipe, tmp_path):
     mace.fuse(tiny_pipe, {"ship": lora}, prompts, lam=1e-6)
     e = mace.encode_prompts(tiny_pipe, prompts["ship"]).reshape(-1, 64).double()
     assert len(W) == len(lora) == 14
-    for (name, lin), w in zip(mace.cross_attention_projections(tiny_pipe.unet), W):
+    for (name, lin), w in zip(mace.cross_attention_projections(tiny_pipe.unet), W, strict=True):
         A, B = lora[name]
         target = e @ (w + B.double() @ A.double()).T
         got = e @ lin.weight.detach().double().T
@@ -207,7 +207,7 @@ def test_external_peft_lora_scale_matches_diffusers_fuse(tiny_path, tmp_path):
     ref.load_lora_weights(tmp_path / "ext")
     ref.fuse_lora(lora_scale=1.0)
     assert sorted(read) == sorted(names) and len(base) == 14  # every attn2 to_k / to_v, nothing else
-    for (name, lin), w in zip(mace.cross_attention_projections(ref.unet), base):
+    for (name, lin), w in zip(mace.cross_attention_projections(ref.unet), base, strict=True):
         A, B = read[name]
         torch.testing.assert_close((lin.weight.double() - w), (B @ A).double(), rtol=1e-4, atol=1e-5)
 
@@ -223,7 +223,7 @@ def test_lam_zero_with_few_tokens_is_an_error_not_noise(wide_pipe):
     W = _weights(wide_pipe)
     with pytest.raises(NotPositiveDefiniteError, match="not numerically positive definite"):
         mace.refine(wide_pipe, [("a photo of Emma Stone", "a photo of a person")], lam=0.0)
-    assert all(torch.equal(a, b) for a, b in zip(W, _weights(wide_pipe)))  # nothing was written
+    assert all(torch.equal(a, b) for a, b in zip(W, _weights(wide_pipe), strict=True))  # nothing was written
 
 
 def test_lam_zero_with_jitter_reports_it_and_stays_finite(wide_pipe):
@@ -297,7 +297,7 @@ def test_refinement_statistics_streamed_in_odd_batches_equal_all_at_once(dtype):
     # Buffered until 500 tokens (after 3 batches, then the last at the end); float64 converts
     # 100 tokens at a time: neither divides a batch.
     stats = RefinementStatistics(48, dtype, chunk=100, buffer_tokens=500)
-    batches = list(zip(_prompt_batches(old, 3), _prompt_batches(new, 3)))
+    batches = list(zip(_prompt_batches(old, 3), _prompt_batches(new, 3), strict=True))
     assert [b[0].shape[0] for b in batches] == [231, 231, 231, 77]
     for o, n in batches:
         stats.add(o, n)
@@ -352,7 +352,7 @@ def test_streamed_solves_equal_the_token_list_entry_points(method, with_preserve
     old = torch.cat(tokens)
     new = old + 0.1 * torch.randn(old.shape, generator=g, dtype=torch.float64)
     want, want_report = refine_weights(weights, old, new, lam=0.1, method=method, **kw)
-    got, report = refine_weights_streamed(weights, zip(_prompt_batches(old, 3), _prompt_batches(new, 3)),
+    got, report = refine_weights_streamed(weights, zip(_prompt_batches(old, 3), _prompt_batches(new, 3), strict=True),
                                           lam=0.1, method=method, **kw)
     assert _rel(got, want) <= 1e-10 and report.tokens == want_report.tokens == old.shape[0]
     loras = LoraStack([torch.randn(3, 2, d, generator=g, dtype=torch.float64) / d**0.5 for _ in outs],
@@ -393,7 +393,7 @@ def test_refine_streams_batches_and_encodes_each_distinct_prompt_once(tiny_path,
     encoded = [p for kind, prompts in events if kind == "encode" for p in prompts]
     assert len(encoded) == len(set(encoded)) == len({p for pair in pairs for p in (pair.old, pair.new)})
     assert max(len(prompts) for kind, prompts in events if kind == "encode") <= 3
-    for a, b in zip(small, big):
+    for a, b in zip(small, big, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
     before = _weights(pipe)

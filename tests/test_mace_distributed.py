@@ -254,10 +254,10 @@ def test_statistics_summed_over_ranks_equal_one_process(method, split):
     for solve, batches in ((refine, pairs), (fuse, units)):
         want, want_report = solve(batches)
         got, report, untouched = _as_two_ranks(solve, batches[cut], batches[rest])
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
         assert report.tokens == want_report.tokens
-        assert all(torch.equal(a, b) for a, b in zip(untouched, weights))  # the rank that does not solve
+        assert all(torch.equal(a, b) for a, b in zip(untouched, weights, strict=True))  # the rank that does not solve
 
 
 def test_a_cache_rank_checkpoints_and_resumes_its_own_share(tiny_pipe, tmp_path, monkeypatch):

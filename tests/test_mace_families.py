@@ -104,14 +104,14 @@ def test_sdxl_batched_step_equals_separate_steps():
     for k in range(2):
         single = MultiConceptLoRA(unet, 1, 1)
         with torch.no_grad():
-            for dst, src in zip(list(single.A) + list(single.B), list(lora.A) + list(lora.B)):
+            for dst, src in zip(list(single.A) + list(single.B), list(lora.A) + list(lora.B), strict=True):
                 dst.copy_(src[k:k + 1])
         rows = slice(k, k + 1)
         with LoraTrainingHooks(unet, single) as hooks:
             train_step(unet, hooks, sched, latents[rows], emb[rows], AttentionTargets(tokens[rows], None, [1]),
                        noise[rows], t[rows], added_cond_kwargs={n: v[rows] for n, v in extra.items()})
         compared = 0
-        for p_b, p_s in zip(list(lora.A) + list(lora.B), list(single.A) + list(single.B)):
+        for p_b, p_s in zip(list(lora.A) + list(lora.B), list(single.A) + list(single.B), strict=True):
             assert (p_b.grad is None) == (p_s.grad is None)
             if p_b.grad is not None:
                 torch.testing.assert_close(p_b.grad[k], p_s.grad[0], rtol=1e-4, atol=1e-6)

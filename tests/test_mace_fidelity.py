@@ -122,7 +122,7 @@ def test_per_concept_clipping_equals_clipping_each_concept_alone(tiny_pipe):
     singles = []
     for k in range(3):
         params = [torch.nn.Parameter(p.detach()[k].clone()) for p in list(lora.A) + list(lora.B)]
-        for q, p in zip(params, list(lora.A) + list(lora.B)):
+        for q, p in zip(params, list(lora.A) + list(lora.B), strict=True):
             q.grad = p.grad[k].clone()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         singles.append([q.grad for q in params])
@@ -162,7 +162,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_pipe):
             unet.disable_gradient_checkpointing()
         grads.append([p.grad.clone() for p in lora.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 0
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -215,7 +215,7 @@ def test_fp16_loss_scaling_brings_the_gradients_closer_to_float32(tiny_pipe):
     scaler.step(optimizer)
     scaler.update()
     assert scaler.get_scale() == 2.0**119
-    assert all(torch.equal(a, b) for a, b in zip(before, lora.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, lora.parameters(), strict=True))
 
 
 def test_fp16_training_loop_scales_the_loss_and_stays_close_to_float32(tmp_path, tiny_pipe, monkeypatch):
@@ -429,7 +429,7 @@ def test_fusion_tokens_concept_fuses_only_the_name_and_later_positions(tiny_pipe
         e = encode_prompts(tiny_pipe, prompts)
         keep = from_name_on(tiny_pipe.tokenizer, prompts, "Qedark Draerba")
         want, _ = fuse_weights(before, stack_loras([lora], projections), [e[keep]], lam=0.1)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
         with pytest.raises(ValueError, match="contains its name"):
             fuse(tiny_pipe, {"Qedark Draerba": lora}, {"Qedark Draerba": ["a dog"]}, lam=0.1, tokens="concept")

@@ -108,7 +108,7 @@ def test_real_models_give_binary_masks_of_each_image_size(model_dirs):
     images = [_image(0), _image(1, (SIZE, 48)), _image(2)]
     boxes = masker.detect(images, "a person")
     assert [len(b) for b in boxes] == [QUERIES] * 3  # threshold 0 keeps every query
-    for b, image in zip(boxes, images):
+    for b, image in zip(boxes, images, strict=True):
         assert bool((b[:, 2] <= image.width).all() and (b[:, 3] <= image.height).all() and (b[:, :2] >= 0).all())
     masks = masker(images, "a person")
     assert [m.size for m in masks] == [im.size for im in images]
@@ -116,7 +116,7 @@ def test_real_models_give_binary_masks_of_each_image_size(model_dirs):
     assert masker.images_seen == 3
     assert masker.fallbacks == 0  # SAM found something in every image: the masks below are unions, not fallbacks
     # Each mask is the union of SAM's masks of that image's boxes (a full mask where it is empty).
-    for mask, per_box, image in zip(masks, masker.segment(images, boxes), images):
+    for mask, per_box, image in zip(masks, masker.segment(images, boxes), images, strict=True):
         assert per_box.shape == (QUERIES, image.height, image.width)
         union = union_mask(per_box, image.size)
         assert union is not None
@@ -271,7 +271,7 @@ def test_erase_prepare_stage_uses_grounded_sam(model_dirs, tmp_path, monkeypatch
     # The masker was asked once per concept, and its masks are the ones saved.
     assert len(asked) == 2
     fresh = GroundedSamMasker.from_pretrained(*model_dirs, device="cpu")
-    for name, (text, (made,)) in zip(("ship", "emma stone"), asked):
+    for name, (text, (made,)) in zip(("ship", "emma stone"), asked, strict=True):
         saved = _pixels(Image.open(tmp_path / "data" / f"{name} mask" / "0.png"))
         assert np.array_equal(saved, made)
         # ... and Grounded-SAM run afresh on the saved image gives that mask again.

@@ -59,7 +59,7 @@ def _single_concept_copy(unet, lora, k: int) -> MultiConceptLoRA:
     """A one-concept MultiConceptLoRA holding concept k's weights of ``lora``."""
     single = MultiConceptLoRA(unet, 1, rank=lora.A[0].shape[1])
     with torch.no_grad():
-        for dst, src in zip(list(single.A) + list(single.B), list(lora.A) + list(lora.B)):
+        for dst, src in zip(list(single.A) + list(single.B), list(lora.A) + list(lora.B), strict=True):
             dst.copy_(src[k:k + 1])
     return single
 
@@ -95,7 +95,7 @@ def test_batched_step_equals_separate_single_concept_steps(tiny_pipe, backend, m
                           noise[rows], t[rows])
         h.remove()
         total += float(loss)
-        for p_batched, p_single in zip(list(lora.A) + list(lora.B), list(single.A) + list(single.B)):
+        for p_batched, p_single in zip(list(lora.A) + list(lora.B), list(single.A) + list(single.B), strict=True):
             # The last attn2 layer's value LoRA cannot change any attention map: no gradient.
             assert (p_batched.grad is None) == (p_single.grad is None)
             if p_batched.grad is not None:
@@ -181,7 +181,7 @@ def test_batched_step_with_prior_preservation_equals_separate_steps(tiny_pipe):
                           noise2[rows], t2[rows], prior_loss_weight=weight)
         h.remove()
         total += float(loss)
-        for p_batched, p_single in zip(list(lora.A) + list(lora.B), list(single.A) + list(single.B)):
+        for p_batched, p_single in zip(list(lora.A) + list(lora.B), list(single.A) + list(single.B), strict=True):
             torch.testing.assert_close(p_batched.grad[k], p_single.grad[0], rtol=1e-4, atol=1e-6)
     assert abs(float(batched_loss) - total) < 1e-4 * total
 
@@ -240,7 +240,7 @@ def test_prior_loss_weight_zero_gives_the_gradients_without_preservation(tiny_pi
                       noise2, t2, prior_loss_weight=0.0)
     hooks.remove()
     torch.testing.assert_close(zero, plain, rtol=1e-5, atol=0)
-    for got, want in zip(_grads(lora), expected):
+    for got, want in zip(_grads(lora), expected, strict=True):
         if want is None:
             assert got is None or float(got.abs().max()) == 0
         else:
@@ -368,7 +368,7 @@ def test_train_concept_loras_with_prior_preservation(tiny_pipe, tmp_path):
     plain, prior = [plain.files[c] for c in ("ship", "tower")], [prior.files[c] for c in ("ship", "tower")]
     assert len(prior) == 2
     last_value = f"unet.{LAST_VALUE}.lora_B.weight"
-    for a, b in zip(plain, prior):
+    for a, b in zip(plain, prior, strict=True):
         w_plain, w_prior = load_file(str(a)), load_file(str(b))
         ups = [k for k in w_prior if "lora_B" in k]
         assert ups and all(torch.isfinite(w_prior[k]).all() for k in w_prior)
@@ -391,7 +391,7 @@ def test_preservation_penalty_is_the_relative_squared_change_on_the_preserved_to
     norms = [(tokens @ w.T).pow(2).sum() for w in weights]
     got = lora.preservation_penalty(P, norms)
     for k in range(3):
-        want = sum((tokens @ (b[k] @ a[k]).T).pow(2).sum() / n for a, b, n in zip(lora.A, lora.B, norms))
+        want = sum((tokens @ (b[k] @ a[k]).T).pow(2).sum() / n for a, b, n in zip(lora.A, lora.B, norms, strict=True))
         torch.testing.assert_close(got[k], want.detach(), rtol=1e-4, atol=1e-6)
     # Each concept's penalty depends on its own LoRA only (batched steps stay per concept).
     got[1].backward()
@@ -419,7 +419,7 @@ def test_lora_preserve_scale_makes_loras_leave_the_preserved_tokens_alone(tiny_p
                                      progress=False, preserve=preserve)
         lora = read_lora(result.files["ship"], names)
         return sum(float((kept @ (B @ A).T).pow(2).sum() / (kept @ w.T).pow(2).sum())
-                   for (A, B), w in zip((lora[n] for n in names), weights)), result
+                   for (A, B), w in zip((lora[n] for n in names), weights, strict=True)), result
 
     free, free_result = change(LoraTrainingSettings(**common), "free")
     held, held_result = change(LoraTrainingSettings(**common, preserve_scale=100.0), "held", P)

@@ -20,7 +20,7 @@ def test_builtin_tiny_is_an_ordinary_diffusers_folder(tiny_path):
     assert len(names) == 14 and names[0].endswith("attn2.to_k") and names[1].endswith("attn2.to_v")
     again = mace.load_pipeline("builtin:tiny")
     assert [n for n, _ in mace.cross_attention_projections(again.unet)] == names
-    for (_, a), (_, b) in zip(mace.cross_attention_projections(pipe.unet), mace.cross_attention_projections(again.unet)):
+    for (_, a), (_, b) in zip(mace.cross_attention_projections(pipe.unet), mace.cross_attention_projections(again.unet), strict=True):
         assert torch.equal(a.weight, b.weight)
     emb = mace.encode_prompts(pipe, ["a photo of Emma Stone", "x"])
     assert emb.shape == (2, 77, 64)

@@ -126,7 +126,7 @@ def test_one_pipeline_serves_every_version(tmp_path):
                             ("original", "builtin:tiny")):
         swapped = [w.clone() for w in projection_weights(models.use(version).unet)]
         loaded = projection_weights(mace.load_pipeline(folder).unet)
-        for a, b in zip(swapped, loaded):
+        for a, b in zip(swapped, loaded, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(models.weights("refined")[0], models.weights("original")[0])
 

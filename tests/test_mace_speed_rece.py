@@ -74,7 +74,7 @@ def test_speed_matches_the_per_layer_formula(prior_filter, augment, mu):
     exact = D - 6 - (augment > 0)  # augmentation adds one direction per layer
     assert all(dim >= exact for dim in report.extra["null_dim"])  # at least the exact null space
     assert report.extra["constraints"] == [4] * len(W) and report.tokens == 3
-    for got, want, W0 in zip(new, expected, W):
+    for got, want, W0 in zip(new, expected, W, strict=True):
         assert got.dtype == F64
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
         assert float((want - W0).abs().max()) > 1e-2  # an edit far above the tolerance
@@ -89,7 +89,7 @@ def test_speed_keeps_the_prior_and_the_invariants_exactly():
     r, K = _tokens(5, 13), _tokens(3, 14)
     new, report = speed_weights(W, t, a, r, K, threshold=1e-6, retain_scale=0.1, augment=0, prior_filter=False)
     assert report.extra["null_dim"] == [D - 5] * len(W)
-    for W0, W1 in zip(W, new):
+    for W0, W1 in zip(W, new, strict=True):
         torch.testing.assert_close(r @ W1.T, r @ W0.T, rtol=0, atol=1e-10)
         torch.testing.assert_close(K @ W1.T, K @ W0.T, rtol=0, atol=1e-10)
         before = (t @ W0.T - a @ W0.T).norm()
@@ -109,7 +109,7 @@ def test_speed_edit_lies_in_the_null_space_of_a_full_rank_prior():
     for tau in (0.01, 0.1, 1.0):
         new, report = speed_weights(W, t, a, r, _tokens(2, 24), threshold=tau, augment=3, generator=torch.Generator().manual_seed(0))
         total = 0.0
-        for W0, W1, null_dim in zip(W, new, report.extra["null_dim"]):
+        for W0, W1, null_dim in zip(W, new, report.extra["null_dim"], strict=True):
             assert 0 < null_dim < D
             total += float((t @ W1.T - a @ W0.T).norm() / (t @ W0.T - a @ W0.T).norm())
         residual.append(total / len(W))
@@ -145,7 +145,7 @@ def test_kmeans_finds_separated_clusters():
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=F64)
     x = torch.cat([c + 0.1 * torch.randn(7, 2, generator=g, dtype=F64) for c in centres])
     found = kmeans(x, 3)
-    for c, members in zip(centres, x.split(7)):
+    for c, members in zip(centres, x.split(7), strict=True):
         nearest = found[torch.cdist(c[None], found).argmin()]
         torch.testing.assert_close(nearest, members.mean(0))
 
@@ -159,7 +159,7 @@ def _rece_reference(weights, original, c, g, kept, *, rounds, lam, s_p, s_e, rho
     eye = torch.eye(c.shape[1], dtype=F64)
     current = list(weights)
     for _ in range(rounds):
-        A = torch.linalg.inv(rho * eye + sum(W.T @ W for W in current)) @ sum(W.T @ W0 for W, W0 in zip(current, original))
+        A = torch.linalg.inv(rho * eye + sum(W.T @ W for W in current)) @ sum(W.T @ W0 for W, W0 in zip(current, original, strict=True))
         adv = c @ A.T
         current = [(lam * W + s_e * (g @ W.T).T @ adv + s_p * (kept @ W.T).T @ kept)
                    @ torch.linalg.inv(lam * eye + s_e * adv.T @ adv + s_p * kept.T @ kept) for W in current]
@@ -176,7 +176,7 @@ def test_rece_matches_the_per_layer_formula(rounds, erase_scale):
                                erase_scale=erase_scale, regularization=0.05)
     assert report.extra["rounds"] == rounds and len(report.extra["shift"]) == rounds
     torch.testing.assert_close(report.extra["adversarial"], adv, rtol=1e-9, atol=1e-10)
-    for got, want, before in zip(new, expected, W):
+    for got, want, before in zip(new, expected, W, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
         assert float((want - before).abs().max()) > 1e-2
 
@@ -187,12 +187,12 @@ def test_rece_adversarial_embedding_is_optimal_and_erased_by_the_last_round():
     c, g = _tokens(5, 41), _tokens(5, 42)
     adv = adversarial_embeddings(W, W0, c, regularization=0.1)
     # Optimality: the gradient of sum_l ||W_l x - W0_l c||^2 + rho ||x||^2 vanishes at x = c'.
-    grad = sum((adv @ w.T - c @ w0.T) @ w for w, w0 in zip(W, W0)) + 0.1 * adv
-    scale = sum(float((c @ w0.T @ w).norm()) for w, w0 in zip(W, W0))
+    grad = sum((adv @ w.T - c @ w0.T) @ w for w, w0 in zip(W, W0, strict=True)) + 0.1 * adv
+    scale = sum(float((c @ w0.T @ w).norm()) for w, w0 in zip(W, W0, strict=True))
     assert float(grad.norm()) < 1e-10 * scale
     # ... and it brings the original outputs back far better than the concept's own embedding.
-    recovered = sum(float((adv @ w.T - c @ w0.T).norm() ** 2) for w, w0 in zip(W, W0))
-    plain = sum(float((c @ w.T - c @ w0.T).norm() ** 2) for w, w0 in zip(W, W0))
+    recovered = sum(float((adv @ w.T - c @ w0.T).norm() ** 2) for w, w0 in zip(W, W0, strict=True))
+    plain = sum(float((c @ w.T - c @ w0.T).norm() ** 2) for w, w0 in zip(W, W0, strict=True))
     assert recovered < 0.5 * plain
     # Two rounds equal one round from the first round's weights; the second round's embedding,
     # found against those weights, is what it maps onto the guide (5 tokens in 13 dims, tiny lam).
@@ -201,7 +201,7 @@ def test_rece_adversarial_embedding_is_optimal_and_erased_by_the_last_round():
     second, _ = rece_weights(first, W0, c, g, rounds=1, lam=1e-6)
     adv2 = report.extra["adversarial"]
     torch.testing.assert_close(adv2, adversarial_embeddings(first, W0, c, regularization=0.1))
-    for w1, w2, w2b in zip(first, both, second):
+    for w1, w2, w2b in zip(first, both, second, strict=True):
         torch.testing.assert_close(w2, w2b)
         before = (adv2 @ w1.T - g @ w1.T).norm()
         assert (adv2 @ w2.T - g @ w1.T).norm() < 1e-4 * before
@@ -268,9 +268,9 @@ def test_speed_on_the_world(world_pipe):
     assert K.shape == (4, null.shape[1])
     new = _speed_reference(W0, t, a, r, K.T, tau=0.1, alpha=1.0, mu=0.0, augment=0, prior_filter=False, seed=0)
     edited = [w.double() for w in projection_weights(pipe.unet)]
-    for got, want in zip(edited, new):
+    for got, want in zip(edited, new, strict=True):
         torch.testing.assert_close(got, want.float().double(), rtol=1e-5, atol=1e-6)
-    for W, W1 in zip(W0, edited):
+    for W, W1 in zip(W0, edited, strict=True):
         # Measured: the erased name's last piece is 0.08-0.11 of its distance from the guide's
         # (K and V); the kept names' outputs move by about 3e-8 relative (float32 weights).
         assert float((t @ W1.T - a @ W.T).norm() / (t @ W.T - a @ W.T).norm()) < 0.3
@@ -279,7 +279,7 @@ def test_speed_on_the_world(world_pipe):
     # The reference's default edits the values only.
     set_projection_weights(pipe.unet, [w.float() for w in W0])
     report = speed(pipe, [ERASED], GUIDE, KEPT, seed=1)
-    for name, W, W1 in zip(names, W0, projection_weights(pipe.unet)):
+    for name, W, W1 in zip(names, W0, projection_weights(pipe.unet), strict=True):
         assert torch.equal(W1, W.float()) == name.endswith("to_k"), name
     assert len(report.extra["null_dim"]) == len(names) // 2
 
@@ -300,10 +300,10 @@ def test_rece_on_the_world(world_pipe):
     g = mace.encode_prompts(pipe, [GUIDE]).double().reshape(-1, d)
     kept = mace.encode_prompts(pipe, [""] + others).double().reshape(-1, d)
     new, _ = _rece_reference(after_uce, W0, c, g, kept, rounds=2, lam=0.1, s_p=1.0, s_e=1.0, rho=0.1)
-    for got, want in zip(edited, new):
+    for got, want in zip(edited, new, strict=True):
         torch.testing.assert_close(got, want.float().double(), rtol=1e-5, atol=1e-6)
     kept_tokens = mace.encode_prompts(pipe, KEPT).double().reshape(-1, d)
-    for W, W1 in zip(W0, edited):
+    for W, W1 in zip(W0, edited, strict=True):
         # Measured: in the edited model the erased text's keys/values are about 0.66 of their
         # original distance from the guide's; a kept text's move by about 9% of their size.
         assert float((c @ W1.T - g @ W1.T).norm() / (c @ W.T - g @ W.T).norm()) < 0.8
@@ -326,5 +326,5 @@ def test_pipeline_entry_points_reject_bad_input(world_pipe):
         rece(pipe, [ERASED], GUIDE, rounds=0)
     with pytest.raises(ValueError, match="1 concepts but 2 guides"):
         rece(pipe, [ERASED], [GUIDE, GUIDE])
-    for W, W1 in zip(W0, projection_weights(pipe.unet)):  # nothing was written
+    for W, W1 in zip(W0, projection_weights(pipe.unet), strict=True):  # nothing was written
         assert torch.equal(W1, W.float())

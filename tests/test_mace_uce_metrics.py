@@ -66,7 +66,7 @@ def test_uce_matches_the_per_layer_formula(tiny_pipe, erase_scale):
     report = uce(tiny_pipe, erase, "a person", preserve, lam=0.1, preserve_scale=0.5, erase_scale=erase_scale)
     assert report.extra == {"erased": 2, "preserved": 2}
     assert len(expected) == len(before) == 14
-    for (_, lin), W, W0 in zip(mace.cross_attention_projections(tiny_pipe.unet), expected, before):
+    for (_, lin), W, W0 in zip(mace.cross_attention_projections(tiny_pipe.unet), expected, before, strict=True):
         torch.testing.assert_close(lin.weight.detach().double(), W, rtol=1e-4, atol=1e-5)
         # The edit is far larger than the tolerance: the comparison can tell edited from unedited.
         assert float((W - W0.double()).abs().max()) > 1e-2
@@ -78,7 +78,7 @@ def test_uce_maps_the_concept_onto_its_guide(tiny_pipe):
     before = [lin.weight.detach().clone() for _, lin in mace.cross_attention_projections(tiny_pipe.unet)]
     uce(tiny_pipe, ["Emma Stone"], "a person", lam=1e-4)
     assert len(before) == 14
-    for W0, (_, lin) in zip(before, mace.cross_attention_projections(tiny_pipe.unet)):
+    for W0, (_, lin) in zip(before, mace.cross_attention_projections(tiny_pipe.unet), strict=True):
         # 73 tokens in a 64-dim space: least squares, so compare the residual with the unedited one.
         after = (old @ lin.weight.detach().T - new @ W0.T).norm()
         unedited = (old @ W0.T - new @ W0.T).norm()

@@ -18,7 +18,7 @@ def _oracle(M, R):
     """Independent float64 oracle: scipy's LAPACK solve of M^T X^T = R^T per batch item."""
     Mn = M.double().numpy().reshape(-1, *M.shape[-2:])
     Rn = np.broadcast_to(R.double().numpy(), (*M.shape[:-2], *R.shape[-2:])).reshape(-1, *R.shape[-2:])
-    X = np.stack([scipy.linalg.solve(m.T, r.T, assume_a="pos").T for m, r in zip(Mn, Rn)])
+    X = np.stack([scipy.linalg.solve(m.T, r.T, assume_a="pos").T for m, r in zip(Mn, Rn, strict=True)])
     return torch.from_numpy(X.reshape(*M.shape[:-2], *R.shape[-2:]))
 
 

@@ -136,7 +136,7 @@ def _write_csv(path: Path, prompts: Sequence[EvalPrompt], predicted: torch.Tenso
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["case_number", "prompt", "evaluation_seed", "concept", "kind", "predicted", "correct"])
-        for i, (p, label) in enumerate(zip(prompts, predicted.tolist())):
+        for i, (p, label) in enumerate(zip(prompts, predicted.tolist(), strict=True)):
             name = world.concepts[p.concept].name if p.concept != world.none_class else ""
             guess = world.label_name(label)
             writer.writerow([i, p.prompt, p.seed, name, p.kind, guess, int(label == p.concept)])

@@ -269,7 +269,7 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
     backgrounds = torch.randint(len(BACKGROUNDS), (labels.numel(),), generator=g)
     latents = []
     with torch.no_grad():
-        for idx, bgs in tqdm(zip(labels.split(512), backgrounds.split(512)), total=-(-labels.numel() // 512), desc="encode"):
+        for idx, bgs in tqdm(zip(labels.split(512), backgrounds.split(512), strict=True), total=-(-labels.numel() // 512), desc="encode"):
             images = render(idx, backgrounds=bgs, generator=g, world=world)
             latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
     latents = torch.cat(latents)
@@ -319,7 +319,7 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for model, shadow in ((unet, ema), (text_encoder, ema_text)):
-                for p, s in zip(model.parameters(), shadow.parameters()):
+                for p, s in zip(model.parameters(), shadow.parameters(), strict=True):
                     s.lerp_(p, 1 - decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
