@@ -1,0 +1,106 @@
+"""docs/results.md and the README's headline block are generated from benchmarks/results/*.json
+(benchmarks/make_results_doc.py): the committed documents must be what the committed results
+generate, a changed number must change them, and a result no renderer reads must be listed."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("make_results_doc", ROOT / "benchmarks" / "make_results_doc.py")
+make_results_doc = importlib.util.module_from_spec(SPEC)
+sys.modules["make_results_doc"] = make_results_doc  # dataclasses look their module up there
+SPEC.loader.exec_module(make_results_doc)
+
+# What the generator reads and writes, relative to the repository root.
+INPUTS = ["benchmarks/results", "mace/world", "docs/results.md", "README.md"]
+
+
+def tracked_files() -> list[str] | None:
+    """The files git tracks under INPUTS (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", *INPUTS], cwd=ROOT, capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [f for f in out.stdout.decode().split("\0") if f]
+
+
+def test_committed_documents_are_what_the_committed_results_generate(tmp_path):
+    # Only tracked files count, so a result still being measured (untracked) does not fail the suite
+    # before it is committed; on a fresh clone (CI) this is exactly `make_results_doc.py --check`.
+    files = tracked_files()
+    if files is None:
+        assert make_results_doc.main(["--check"]) == 0, "run python benchmarks/make_results_doc.py"
+        return
+    for name in files:
+        if (ROOT / name).is_file() and (name.endswith((".json", ".png", ".md")) or name == "README.md"):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / name, tmp_path / name)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "mace" / "world").mkdir(parents=True, exist_ok=True)
+    args = ["--results", str(tmp_path / "benchmarks" / "results"), "--doc", str(tmp_path / "docs" / "results.md"),
+            "--readme", str(tmp_path / "README.md"), "--worlds", str(tmp_path / "mace" / "world"), "--check"]
+    assert make_results_doc.main(args) == 0, "docs/results.md or README.md is stale: run python benchmarks/make_results_doc.py"
+
+
+LORA_TRAINING = {"model": "builtin:tiny", "concepts": 8, "steps": 10, "speedup": 1.25,
+                 "results": {"batched": {"seconds": 9.9, "concept_steps_per_s": 8.06},
+                             "one at a time": {"seconds": 11.2, "concept_steps_per_s": 7.16}}}
+
+
+def generate(tmp_path: Path, results: dict[str, dict]) -> tuple[str, str]:
+    folder = tmp_path / "results"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for name, data in results.items():
+        (folder / f"{name}.json").write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{make_results_doc.BEGIN}\nold\n{make_results_doc.END}\n\nrest\n")
+    outputs = make_results_doc.generate(folder, tmp_path / "docs" / "results.md", readme, tmp_path / "no-worlds")
+    return outputs[tmp_path / "docs" / "results.md"], outputs[readme]
+
+
+def test_a_changed_number_changes_the_document(tmp_path):
+    doc, readme = generate(tmp_path, {"lora_training-cpu-2cores": LORA_TRAINING})
+    assert "| batched | 9.9 | 8.06 |" in doc and "1.25x" in doc
+    assert readme.startswith("# x\n\n") and readme.endswith("\n\nrest\n") and "\nold\n" not in readme
+    changed = json.loads(json.dumps(LORA_TRAINING))
+    changed["results"]["batched"]["seconds"] = 4.2
+    doc2, _ = generate(tmp_path, {"lora_training-cpu-2cores": changed})
+    assert doc2 != doc and "| batched | 4.2 | 8.06 |" in doc2
+
+
+def test_results_without_a_renderer_are_listed_by_name(tmp_path, capsys):
+    doc, _ = generate(tmp_path, {"lora_training-cpu-2cores": LORA_TRAINING, "brand_new_bench-cpu": {"x": 1},
+                                 "lora_training-odd-layout": {"rows": []}})
+    listed = doc[doc.index("## Results without a renderer"):]
+    assert "[brand_new_bench-cpu.json](../results/brand_new_bench-cpu.json)" in listed
+    # a file of a known family in a layout its renderer does not read is listed too, never dropped
+    assert "[lora_training-odd-layout.json](../results/lora_training-odd-layout.json): a layout" in doc
+    err = capsys.readouterr().err
+    assert "brand_new_bench-cpu.json" in err and "lora_training-odd-layout.json" in err
+
+
+def test_check_names_the_stale_file(tmp_path, capsys):
+    generate(tmp_path, {"lora_training-cpu-2cores": LORA_TRAINING})
+    args = ["--results", str(tmp_path / "results"), "--doc", str(tmp_path / "docs" / "results.md"),
+            "--readme", str(tmp_path / "README.md"), "--worlds", str(tmp_path / "no-worlds")]
+    assert make_results_doc.main(args) == 0
+    assert make_results_doc.main([*args, "--check"]) == 0
+    (tmp_path / "docs" / "results.md").write_text("edited by hand\n")
+    assert make_results_doc.main([*args, "--check"]) == 1
+    assert "results.md is stale" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("readme", ["# no markers\n", None])
+def test_a_readme_without_the_block_is_an_error(tmp_path, readme):
+    path = tmp_path / "README.md"
+    if readme is not None:
+        path.write_text(readme)
+    with pytest.raises(SystemExit, match="README.md"):
+        make_results_doc.generate(tmp_path, tmp_path / "results.md", path, tmp_path)
