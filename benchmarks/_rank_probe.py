@@ -18,12 +18,12 @@ def main(argv: list[str]) -> int:
     import torch
 
     from mace import distributed
-    from mace.atomic import write_json_atomically
+    from mace.utils.atomic import write_json_atomically
 
     stats, command, rest = Path(argv[0]), argv[1], argv[2:]
     if command == "cache":
-        from mace.cache import build_preservation_cache, read_prompt_file
-        from mace.pipelines import load_pipeline
+        from mace.pipelines.loading import load_pipeline
+        from mace.stages.cache import build_preservation_cache, read_prompt_file
 
         prompts, out, device = rest
         device = distributed.local_device(device)

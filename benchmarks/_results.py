@@ -1,5 +1,5 @@
 """Where benchmark results go: JSON files under benchmarks/results/ (written atomically with
-mace.atomic.write_json_atomically)."""
+mace.utils.atomic.write_json_atomically)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from _results import RESULTS
 
-from mace.atomic import write_json_atomically
+from mace.utils.atomic import write_json_atomically
 
 SD14_OUT = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
 BATCH_PROMPTS = 64  # the stages' default encoder batch

@@ -49,7 +49,7 @@ import torch
 from _results import RESULTS
 from bench_erasure_quality import split_concepts
 
-from mace.atomic import write_json_atomically
+from mace.utils.atomic import write_json_atomically
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -98,7 +98,7 @@ def draw_predictions(pipe, world, factors: list[list[str]], erased: list[int], *
                      steps: int) -> dict[str, float]:
     """Share of images showing each erased concept, drawn from its own embeddings, from their additive
     prediction by the kept concepts, and from that prediction with shuffled attributes."""
-    from mace.models import encode_prompts
+    from mace.pipelines.components import encode_prompts
     from mace.world import load_classifier
     from mace.world.concepts import EVAL_TEMPLATES, fill
     from mace.world.evaluate import evaluation_prompts
@@ -140,8 +140,8 @@ def oracle_edit_scores(world, split, n: int, scales: list[float], *, images_per_
     import mace
     import mace_kernels as mk
     from mace.closed_form import refine_weights
-    from mace.models import edit_projections, encode_prompts
-    from mace.uce import uce_tokens
+    from mace.methods.uce import uce_tokens
+    from mace.pipelines.components import edit_projections, encode_prompts
     from mace.world import GENERIC_CONCEPT, load_classifier
     from mace.world.concepts import EVAL_TEMPLATES, fill
     from mace.world.evaluate import evaluate_world
@@ -191,7 +191,7 @@ def attribute_sets(world) -> dict[str, list[list[str]]]:
 
 def embeddings_at(pipe, world, template: str) -> dict[str, torch.Tensor]:
     """(concepts, d) embeddings at the name's last word piece and at the end-of-text token."""
-    from mace.models import encode_prompts
+    from mace.pipelines.components import encode_prompts
     from mace.world.concepts import fill
 
     prompts = [fill(template, c.name) for c in world.concepts]

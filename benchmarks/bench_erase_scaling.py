@@ -33,7 +33,7 @@ from pathlib import Path
 
 from _results import RESULTS
 
-from mace.atomic import write_json_atomically
+from mace.utils.atomic import write_json_atomically
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -50,7 +50,7 @@ def write_config(n: int, work: Path, device: str, overrides: dict) -> tuple[Path
     import yaml
 
     from mace.config import load_config
-    from mace.prompts import OBJECT_TEMPLATES
+    from mace.stages.prompts import OBJECT_TEMPLATES
     from mace.world import GENERIC_CONCEPT, WORLD
 
     names = [c.name for c in WORLD.concepts]

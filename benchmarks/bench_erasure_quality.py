@@ -26,13 +26,13 @@ refuses a file measured under other settings (--fresh replaces it). The other
 hyperparameters (lambda 0.1, the LoRA's learning rate and steps) are those of
 configs/world_erase.yaml for every method, fixed before this protocol and never chosen on a
 report set, except MACE's use_pooler: false (--mace-option), chosen on the tuning sets
-(bench_specificity_diagnosis.py). SPEED and RECE keep their papers' other defaults (mace.speed,
-mace.rece; RECE with lambda 0.1 as above). Preservation: MACE and refinement through a domain cache
+(bench_specificity_diagnosis.py). SPEED and RECE keep their papers' other defaults (mace.methods.speed,
+mace.methods.rece; RECE with lambda 0.1 as above). Preservation: MACE and refinement through a domain cache
 of prompts naming every concept that is not erased; UCE and RECE through those names' embeddings;
 SPEED through their last word pieces (its prior set).
 
 Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Robustness (--attacks): on
-each reported model, mace.robustness attacks the first --attack-concepts erased concepts (the
+each reported model, mace.attacks attacks the first --attack-concepts erased concepts (the
 same ones for every method) with the text-only search and the soft-prompt attack at their
 default budgets; ASR is the share of them the classifier finds again (plain: before any attack).
 Attacks play no part in choosing a scale. Prints a table, writes JSON, and with --plot a PNG of
@@ -53,7 +53,7 @@ from pathlib import Path
 
 from _results import RESULTS
 
-from mace.atomic import write_json_atomically
+from mace.utils.atomic import write_json_atomically
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,13 +62,13 @@ PRESERVE_TEMPLATES = 5  # MACE's preservation prompts per kept concept (its firs
 # Raised when a change to this script or to the methods changes what a trial or row measures; a
 # resume then refuses older results. (The package's commit is not part of the settings, so that a
 # run of several hours may go on across commits that do not change the numbers.)
-PROTOCOL = 2  # 2: every method runs through mace.methods; SPEED draws its augmentation from the config's seed
+PROTOCOL = 2  # 2: every method runs through mace.methods.registry; SPEED draws its augmentation from the config's seed
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "world_erase.yaml"
 
 
 def _default_scales() -> dict[str, float]:
-    from mace.methods import METHODS as REGISTRY
+    from mace.methods.registry import METHODS as REGISTRY
 
     return {name: m.default_scale for name, m in REGISTRY.items()}
 
@@ -131,12 +131,12 @@ def scale_grid(method: str, points: int, centres: dict[str, float] | None = None
 
 def erase_with(method: str, world, names: list[str], preserved: list[str], work: Path, scale: float, overrides: dict,
                data_dir: Path):
-    """The edited pipeline for one method (run through mace.methods, as `mace erase` runs it), and
+    """The edited pipeline for one method (run through mace.methods.registry, as `mace erase` runs it), and
     the seconds the edit took (preservation included)."""
     import mace
     from mace.config import config_from_dict, load_config
-    from mace.methods import run_erasure
-    from mace.prompts import OBJECT_TEMPLATES
+    from mace.methods.registry import run_erasure
+    from mace.stages.prompts import OBJECT_TEMPLATES
     from mace.world import GENERIC_CONCEPT
 
     start = time.perf_counter()
@@ -215,7 +215,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mace.atomic import atomic_path
+    from mace.utils.atomic import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label in ((axes[0], "h_o", "H_o (report set)"), (axes[1], "acc_s", "Acc_s (report set)")):
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
             parser.error(f"--centre {option}: unknown method; choose from {sorted(DEFAULT_SCALE)}")
         centres[method.strip()] = float(value)
     classifier = load_classifier(world)
-    from mace.robustness import WorldJudge, attack_success_rate, make_attacks, rendered_targets
+    from mace.attacks import WorldJudge, attack_success_rate, make_attacks, rendered_targets
     from mace.world.concepts import EVAL_TEMPLATES
 
     attacks = make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget) if args.attacks else []

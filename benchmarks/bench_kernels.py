@@ -24,7 +24,7 @@ import torch
 from _results import RESULTS
 
 import mace_kernels as mk
-from mace.atomic import write_json_atomically
+from mace.utils.atomic import write_json_atomically
 
 # SD 1.4: 16 cross-attention layers (down 320 x2, 640 x2, 1280 x2; mid 1280; up 1280 x3,
 # 640 x3, 320 x3); each has to_k and to_v of out size = the block width, in = 768.

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_lora_training.py            # k = 8 concepts, builtin:tiny, CPU
 
-Runs the real training code (mace.lora_training.train_concept_loras) twice on the same synthetic
+Runs the real training code (mace.stages.lora_training.train_concept_loras) twice on the same synthetic
 prepared data (random images and masks in the original folder layout): once with all k
 concepts in one batch, once with concepts_per_batch = 1. Prints concept-steps per second and
 writes JSON.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _results import RESULTS
 
-from mace.atomic import write_json_atomically
+from mace.utils.atomic import write_json_atomically
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     from PIL import Image
 
     import mace
-    from mace.lora_training import LoraTrainingSettings, train_concept_loras
-    from mace.prepare import concept_folders
+    from mace.stages.lora_training import LoraTrainingSettings, train_concept_loras
+    from mace.stages.prepare import concept_folders
 
     pipe = mace.load_pipeline(args.model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -96,14 +96,14 @@ def probe(kind: str, rest: list[str]) -> int:
 
     record: dict = {}
     if kind == "load":
-        from mace.pipelines import load_pipeline
+        from mace.pipelines.loading import load_pipeline
 
         start = time.perf_counter()
         load_pipeline(rest[0], device=rest[1])
         record["seconds"] = time.perf_counter() - start
     elif kind == "cache":
-        from mace.cache import build_preservation_cache, read_prompt_file
-        from mace.pipelines import load_pipeline
+        from mace.pipelines.loading import load_pipeline
+        from mace.stages.cache import build_preservation_cache, read_prompt_file
 
         model, prompts, out, device = rest
         pipe = load_pipeline(model, device=device)
@@ -155,7 +155,7 @@ def projection(args, steps: dict) -> dict:
     }
     if "report" in steps:  # bounded: the same shown concepts and images whatever the count
         from mace.config import MACEConfig
-        from mace.report import REPORT_STEPS
+        from mace.evaluation.report import REPORT_STEPS
 
         defaults = MACEConfig()
         per_image_step = steps["report"]["seconds"] / (steps["report"]["images"] * min(REPORT_STEPS, args.generation_steps))
@@ -193,8 +193,8 @@ def main() -> int:
     if args.probe:
         return probe(args.probe[0], args.probe[1:])
 
-    from mace.atomic import write_json_atomically, write_text_atomically
-    from mace.builtin import builtin_model_path
+    from mace.pipelines.builtin import builtin_model_path
+    from mace.utils.atomic import write_json_atomically, write_text_atomically
 
     stages = [s for s in args.stages.split(",") if s]
     work = Path(args.work or tempfile.mkdtemp(prefix="real-shapes-"))

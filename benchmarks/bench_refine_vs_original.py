@@ -60,7 +60,7 @@ from types import SimpleNamespace
 from _results import RESULTS
 from bench_closed_form import _reset_peak, _rss_mb
 
-from mace.atomic import write_json_atomically
+from mace.utils.atomic import write_json_atomically
 
 LAMB = 0.0
 TRAIN_PRESERVE_SCALE = 1e-4
@@ -87,7 +87,7 @@ def concept_pairs(n: int, prompts: int = PROMPTS_PER_CONCEPT):
 
 
 def preserved_prompts() -> list[str]:
-    from mace.prompts import templates_for
+    from mace.stages.prompts import templates_for
 
     templates = templates_for("object")
     return [templates[k % len(templates)].format(f"keeper {k}") for k in range(PRESERVED_PROMPTS)]
@@ -104,8 +104,8 @@ def load_model(name: str):
     from torch import nn
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from mace.models import cross_attention_projections, read_projection_weights
-    from mace.pipelines import resolve_model_path
+    from mace.pipelines.components import cross_attention_projections, read_projection_weights
+    from mace.pipelines.loading import resolve_model_path
 
     path = Path(resolve_model_path(name))
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
@@ -231,7 +231,7 @@ def original_refinement(text_encoder, tokenizer, unet, concepts, domain_cache, *
     """
     import torch
 
-    from mace.models import cross_attention_projections
+    from mace.pipelines.components import cross_attention_projections
 
     timings = {} if timings is None else timings
     timings["gc_seconds"] = 0.0
@@ -380,14 +380,14 @@ def run_one(method: str, n: int, work: Path, model: str, sub: int | None = None)
     import torch
 
     import mace
-    from mace.models import cross_attention_projections, projection_weights, set_projection_weights
+    from mace.pipelines.components import cross_attention_projections, projection_weights, set_projection_weights
 
     tokenizer, encoder, unet = load_model(model)
     original_weights = [w.clone() for w in projection_weights(unet)]
     P = torch.load(work / "P.pt")
     s = effective_scale()
     if method == "prep":  # the preserved statistic, encoded once for every cell
-        from mace.models import encode_prompts
+        from mace.pipelines.components import encode_prompts
 
         pipe = SimpleNamespace(tokenizer=tokenizer, text_encoder=encoder, unet=unet)
         emb = encode_prompts(pipe, preserved_prompts()).double()

@@ -31,7 +31,7 @@ from pathlib import Path
 from _results import RESULTS
 from bench_erasure_quality import CONFIG, PRESERVE_TEMPLATES, split_concepts
 
-from mace.atomic import write_json_atomically
+from mace.utils.atomic import write_json_atomically
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -105,11 +105,11 @@ def main(argv=None) -> int:
     import mace
     from mace.config import config_from_dict, load_config
     from mace.erase import concept_pairs, erase
-    from mace.fusion import FusionSettings, from_name_on, fuse
-    from mace.lora_io import read_lora
-    from mace.lora_training import lora_dir
-    from mace.models import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights
-    from mace.prompts import OBJECT_TEMPLATES
+    from mace.pipelines.components import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights
+    from mace.pipelines.lora_io import read_lora
+    from mace.stages.fusion import FusionSettings, from_name_on, fuse
+    from mace.stages.lora_training import lora_dir
+    from mace.stages.prompts import OBJECT_TEMPLATES
     from mace.world import EVAL_TEMPLATES, GENERIC_CONCEPT, get_world, load_classifier
     from mace.world.concepts import fill
     from mace.world.evaluate import evaluate_world

@@ -139,7 +139,7 @@ def main() -> int:
 
 def check_streamed_stages(dev: str) -> bool:
     """The closed-form stages as mace erase runs them on a GPU: tokens from the text encoder on
-    the GPU, projection weights on the CPU (mace.models.edit_projections). Their statistics
+    the GPU, projection weights on the CPU (mace.pipelines.components.edit_projections). Their statistics
     follow the tokens, the solves the weights; the result must equal an all-CPU run."""
     from mace.closed_form import LoraStack, fuse_weights_streamed, refine_weights_streamed
 

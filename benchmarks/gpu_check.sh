@@ -49,7 +49,7 @@ step 150 "$out/kernels-gpu.txt" python3 benchmarks/bench_kernels.py --device cud
 # torchrun when the machine has two GPUs). It needs the package's Python dependencies
 # (diffusers, transformers, open-clip-torch's vocabulary); a machine without them says so.
 # Python's exit status decides (an import may warn on stderr and still work).
-if imported=$(python3 -c "import yaml, mace.erase, mace.cache, mace.tokenizer as t; t.clip_bpe_path()" 2>&1); then
+if imported=$(python3 -c "import yaml, mace.erase, mace.stages.cache, mace.utils.tokenizer as t; t.clip_bpe_path()" 2>&1); then
     gpus=$(nvidia-smi -L | wc -l)
     procs=1; [ "$gpus" -ge 2 ] && procs=1,2
     step 150 "$out/erase_scaling-gpu.txt" python3 benchmarks/bench_erase_scaling.py --device cuda --sizes 10 \

@@ -16,9 +16,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _cmd_cache(args) -> int:
-    from . import distributed
-    from .cache import build_preservation_cache, read_prompt_file
-    from .pipelines import load_pipeline
+    from mace import distributed
+    from mace.pipelines.loading import load_pipeline
+    from mace.stages.cache import build_preservation_cache, read_prompt_file
 
     _at_least(args.batch_size, "--batch-size")
     prompts = read_prompt_file(args.prompts)
@@ -31,9 +31,9 @@ def _cmd_cache(args) -> int:
 
 
 def _cmd_erase(args, stages=None) -> int:
-    from . import distributed
-    from .config import load_config
-    from .methods import run_erasure
+    from mace import distributed
+    from mace.config import load_config
+    from mace.methods.registry import run_erasure
 
     config = load_config(args.config, args.set)
     chosen = tuple(stages or (args.stages.split(",") if args.stages else ()))
@@ -96,8 +96,8 @@ def _cmd_sample(args) -> int:
 
     import torch
 
-    from .atomic import save_image_atomically
-    from .pipelines import load_pipeline
+    from mace.pipelines.loading import load_pipeline
+    from mace.utils.atomic import save_image_atomically
 
     if bool(args.prompt) == bool(args.csv):
         raise ValueError("give exactly one of --prompt or --csv")
@@ -133,7 +133,7 @@ def _cmd_sample(args) -> int:
 
 
 def _attack_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by mace attack and mace eval --attack (budgets are checked by mace.robustness)."""
+    """Options shared by mace attack and mace eval --attack (budgets are checked by mace.attacks)."""
     p.add_argument("--text-budget", default=None, help="text attack: text-encoder prompt evaluations per concept (default 320)")
     p.add_argument("--soft-budget", default=None, help="soft-prompt attack: gradient steps per concept (default 40)")
     p.add_argument("--attack-images", type=int, default=4, help="images judged per concept and prompt")
@@ -152,7 +152,7 @@ def _models_and_concepts(args, what: str = "evaluated") -> tuple[str, str | None
     (whose ``device`` also becomes ``args.device`` when --device is not given)."""
     model, original, erased = args.model, args.original, _split(args.erased)
     if args.config:
-        from .config import load_config
+        from mace.config import load_config
 
         config = load_config(args.config, args.set)
         model = model or config.final_save_path
@@ -168,7 +168,7 @@ def _models_and_concepts(args, what: str = "evaluated") -> tuple[str, str | None
 def _attack_reports(args, pipe, before, erased: list[str], world=None, clip=None) -> dict:
     """Run the attacks of --attack(s) on ``pipe``; the glyph world's classifier judges, or CLIP
     zero-shot among the erased and --kept names."""
-    from .robustness import ClipJudge, WorldJudge, attack_success_rate, generated_targets, make_attacks, rendered_targets
+    from mace.attacks import ClipJudge, WorldJudge, attack_success_rate, generated_targets, make_attacks, rendered_targets
 
     attacks = make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget)
     if not erased:
@@ -191,7 +191,7 @@ def _attack_reports(args, pipe, before, erased: list[str], world=None, clip=None
 
 def _check_attack_flags(args) -> None:
     """Bad budgets and attack names fail before any model is loaded."""
-    from .robustness import make_attacks
+    from mace.attacks import make_attacks
 
     make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget)
     _at_least(args.steps, "--steps")
@@ -206,9 +206,9 @@ def _check_attack_flags(args) -> None:
 def _cmd_attack(args) -> int:
     from pathlib import Path
 
-    from .atomic import write_json_atomically
-    from .pipelines import load_pipeline
-    from .robustness import summary_line
+    from mace.attacks import summary_line
+    from mace.pipelines.loading import load_pipeline
+    from mace.utils.atomic import write_json_atomically
 
     _check_attack_flags(args)
     model, original, erased = _models_and_concepts(args, "attacked")
@@ -216,13 +216,13 @@ def _cmd_attack(args) -> int:
         raise ValueError("give --erased (comma-separated concept names) or --config")
     clip = world = None
     if args.clip:
-        from .metrics import load_clip
+        from mace.evaluation.metrics import load_clip
 
         if not original and "soft" in _split(args.attacks):
             raise ValueError("the soft-prompt attack on a real model needs --original (its images of each concept are the targets)")
         clip = load_clip(args.clip)
     else:
-        from .world import WORLD, get_world, world_of
+        from mace.world import WORLD, get_world, world_of
 
         world = get_world(args.world) if args.world else (world_of(str(original)) or world_of(str(model)) or WORLD)
         for name in erased:
@@ -241,8 +241,8 @@ def _cmd_attack(args) -> int:
 def _cmd_eval(args) -> int:
     from pathlib import Path
 
-    from .atomic import write_json_atomically
-    from .pipelines import load_pipeline
+    from mace.pipelines.loading import load_pipeline
+    from mace.utils.atomic import write_json_atomically
 
     if args.attacks:
         _check_attack_flags(args)
@@ -255,8 +255,8 @@ def _cmd_eval(args) -> int:
     before = load_pipeline(original, device=args.device) if original else None
     clip = world = None
     if args.clip:
-        from .clip_eval import clip_evaluation
-        from .metrics import load_clip
+        from mace.evaluation.clip_eval import clip_evaluation
+        from mace.evaluation.metrics import load_clip
 
         clip = load_clip(args.clip)
         result = clip_evaluation(pipe, erased, _split(args.kept), clip, original=before,
@@ -264,7 +264,8 @@ def _cmd_eval(args) -> int:
                                  guidance_scale=args.guidance, progress=not args.quiet)
         line = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
     else:
-        from .world import WORLD, get_world, world_of
+        from mace.world import WORLD, get_world, world_of
+
         from .world.evaluate import evaluate_world
 
         # The glyph world: --world, else the one the original (or evaluated) model is built on.
@@ -275,7 +276,7 @@ def _cmd_eval(args) -> int:
                                 progress=not args.quiet, world=world)
         result, line = scores.to_dict(), scores.line()
     if args.attacks:
-        from .robustness import summary_line
+        from mace.attacks import summary_line
 
         # The attack-success column: per erased concept, the share of its attacked images that show it.
         reports = _attack_reports(args, pipe, before, erased, world=world, clip=clip)

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .images import image_files
-from .names import control_characters, merge_duplicates
-from .prompts import CONCEPT_TYPES
+from mace.utils.images import image_files
+from mace.utils.names import control_characters, merge_duplicates
 
 FUSION_TOKENS = ("all", "concept", "name")
-ERASURE_METHODS = ("mace", "refine", "uce", "speed", "rece")  # mace.methods.METHODS, in this order
+ERASURE_METHODS = ("mace", "refine", "uce", "speed", "rece")  # mace.methods.registry.METHODS, in this order
+
+# The kinds of concept the original configs name (multi_concept's second field); each has its prompt templates.
+CONCEPT_TYPES = ("object", "celebrity", "style", "explicit")
 
 
 class ConfigError(ValueError):
@@ -143,7 +145,7 @@ class MACEConfig:
     enable_xformers_memory_efficient_attention: bool = False
     set_grads_to_none: bool = False
     # --- this project's additions -------------------------------------------------------------
-    # Which erasure method `mace erase` runs (mace.methods): "mace" (the paper), "refine"
+    # Which erasure method `mace erase` runs (mace.methods.registry): "mace" (the paper), "refine"
     # (its stage 1 alone), "uce", "speed" or "rece"; method_scale sets the method's tuning knob
     # (mace/refine: train_preserve_scale and fuse_preserve_scale; uce/rece: the preservation
     # scale of preserve_concepts; speed: the null-space threshold); None: mace and refine keep
@@ -356,7 +358,7 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
 
 def _merge_duplicate_concepts(config: MACEConfig) -> None:
     """Concepts that are one for the original's normalisation and the text encoder (case, '-'
-    and spaces aside: ``mace.names.duplicate_key``) are erased once, the first of them, with a
+    and spaces aside: ``mace.utils.names.duplicate_key``) are erased once, the first of them, with a
     warning naming them; duplicates with different types or mappings are a ConfigError."""
     names, kinds = [n for n, _ in config.multi_concept], [k for _, k in config.multi_concept]
     try:
@@ -374,7 +376,7 @@ def _merge_duplicate_concepts(config: MACEConfig) -> None:
 
 # Keys of the original files that this implementation does not act on, with the values at which
 # that changes nothing (the original's defaults or values that have no effect there either), and
-# what to do instead. Every other key is honoured; see the README's table of differences.
+# what to do instead. Every other key is honoured; see docs/fidelity.md.
 _NO_EFFECT: dict[str, tuple[tuple, str]] = {
     "lora": ((True,), "MACE always trains one LoRA per concept (the original never reads this key)"),
     "train_text_encoder": ((False,), "the text encoder is never trained (the original never optimises it either)"),

@@ -23,21 +23,20 @@ from pathlib import Path
 import torch
 
 import mace_kernels as mk
-
-from . import distributed
-from .atomic import save_pipeline_atomically
-from .cache import PreservationSettings, read_prompt_file
-from .config import ConfigError, MACEConfig
-from .fingerprint import digest
-from .fusion import FusionSettings
-from .grounded_sam import GroundedSamMasker
-from .lora_training import LoraTrainingSettings, expected_fingerprints, lora_dir, stored_fingerprint, train_concept_loras
-from .prepare import GenerationSettings, concept_data_files, generate_concept_data
-from .prompts import PromptPair, concept_prompt_pairs, templates_for
-from .refinement import RefinementSettings
-from .report import REPORT_STEPS, erased_prompts, sample, strips, write_report
-from .run_state import RunModels, RunState
-from .world import judge_for
+from mace import distributed
+from mace.config import ConfigError, MACEConfig
+from mace.evaluation.report import REPORT_STEPS, erased_prompts, sample, strips, write_report
+from mace.run_state import RunModels, RunState
+from mace.stages.cache import PreservationSettings, read_prompt_file
+from mace.stages.fusion import FusionSettings
+from mace.stages.grounded_sam import GroundedSamMasker
+from mace.stages.lora_training import LoraTrainingSettings, expected_fingerprints, lora_dir, stored_fingerprint, train_concept_loras
+from mace.stages.prepare import GenerationSettings, concept_data_files, generate_concept_data
+from mace.stages.prompts import PromptPair, concept_prompt_pairs, templates_for
+from mace.stages.refinement import RefinementSettings
+from mace.utils.atomic import save_pipeline_atomically
+from mace.utils.fingerprint import digest
+from mace.world import judge_for
 
 STAGES = ("prepare", "refine", "train", "fuse", "report")
 DEFAULT_REPORT_PROMPTS = ("a photo of a dog", "a landscape painting", "a red car in the street")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .atomic import write_json_atomically
-from .models import cross_attention_projections, projection_weights, read_projection_weights, set_projection_weights
-from .pipelines import load_pipeline
+from mace import distributed
+from mace.pipelines.components import cross_attention_projections, projection_weights, read_projection_weights, set_projection_weights
+from mace.pipelines.loading import load_pipeline
+from mace.utils.atomic import write_json_atomically
 
 STATE_FILE = ".mace_state.json"
 

@@ -119,11 +119,6 @@ def backends() -> dict[str, dict[str, object]]:
     }
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Pick the backend for tensors on ``device``; a forced one that cannot run is an error."""
-    return select_backend(backend, device)[0]
-
-
 def _default_backend(device: torch.device) -> str:
     """The backend an op uses on ``device`` when nothing names one."""
     if device.type == "cuda" and _TRITON_ERROR is None:

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import triton
 
-        from mace.atomic import write_json_atomically
+        from mace.utils.atomic import write_json_atomically
 
         write_json_atomically(args.json, {"triton": triton.__version__, "arches": arches, "compiled": compiled,
                                           "failures": failures, "over_shared_memory": over})

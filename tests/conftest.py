@@ -61,7 +61,7 @@ def _mace_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_path(_mace_home):
-    from mace.builtin import builtin_model_path
+    from mace.pipelines.builtin import builtin_model_path
 
     return builtin_model_path("builtin:tiny")
 
@@ -78,7 +78,7 @@ def tiny_clip_path(tmp_path_factory):
     """A tiny random CLIP model folder (CLIPModel + processor with the real tokenizer)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from mace.tokenizer import clip_tokenizer
+    from mace.utils.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
     text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

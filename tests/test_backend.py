@@ -6,7 +6,7 @@ import torch
 from conftest import ALL_BACKENDS
 
 import mace_kernels
-from mace_kernels._backend import interpreter_conflict, resolve_backend
+from mace_kernels._backend import interpreter_conflict, select_backend
 
 # Each op module's dispatch table: backend name -> implementation (or a tuple of primitives).
 DISPATCH_TABLES = {
@@ -41,14 +41,14 @@ def test_interpreter_conflict_names_both_versions(triton_version, numpy_version,
 
 
 def test_default_on_cpu_is_cpp():
-    assert resolve_backend(None, torch.device("cpu")) == "cpp"
+    assert select_backend(None, torch.device("cpu"))[0] == "cpp"
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
-    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    assert select_backend(None, torch.device("cpu"))[0] == "torch"
     # An explicit argument wins over the environment.
-    assert resolve_backend("cpp", torch.device("cpu")) == "cpp"
+    assert select_backend("cpp", torch.device("cpu"))[0] == "cpp"
 
 
 def test_unknown_backend_is_a_clear_error(monkeypatch):
@@ -62,12 +62,12 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        resolve_backend("triton", torch.device("cpu"))
+        select_backend("triton", torch.device("cpu"))[0]
 
 
 def test_cpp_refuses_cuda_tensors():
     with pytest.raises(ValueError, match="CPU tensors only"):
-        resolve_backend("cpp", torch.device("cuda"))
+        select_backend("cpp", torch.device("cuda"))[0]
 
 
 def _record_dispatch(monkeypatch) -> list[tuple[str, str, str]]:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_refine_vs_original as bench  # noqa: E402
 
 import mace  # noqa: E402
-from mace.models import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights  # noqa: E402
+from mace.pipelines.components import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights  # noqa: E402
 
 
 def test_original_restatement_and_refine_match_the_float64_solve():

@@ -7,7 +7,7 @@ that runs between the model and the host (masks, token positions, statistics, im
 the pipeline) is run here on fake CUDA inputs: each test failed before its fix. Whole UNet
 forward passes cannot run this way (diffusers and torch guard CUDA devices on a CPU build);
 benchmarks/gpu_check.sh runs `mace erase` on a GPU. The closed-form stages, which read values
-that fake tensors do not have, run on a simulated GPU (SimulatedGPU below) with real numbers.
+that fake tensors do not have, run on a simulated GPU (tests/simulated_gpu.py) with real numbers.
 """
 
 import argparse
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from simulated_gpu import SimulatedGPU
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.overrides import TorchFunctionMode
 
 import mace_kernels as mk
 from mace_kernels import _backend
@@ -56,20 +56,30 @@ def test_the_fake_device_raises_the_real_mismatch(fake_cuda):
 
 
 def test_lora_parameters_live_beside_the_projections_they_adapt(fake_cuda, tiny_pipe):
-    from mace.lora import MultiConceptLoRA
+    from mace.stages.lora import MultiConceptLoRA
 
     mode, cuda = fake_cuda
     with mode:
         lora = MultiConceptLoRA(_moved(tiny_pipe.unet, cuda), 3, 2, concept_seeds=[1, 2, 3])
     assert all(p.device == cuda for p in lora.parameters())
-    # The initial A is drawn on the CPU, so a seed gives the same LoRA on every device.
+
+
+def test_a_seed_gives_the_same_lora_on_the_gpu_as_on_the_cpu(tiny_pipe):
+    from mace.stages.lora import MultiConceptLoRA
+
+    # The initial A is drawn on the CPU and then moved: the simulated GPU has real values.
+    with SimulatedGPU():
+        unet = copy.deepcopy(tiny_pipe.unet).to("cuda")
+        on_gpu = MultiConceptLoRA(unet, 3, 2, concept_seeds=[1, 2, 3])
+        assert all(SimulatedGPU.on_gpu(a) for a in on_gpu.A)
+        drawn = [a.detach().cpu() for a in on_gpu.A]
     cpu = MultiConceptLoRA(tiny_pipe.unet, 3, 2, concept_seeds=[1, 2, 3])
-    again = MultiConceptLoRA(tiny_pipe.unet, 3, 2, concept_seeds=[1, 2, 3])
-    assert all(torch.equal(a, b) for a, b in zip(cpu.A, again.A, strict=True))
+    assert all(torch.equal(a.detach(), b) for a, b in zip(cpu.A, drawn, strict=True))
+    assert not torch.equal(drawn[0], MultiConceptLoRA(tiny_pipe.unet, 3, 2, concept_seeds=[4, 5, 6]).A[0].detach())
 
 
 def test_the_attention_loss_takes_host_token_positions_to_the_probabilities(fake_cuda, tiny_pipe):
-    from mace.lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, concept_token_mask
+    from mace.stages.lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, concept_token_mask
 
     mode, cuda = fake_cuda
     # As _sample_batch makes them: token positions from the tokenizer (CPU), masks on the device.
@@ -88,7 +98,7 @@ def test_the_attention_loss_takes_host_token_positions_to_the_probabilities(fake
 
 
 def test_attention_maps_of_generation_read_cuda_probabilities(fake_cuda):
-    from mace.attention import AttentionMapRecorder
+    from mace.pipelines.attention import AttentionMapRecorder
 
     mode, cuda = fake_cuda
     positions = torch.zeros(2, 77, dtype=torch.bool)
@@ -101,7 +111,7 @@ def test_attention_maps_of_generation_read_cuda_probabilities(fake_cuda):
 
 
 def test_generated_images_leave_the_device(fake_cuda):
-    from mace.sampling import generate_images
+    from mace.utils.sampling import generate_images
 
     mode, cuda = fake_cuda
 
@@ -117,7 +127,7 @@ def test_generated_images_leave_the_device(fake_cuda):
 
 
 def test_a_preservation_cache_sums_cuda_embeddings_on_the_host(fake_cuda, tiny_pipe, tmp_path, monkeypatch):
-    import mace.cache as cache_module
+    import mace.stages.cache as cache_module
 
     mode, cuda = fake_cuda
     saved = []
@@ -202,105 +212,6 @@ def test_fp16_generation_decodes_with_an_upcast_vae_in_float32(tmp_path):
     assert "decode" not in vars(pipe.vae)  # the class's method again
 
 
-class SimulatedGPU(TorchFunctionMode):
-    """A second device with real numbers: tensors on the simulated "cuda:0" are CPU tensors
-    marked as on the GPU.
-
-    Fake tensors cannot read a value (a jitter, a mask's sum), and the closed-form baselines read
-    several. Here every value is real. A marked tensor reports ``device`` cuda:0 and its results
-    stay marked; ``.to("cuda")`` and factories given a CUDA device make marked tensors, ``.cpu()``
-    and ``.to("cpu")`` unmarked ones; an op that meets a marked tensor and an unmarked one with
-    dimensions raises the device-mismatch error a GPU would. As on a GPU, copies (``copy_``,
-    item assignment) cross devices, a CPU index may index a marked tensor, and 0-dim CPU tensors
-    mix with marked ones.
-    """
-
-    CUDA = torch.device("cuda", 0)
-    CROSSING = {"__getitem__", "__setitem__", "copy_", "to", "cpu", "_has_compatible_shallow_copy_type"}
-
-    def __enter__(self):
-        # nn.Parameter(t) makes its tensor without a torch function call: carry the mark over.
-        self._parameter_new = vars(torch.nn.Parameter)["__new__"]
-        make = self._parameter_new.__func__
-
-        def parameter(cls, data=None, requires_grad=True):
-            made = make(cls, data, requires_grad)
-            if data is not None and self.on_gpu(data):
-                made._simulated_gpu = True
-            return made
-
-        torch.nn.Parameter.__new__ = staticmethod(parameter)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.nn.Parameter.__new__ = self._parameter_new
-        return super().__exit__(*exc)
-
-    @staticmethod
-    def put(t: torch.Tensor) -> torch.Tensor:
-        t = t.view_as(t)  # a new tensor object: the caller's stays on the host
-        t._simulated_gpu = True
-        return t
-
-    @staticmethod
-    def on_gpu(t) -> bool:
-        return getattr(t, "_simulated_gpu", False)
-
-    @staticmethod
-    def _device(value):
-        """(value with a CUDA device replaced by the CPU, whether it was one)."""
-        if not isinstance(value, (torch.device, str)):
-            return value, False
-        try:
-            device = torch.device(value) if isinstance(value, str) else value
-        except RuntimeError:  # a string that names no device
-            return value, False
-        return (torch.device("cpu"), True) if device.type == "cuda" else (value, False)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        name = getattr(func, "__name__", "")
-        if func is torch.device or name == "_parse_to":  # naming a device is not putting anything on it
-            return func(*args, **kwargs)
-        if name == "__get__" and getattr(func, "__self__", None) is torch.Tensor.device:
-            return self.CUDA if self.on_gpu(args[0]) else func(*args, **kwargs)
-        if name == "__set__" and getattr(func, "__self__", None) is torch.Tensor.data:
-            # Module.to(device) swaps each parameter's data: the parameter moves with it.
-            func(*args, **kwargs)
-            args[0]._simulated_gpu = self.on_gpu(args[1])
-            return None
-        to_gpu = False
-        args = list(args)
-        for i, a in enumerate(args):
-            args[i], hit = self._device(a)
-            to_gpu |= hit
-        if "device" in kwargs:
-            kwargs["device"], hit = self._device(kwargs["device"])
-            to_gpu |= hit
-        leaves = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        marked = [self.on_gpu(x) for x in leaves]
-        if any(marked) and name not in self.CROSSING:
-            if any(not m and x.dim() > 0 for x, m in zip(leaves, marked, strict=True)):
-                raise RuntimeError(f"Expected all tensors to be on the same device ({name} on the simulated GPU "
-                                   "met a CPU tensor)")
-        out = func(*args, **kwargs)
-        if name in ("__setitem__", "copy_"):
-            return out
-        if name in ("to", "cpu"):
-            to_host = name == "cpu" or (not to_gpu and any(
-                isinstance(a, (str, torch.device)) and str(a).startswith("cpu") for a in (*args[1:], kwargs.get("device"))))
-            if to_gpu or to_host:
-                out = out.view_as(out)  # .to may return its input: the result is a new tensor either way
-                if to_gpu:
-                    out._simulated_gpu = True
-                return out
-        if to_gpu or any(marked):
-            for x in torch.utils._pytree.tree_leaves(out):
-                if isinstance(x, torch.Tensor):
-                    x._simulated_gpu = True
-        return out
-
-
 def test_the_simulated_gpu_raises_where_a_gpu_would():
     on_gpu = SimulatedGPU.on_gpu
     with SimulatedGPU():
@@ -326,7 +237,7 @@ def test_the_simulated_gpu_raises_where_a_gpu_would():
 
 def _encoding_on_the_gpu(monkeypatch, *modules):
     """Text encodings come back on the simulated GPU, as from a CUDA text encoder."""
-    from mace import models
+    from mace.pipelines import components as models
 
     def encode(pipe, prompts, batch_size=64):
         return SimulatedGPU.put(models.encode_prompts(pipe, prompts, batch_size))
@@ -339,20 +250,20 @@ def _encoding_on_the_gpu(monkeypatch, *modules):
 def test_closed_form_baselines_edit_host_weights_from_gpu_encodings(method, tiny_path, monkeypatch):
     """UCE, RECE and SPEED on a model whose text encoder is on the GPU: the same weights as on the CPU."""
     import mace
-    import mace.rece
-    import mace.speed
-    import mace.uce
-    from mace.models import projection_weights
+    import mace.methods.rece
+    import mace.methods.speed
+    import mace.methods.uce
+    from mace.pipelines.components import projection_weights
 
     monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
-    run = {"uce": mace.uce.uce, "rece": lambda *a: mace.rece.rece(*a, rounds=2), "speed": mace.speed.speed}[method]
+    run = {"uce": mace.methods.uce.uce, "rece": lambda *a: mace.methods.rece.rece(*a, rounds=2), "speed": mace.methods.speed.speed}[method]
     args = (["ship", "tower"], "a glyph", ["a tree", "a boat"])
     host = mace.load_pipeline(tiny_path)
     run(host, *args)
     expected = [w.clone() for w in projection_weights(host.unet)]
 
     pipe = mace.load_pipeline(tiny_path)
-    _encoding_on_the_gpu(monkeypatch, mace.uce, mace.rece, mace.speed)
+    _encoding_on_the_gpu(monkeypatch, mace.methods.uce, mace.methods.rece, mace.methods.speed)
     with SimulatedGPU():
         run(pipe, *args)
     for got, want in zip(projection_weights(pipe.unet), expected, strict=True):
@@ -363,9 +274,9 @@ def test_closed_form_baselines_edit_host_weights_from_gpu_encodings(method, tiny
 def test_refinement_and_fusion_edit_host_weights_from_gpu_encodings(method, tiny_path, monkeypatch):
     """MACE's closed-form stages with the text encoder on the GPU: the same weights as on the CPU."""
     import mace
-    import mace.fusion
-    import mace.refinement
-    from mace.models import cross_attention_projections, projection_weights
+    import mace.stages.fusion
+    import mace.stages.refinement
+    from mace.pipelines.components import cross_attention_projections, projection_weights
 
     monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
     pairs = [("a photo of a ship", "a photo of a glyph"), ("a tower by the sea", "a glyph by the sea")]
@@ -379,14 +290,14 @@ def test_refinement_and_fusion_edit_host_weights_from_gpu_encodings(method, tiny
     def run(pipe):
         width = projection_weights(pipe.unet)[0].shape[1]
         preserve = torch.eye(width, dtype=torch.float64)
-        mace.refinement.refine(pipe, pairs, lam=0.1, preserve=preserve, preserve_scale=0.5, method=method)
+        mace.stages.refinement.refine(pipe, pairs, lam=0.1, preserve=preserve, preserve_scale=0.5, method=method)
         for tokens in ("all", "concept"):
-            mace.fusion.fuse(pipe, loras, prompts, lam=0.1, preserve=preserve, preserve_scale=0.5, method=method,
+            mace.stages.fusion.fuse(pipe, loras, prompts, lam=0.1, preserve=preserve, preserve_scale=0.5, method=method,
                              tokens=tokens)
         return [w.clone() for w in projection_weights(pipe.unet)]
 
     expected = run(mace.load_pipeline(tiny_path))
-    _encoding_on_the_gpu(monkeypatch, mace.refinement, mace.fusion)
+    _encoding_on_the_gpu(monkeypatch, mace.stages.refinement, mace.stages.fusion)
     with SimulatedGPU():
         got = run(mace.load_pipeline(tiny_path))
     for g, w in zip(got, expected, strict=True):
@@ -401,11 +312,11 @@ def test_mace_erase_on_the_simulated_gpu_gives_the_cpus_model(tmp_path, monkeypa
     model is the CPU run's."""
     from safetensors.torch import load_file
 
-    from mace.builtin import builtin_model_path
-    from mace.cache import build_preservation_cache
     from mace.config import config_from_dict, load_config
     from mace.erase import erase
-    from mace.pipelines import load_pipeline
+    from mace.pipelines.builtin import builtin_model_path
+    from mace.pipelines.loading import load_pipeline
+    from mace.stages.cache import build_preservation_cache
 
     monkeypatch.setenv("MACE_KERNELS_BACKEND", "torch")
     root = Path(__file__).resolve().parent.parent

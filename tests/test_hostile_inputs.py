@@ -16,9 +16,9 @@ import yaml
 from PIL import Image
 
 from mace.cli import main as mace_main
-from mace.lora_training import FINGERPRINT_FILE, lora_dir
-from mace.names import NAME_MAX, folder_name
-from mace.prepare import concept_folders
+from mace.stages.lora_training import FINGERPRINT_FILE, lora_dir
+from mace.stages.prepare import concept_folders
+from mace.utils.names import NAME_MAX, folder_name
 
 MARKER = "hostile-code-ran"  # a file that code smuggled into a model folder would write
 

@@ -1,4 +1,4 @@
-"""Attacks on erased concepts (mace.robustness, mace attack, mace eval --attack): budgets are
+"""Attacks on erased concepts (mace.attacks, mace attack, mace eval --attack): budgets are
 spent as stated, the soft-prompt search lowers its loss, results repeat under a seed, and an
 unedited model is "attacked" successfully by its plain prompt alone."""
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import mace
-from mace.cli import main
-from mace.robustness import (
+from mace.attacks import (
     Judge,
     SoftPromptAttack,
     TextAttack,
@@ -19,6 +18,7 @@ from mace.robustness import (
     soft_prompt_attack,
     text_attack,
 )
+from mace.cli import main
 from mace.world import GENERIC_CONCEPT, WORLD, WORLD_MODEL
 
 ERASED = "Qedark Draerba"  # red disc
@@ -28,7 +28,7 @@ FEW_TEMPLATES = ("a photo of {}", "a drawing of {}", "{} in a photo")
 
 
 class Calls:
-    """Forward calls and batch rows of a module, counted independently of mace.robustness."""
+    """Forward calls and batch rows of a module, counted independently of mace.attacks."""
 
     def __init__(self, module):
         self.calls = self.rows = 0
@@ -54,7 +54,7 @@ def world_pipe():
 @pytest.fixture(scope="module")
 def erased_path(tmp_path_factory):
     """builtin:world with ERASED erased by UCE, saved as a pipeline folder."""
-    from mace.uce import uce
+    from mace.methods.uce import uce
 
     pipe = mace.load_pipeline(WORLD_MODEL)
     others = [c.name for c in WORLD.concepts if c.name != ERASED]

@@ -8,11 +8,11 @@ import yaml
 from PIL import Image
 
 import mace
-from mace.cache import CacheMismatchError, read_prompt_file
 from mace.cli import main as mace_main
-from mace.images import ImageFileError
-from mace.lora_io import LoraFormatError, read_lora
-from mace.prepare import load_concept_data
+from mace.pipelines.lora_io import LoraFormatError, read_lora
+from mace.stages.cache import CacheMismatchError, read_prompt_file
+from mace.stages.prepare import load_concept_data
+from mace.utils.images import ImageFileError
 
 GARBAGE = b"\x00\x01not what it claims to be\xff" * 10
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import mace
-import mace.cache as cache_mod
+import mace.stages.cache as cache_mod
 from mace.cli import main as mace_main
 
 PROMPTS = [f"a photo of a {w} number {i}" for i in range(23) for w in ("cat",)]
@@ -62,7 +62,7 @@ def test_cache_from_another_text_encoder_is_refused(tiny_pipe, tmp_path):
 
 
 def test_fingerprint_survives_a_save_and_reload(tiny_pipe, tmp_path):
-    from mace.models import text_encoder_fingerprint
+    from mace.pipelines.components import text_encoder_fingerprint
 
     tiny_pipe.save_pretrained(tmp_path / "copy")
     copy = mace.load_pipeline(tmp_path / "copy")

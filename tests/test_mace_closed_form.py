@@ -67,7 +67,7 @@ def test_refine_fast_equals_reference_on_builtin(tiny_path, preserve, with_prese
     assert _rel(results["fast"], before) > 1e-3  # the edit did something
     if dtype == torch.float64:
         # Both methods against the objective itself: its gradient vanishes at the result.
-        from mace.refinement import aligned_pair_tokens
+        from mace.stages.refinement import aligned_pair_tokens
 
         old, new = (t.double() for t in aligned_pair_tokens(pipe, _pairs()))
         P, s = (preserve.cov, 1e-2) if with_preserve else (None, 0.0)
@@ -76,7 +76,7 @@ def test_refine_fast_equals_reference_on_builtin(tiny_path, preserve, with_prese
 
 
 def test_refinement_maps_old_tokens_onto_new_outputs(tiny_pipe):
-    from mace.refinement import aligned_pair_tokens
+    from mace.stages.refinement import aligned_pair_tokens
 
     pairs = _pairs()
     old, new = aligned_pair_tokens(tiny_pipe, pairs)
@@ -212,6 +212,41 @@ def test_external_peft_lora_scale_matches_diffusers_fuse(tiny_path, tmp_path):
         torch.testing.assert_close((lin.weight.double() - w), (B @ A).double(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["kohya", "attention processor", "peft folder"])
+def test_other_lora_layouts_read_as_the_same_scaled_lora(tiny_pipe, tmp_path, layout):
+    """kohya files (alpha per module), the old attention-processor layout and peft folders
+    (adapter_config.json with an alpha_pattern) give the LoRA that diffusers' own layout gives."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    projections = mace.cross_attention_projections(tiny_pipe.unet)
+    loras = {n: (torch.randn(2, lin.in_features, generator=g), torch.randn(lin.out_features, 2, generator=g))
+             for n, lin in projections}
+    tensors, scale = {}, {}
+    for i, (name, (A, B)) in enumerate(loras.items()):
+        attn, proj = name.rsplit(".", 1)
+        if layout == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            tensors |= {f"{key}.lora_down.weight": A, f"{key}.lora_up.weight": B, f"{key}.alpha": torch.tensor(float(i + 1))}
+            scale[name] = (i + 1) / 2
+        elif layout == "attention processor":
+            tensors |= {f"{attn}.processor.{proj}_lora.down.weight": A, f"{attn}.processor.{proj}_lora.up.weight": B}
+            scale[name] = 1.0
+        else:
+            tensors |= {f"base_model.model.{name}.lora_A.weight": A, f"base_model.model.{name}.lora_B.weight": B}
+            scale[name] = (8 if proj == "to_v" else 4) / 2
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    save_file(tensors, str(folder / ("adapter_model.safetensors" if layout == "peft folder" else "lora.safetensors")))
+    if layout == "peft folder":
+        (folder / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4, "alpha_pattern": {"to_v": 8}}')
+    read = mace.read_lora(folder, list(loras))
+    assert sorted(read) == sorted(loras)
+    for name, (A, B) in loras.items():
+        torch.testing.assert_close(read[name][0], A)
+        torch.testing.assert_close(read[name][1], B * scale[name])
+
+
 @pytest.fixture(scope="module")
 def wide_pipe(tiny_path):
     """A text encoder wider than one prompt's 77 tokens (SD 2.x shaped, 96): one prompt's tokens
@@ -252,7 +287,7 @@ def test_sdxl_refine_and_fuse_fast_equal_reference():
 
 
 def test_refinement_encodes_each_distinct_prompt_once(tiny_pipe, monkeypatch):
-    import mace.refinement as refinement
+    import mace.stages.refinement as refinement
 
     pairs = [p for c in ("Emma Stone", "Tom Hanks", "Brad Pitt")
              for p in mace.concept_prompt_pairs(c, "a person", "celebrity", aug_length=5, seed=0)]
@@ -369,7 +404,7 @@ def test_refine_streams_batches_and_encodes_each_distinct_prompt_once(tiny_path,
     """Batches of 3 prompts: the same aligned tokens and refined weights as one big batch, each
     distinct prompt encoded once, and the statistics grow between encoder calls."""
     import mace.closed_form as closed_form
-    import mace.refinement as refinement
+    import mace.stages.refinement as refinement
 
     pairs = [p for c in ("Emma Stone", "Tom Hanks", "Brad Pitt")
              for p in mace.concept_prompt_pairs(c, "a person", "celebrity", aug_length=4, seed=1)]
@@ -413,7 +448,7 @@ def test_fuse_streams_prompt_batches_per_concept(tiny_path, monkeypatch, tokens)
     """fuse with batches of 3 prompts equals fuse_weights on all of each concept's (masked)
     tokens at once, and accumulates while it encodes."""
     import mace.closed_form as closed_form
-    import mace.fusion as fusion
+    import mace.stages.fusion as fusion
 
     pipe = mace.load_pipeline(tiny_path).to(torch.float64)
     projections = mace.cross_attention_projections(pipe.unet)

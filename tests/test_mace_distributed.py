@@ -15,7 +15,7 @@ from mace import distributed
 from mace.closed_form import LoraStack, fuse_weights_streamed, refine_weights_streamed
 from mace.config import load_config
 from mace.erase import erase
-from mace.lora_training import FINGERPRINT_FILE, lora_dir
+from mace.stages.lora_training import FINGERPRINT_FILE, lora_dir
 
 # Four glyph-world concepts: two per rank. The preservation cache names two others.
 CONCEPTS = ["Qedark Draerba", "Syrdy Salsterk", "Wathdas Zyrkpi", "Sirkly Klanklilfy"]
@@ -36,7 +36,7 @@ sys.exit(main(sys.argv[1:at]) or main(sys.argv[at + 1:]))
 # `mace erase` whose rank 1 is killed (SIGKILL) right after it saved its first concept's LoRA.
 KILLED_ON_RANK_1 = """
 import os, signal, sys
-import mace.lora_training as training
+import mace.stages.lora_training as training
 from mace.cli import main
 
 write = training.write_json_atomically
@@ -263,7 +263,7 @@ def test_statistics_summed_over_ranks_equal_one_process(method, split):
 def test_a_cache_rank_checkpoints_and_resumes_its_own_share(tiny_pipe, tmp_path, monkeypatch):
     """Rank 1 of 2 (simulated in this process): it encodes the second half of the prompts,
     checkpoints them to a partial file of its own and resumes from it after an interruption."""
-    import mace.cache as cache_mod
+    import mace.stages.cache as cache_mod
 
     prompts = [f"a photo of a cat number {i}" for i in range(14)]
     for name, value in (("is_distributed", lambda: True), ("rank", lambda: 1), ("world_size", lambda: 2),

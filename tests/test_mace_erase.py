@@ -2,12 +2,12 @@
 
 import pytest
 import yaml
+from probes import concept_attention_mass, noise_prediction
 
 import mace
 from mace.cli import main as mace_main
 from mace.config import load_config
 from mace.erase import erase
-from mace.probes import concept_attention_mass, noise_prediction
 
 # Held-out prompts: phrasings that are not among the training templates.
 ERASED = {"Emma Stone": ("a person", ["Emma Stone walking in a park", "Emma Stone laughing with friends"]),
@@ -112,7 +112,7 @@ def test_missing_grounded_sam_model_fails_before_work(tmp_path):
 
 
 def test_failed_fuse_leaves_the_previous_model_intact(tmp_path):
-    from mace.atomic import save_pipeline_atomically
+    from mace.utils.atomic import save_pipeline_atomically
 
     pipe = mace.load_pipeline("builtin:tiny")
     target = save_pipeline_atomically(pipe, tmp_path / "model")
@@ -135,7 +135,7 @@ def test_atomic_outputs_get_the_modes_of_plainly_created_ones(tmp_path, umask):
     import os
     import stat
 
-    from mace.atomic import atomic_path, write_json_atomically
+    from mace.utils.atomic import atomic_path, write_json_atomically
 
     old = os.umask(umask)
     try:
@@ -186,8 +186,8 @@ def test_each_settings_object_is_built_once_per_run(tmp_path, monkeypatch):
     """The config is read into settings once per `mace erase` run and passed whole: every
     stage's settings are built once and the preservation caches read once, in a first run and in
     a second one (all stages done, the LoRAs checked against their fingerprints)."""
-    from mace import cache, fusion, lora_training, prepare, refinement
     from mace import erase as erase_module
+    from mace.stages import cache, fusion, lora_training, prepare, refinement
 
     calls: dict[str, int] = {}
 

@@ -10,8 +10,8 @@ import mace
 from mace.cli import main as mace_main
 from mace.config import load_config
 from mace.erase import erase
-from mace.lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, concept_token_mask, train_step
-from mace.models import NoCrossAttentionError, added_conditions, cross_attention_projections
+from mace.pipelines.components import NoCrossAttentionError, added_conditions, cross_attention_projections
+from mace.stages.lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, concept_token_mask, train_step
 
 FAMILIES = {
     "builtin:tiny": StableDiffusionPipeline,

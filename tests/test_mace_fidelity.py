@@ -1,4 +1,4 @@
-"""What the original MACE code computes, item by item (README: differences from the original code)."""
+"""What the original MACE code computes, item by item (docs/fidelity.md)."""
 
 import math
 import warnings
@@ -12,8 +12,8 @@ from PIL import Image
 import mace
 from mace.config import ConfigWarning, config_from_dict, config_warnings, load_config
 from mace.erase import concept_pairs, erase
-from mace.fusion import FusionSettings
-from mace.lora import (
+from mace.stages.fusion import FusionSettings
+from mace.stages.lora import (
     AttentionTargets,
     LoraTrainingHooks,
     MultiConceptLoRA,
@@ -21,10 +21,10 @@ from mace.lora import (
     concept_token_mask,
     train_step,
 )
-from mace.lora_training import LoraTrainingSettings
-from mace.prepare import GenerationSettings, concept_data_files, generate_concept_data, load_concept_data
-from mace.refinement import RefinementSettings
-from mace.tokenizer import clip_tokenizer
+from mace.stages.lora_training import LoraTrainingSettings
+from mace.stages.prepare import GenerationSettings, concept_data_files, generate_concept_data, load_concept_data
+from mace.stages.refinement import RefinementSettings
+from mace.utils.tokenizer import clip_tokenizer
 
 
 def _config(**changes):
@@ -221,7 +221,7 @@ def test_fp16_loss_scaling_brings_the_gradients_closer_to_float32(tiny_pipe):
 def test_fp16_training_loop_scales_the_loss_and_stays_close_to_float32(tmp_path, tiny_pipe, monkeypatch):
     from safetensors.torch import load_file
 
-    import mace.lora_training as training
+    import mace.stages.lora_training as training
 
     _original_layout(tmp_path / "data", "ship", size=64)
     concepts = [("ship", "object", mace.concept_prompt_pairs("ship", "ground", "object", aug_length=2))]
@@ -310,7 +310,7 @@ def test_prepare_keeps_original_data_and_makes_no_masks_when_they_are_off(tmp_pa
 
 def test_use_gsam_mask_false_trains_without_masks(tmp_path, tiny_pipe, monkeypatch):
     """The attention loss then covers every pixel: the targets carry no mask."""
-    import mace.lora_training as training
+    import mace.stages.lora_training as training
 
     seen = []
     real = training.AttentionTargets
@@ -376,7 +376,7 @@ def test_augment_false_gives_one_prompt_per_concept():
 def test_train_seperate_false_trains_one_shared_lora(tmp_path, tiny_pipe):
     from safetensors.torch import load_file
 
-    import mace.lora_training as training
+    import mace.stages.lora_training as training
 
     concepts = []
     for name in ("ship", "tower"):
@@ -407,8 +407,8 @@ def test_cache_records_prompt_and_token_counts(tmp_path, tiny_pipe):
 def test_fusion_tokens_concept_fuses_only_the_name_and_later_positions(tiny_pipe):
     """fusion_tokens: concept equals the "all" solve given only the positions from the name on."""
     from mace.closed_form import fuse_weights
-    from mace.fusion import from_name_on, fuse, stack_loras
-    from mace.models import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights
+    from mace.pipelines.components import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights
+    from mace.stages.fusion import from_name_on, fuse, stack_loras
 
     mask = from_name_on(tiny_pipe.tokenizer, ["a photo of Qedark Draerba", "Qedark Draerba", "a dog"], "Qedark Draerba")
     assert mask[0].nonzero().min() == 4 and bool(mask[0, 4:].all())  # start, a, photo, of come first

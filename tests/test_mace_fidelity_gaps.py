@@ -1,4 +1,4 @@
-"""The last gaps to the original MACE code (README: differences from the original code):
+"""The last gaps to the original MACE code (docs/fidelity.md):
 where the original tools keep object masks, Grounded-SAM's empty segmentations, masks on
 styles, the lr schedule under gradient accumulation and report_to's trackers."""
 
@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import mace
-import mace.lora_training as training
+import mace.stages.lora_training as training
 from mace.config import ConfigError, ConfigWarning, config_from_dict
-from mace.grounded_sam import GroundedSamMasker
-from mace.lora_training import LoraTrainingSettings
-from mace.prepare import (
+from mace.stages.grounded_sam import GroundedSamMasker
+from mace.stages.lora_training import LoraTrainingSettings
+from mace.stages.prepare import (
     GenerationSettings,
     concept_data_files,
     generate_concept_data,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import mace
-from mace.lora import (
+from mace.stages.lora import (
     AttentionTargets,
     LoraTrainingHooks,
     MultiConceptLoRA,
@@ -250,7 +250,7 @@ def test_prior_loss_weight_zero_gives_the_gradients_without_preservation(tiny_pi
 def test_prediction_target_follows_the_scheduler():
     from diffusers import DDIMScheduler
 
-    from mace.lora import prediction_target
+    from mace.stages.lora import prediction_target
 
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     assert prediction_target(DDIMScheduler(), latents, noise, t) is noise
@@ -267,7 +267,7 @@ def _image(path, size, color=(200, 30, 30)):
 
 
 def test_preservation_images_are_pngs_and_jpgs_resized(tmp_path):
-    from mace.lora_training import load_preservation_images
+    from mace.stages.lora_training import load_preservation_images
 
     _image(tmp_path / "b.png", 40)
     _image(tmp_path / "a.JPG", 100, (0, 0, 255))
@@ -322,7 +322,7 @@ def _prepared(tmp_path, pipe, names):
     import numpy as np
     from PIL import Image
 
-    from mace.prepare import concept_folders
+    from mace.stages.prepare import concept_folders
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     rng = np.random.default_rng(0)
@@ -341,7 +341,7 @@ def test_train_concept_loras_with_prior_preservation(tiny_pipe, tmp_path):
     from safetensors.torch import load_file
 
     from mace.config import ConfigError
-    from mace.lora_training import LoraTrainingSettings, train_concept_loras
+    from mace.stages.lora_training import LoraTrainingSettings, train_concept_loras
 
     concepts, size = _prepared(tmp_path, tiny_pipe, ["ship", "tower"])
     keep = tmp_path / "keep"
@@ -381,7 +381,7 @@ def test_train_concept_loras_with_prior_preservation(tiny_pipe, tmp_path):
 
 
 def test_preservation_penalty_is_the_relative_squared_change_on_the_preserved_tokens(tiny_pipe):
-    from mace.models import projection_weights
+    from mace.pipelines.components import projection_weights
 
     lora = MultiConceptLoRA(tiny_pipe.unet, 3, 2, seed=1)
     _randomise(lora, seed=2)
@@ -402,9 +402,9 @@ def test_lora_preserve_scale_makes_loras_leave_the_preserved_tokens_alone(tiny_p
     """With the penalty, the LoRA changes the preserved prompts' keys/values far less, and the
     fingerprint covers the preservation statistic."""
     from mace.config import ConfigError
-    from mace.lora_io import read_lora
-    from mace.lora_training import LoraTrainingSettings, expected_fingerprints, train_concept_loras
-    from mace.models import cross_attention_projections, encode_prompts, projection_weights
+    from mace.pipelines.components import cross_attention_projections, encode_prompts, projection_weights
+    from mace.pipelines.lora_io import read_lora
+    from mace.stages.lora_training import LoraTrainingSettings, expected_fingerprints, train_concept_loras
 
     concepts, size = _prepared(tmp_path, tiny_pipe, ["ship"])
     kept = encode_prompts(tiny_pipe, ["a photo of a tree", "a red car", "a bowl of soup"]).reshape(-1, 64)
@@ -441,8 +441,7 @@ def _scalar_reads(pipe, concepts, size, data_dir, out, steps, progress, monkeypa
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mace import lora_training
-
+    from mace.stages import lora_training
     reads: collections.Counter = collections.Counter()
 
     class Recorder(TorchDispatchMode):
@@ -471,16 +470,15 @@ def _scalar_reads(pipe, concepts, size, data_dir, out, steps, progress, monkeypa
 
 def test_a_training_step_reads_back_only_host_values(tiny_pipe, tmp_path, monkeypatch):
     """Profiled on the CPU: per step, the values read back to Python are the sampler's index
-    draws (CPU generators), lora_apply's checks of its segment lengths (a CPU tensor) and the
-    optimiser's step counters (CPU tensors), none from the model's outputs; the loss is read
-    (one device sync per step) only when the progress bar shows it."""
+    draws (CPU generators) and the optimiser's step counters (CPU tensors), none from the
+    model's outputs (lora_apply takes its segment lengths as a list of ints, so it reads none);
+    the loss is read (one device sync per step) only when the progress bar shows it."""
     concepts, size = _prepared(tmp_path, tiny_pipe, ["ship", "tower"])
     data = tmp_path / "data"
     quiet = _scalar_reads(tiny_pipe, concepts, size, data, tmp_path / "a", 2, False, monkeypatch)
-    assert set(quiet) <= {"_sample_batch", "_canonical_inputs", "_single_tensor_adam", "_multi_tensor_adam",
+    assert set(quiet) <= {"_sample_batch", "_single_tensor_adam", "_multi_tensor_adam",
                           "_get_value", "_fused_adam", "adamw", "adam"}, quiet
     assert quiet["_sample_batch"] == 2 * 2  # one image index per concept and step
-    assert quiet["_canonical_inputs"] == 2 * 14 * 2  # two checks of seg_lens per LoRA layer (14) and step
     shown = _scalar_reads(tiny_pipe, concepts, size, data, tmp_path / "b", 2, True, monkeypatch)
     assert {k: shown[k] - quiet[k] for k in shown if shown[k] != quiet[k]} == {"_train_group": 2}
 
@@ -489,7 +487,7 @@ def test_the_preservation_term_is_part_of_the_one_loss_train_step_optimises(tiny
     """lora_preserve_scale's term lives in train_step's loss: the loss returned (and logged) is
     attention loss + scale * penalty, and its gradient is the sum of both terms' gradients,
     at any loss_scale (gradient accumulation adds it once per optimiser step)."""
-    from mace.lora import LoraPreservation
+    from mace.stages.lora import LoraPreservation
 
     unet, sched = tiny_pipe.unet, tiny_pipe.scheduler
     concepts = [("Emma Stone", "a person", "celebrity"), ("ship", "ground", "object")]

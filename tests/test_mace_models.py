@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import mace
-from mace.tokenizer import clip_tokenizer
+from mace.utils.tokenizer import clip_tokenizer
 
 
 def test_clip_tokenizer_is_the_real_one():

@@ -7,7 +7,7 @@ import torch
 
 from mace.config import config_from_dict
 from mace.erase import DEFAULT_REPORT_PROMPTS, ErasureSummary, _report
-from mace.report import erased_prompts, sample, strips
+from mace.evaluation.report import erased_prompts, sample, strips
 
 PROMPTS = ["a photo of Emma Stone", "a photo of a ship", "a dog sleeping on a sofa"]
 SEEDS = [7, 8, 9]

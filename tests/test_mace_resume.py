@@ -10,9 +10,9 @@ from PIL import Image
 import mace
 from mace.config import ConfigError, load_config
 from mace.erase import StageError, erase
-from mace.lora_training import FINGERPRINT_FILE, lora_dir
-from mace.models import projection_weights
+from mace.pipelines.components import projection_weights
 from mace.run_state import RunModels
+from mace.stages.lora_training import FINGERPRINT_FILE, lora_dir
 
 CONCEPTS = [["emma-stone", "celebrity"], ["ship", "object"], ["Van-Gogh", "style"]]
 

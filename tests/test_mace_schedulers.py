@@ -19,8 +19,8 @@ from diffusers import (
 )
 
 import mace
-from mace.builtin import _final_layer_norm
-from mace.lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, forward_process, train_step
+from mace.pipelines.builtin import _final_layer_norm
+from mace.stages.lora import AttentionTargets, LoraTrainingHooks, MultiConceptLoRA, forward_process, train_step
 
 FAMILIES = {  # builtin -> (the scheduler class its family ships, prediction type)
     "builtin:tiny": (PNDMScheduler, "epsilon"),
@@ -105,7 +105,7 @@ def test_train_step_feeds_the_unet_the_forward_process_under_euler(tiny_pipe):
 def test_loras_trained_under_ddim_euler_and_dpm_solver_pipelines_are_identical(tiny_path, tmp_path):
     from safetensors.torch import load_file
 
-    from mace.lora_training import LoraTrainingSettings, train_concept_loras
+    from mace.stages.lora_training import LoraTrainingSettings, train_concept_loras
     from tests.test_mace_lora import _prepared
 
     runs = {}
@@ -127,7 +127,7 @@ def test_loras_trained_under_ddim_euler_and_dpm_solver_pipelines_are_identical(t
 
 
 def test_soft_attack_is_the_same_under_ddim_and_euler(tiny_path):
-    from mace.robustness import SoftPromptAttack, soft_prompt_attack
+    from mace.attacks import SoftPromptAttack, soft_prompt_attack
 
     def targets(concept, n, seed):
         return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
@@ -146,7 +146,7 @@ def test_soft_attack_is_the_same_under_ddim_and_euler(tiny_path):
 def test_builtin_text_encoders_fill_every_direction(family_pipes, name):
     """A trained CLIP's final LayerNorm has a bias; without one every token is zero-mean and
     the token statistic has rank d - 1, so a solve with lamb = 0 is singular."""
-    from mace.models import encode_prompts
+    from mace.pipelines.components import encode_prompts
 
     pipe = family_pipes[name]
     norm = _final_layer_norm(pipe.text_encoder)

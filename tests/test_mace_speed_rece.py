@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import mace
-from mace.models import projection_weights, set_projection_weights
-from mace.rece import adversarial_embeddings, rece, rece_weights
-from mace.speed import invariant_tokens, kmeans, speed, speed_weights
-from mace.uce import uce
+from mace.methods.rece import adversarial_embeddings, rece, rece_weights
+from mace.methods.speed import invariant_tokens, kmeans, speed, speed_weights
+from mace.methods.uce import uce
+from mace.pipelines.components import projection_weights, set_projection_weights
 
 F64 = torch.float64
 D = 13
@@ -245,7 +245,7 @@ def world_pipe(world):
 
 
 def _last_piece(pipe, texts):
-    """Embeddings at each text's last word piece (computed here, not by mace.speed)."""
+    """Embeddings at each text's last word piece (computed here, not by mace.methods.speed)."""
     emb = mace.encode_prompts(pipe, texts).double()
     return torch.stack([emb[i, len(pipe.tokenizer(t).input_ids) - 2] for i, t in enumerate(texts)])
 

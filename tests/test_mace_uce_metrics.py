@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 
 import mace
-from mace.uce import uce, uce_tokens
+from mace.methods.uce import uce, uce_tokens
 
 
 def test_uce_tokens_align_from_the_last_word_piece(tiny_pipe):
@@ -94,7 +94,7 @@ def test_uce_rejects_bad_input(tiny_pipe):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tiny_clip_path):
-    from mace.metrics import load_clip
+    from mace.evaluation.metrics import load_clip
 
     return load_clip(tiny_clip_path)
 
@@ -106,7 +106,7 @@ def _text_features(clip, texts):
 
 
 def test_clip_score_and_zero_shot_accuracy_match_direct_computation(tiny_clip):
-    from mace.metrics import clip_image_features, clip_score, clip_zero_shot_accuracy
+    from mace.evaluation.metrics import clip_image_features, clip_score, clip_zero_shot_accuracy
 
     images = torch.rand(6, 3, 32, 32) * 2 - 1
     prompts = ["a red disc", "a blue star", "a photo", "a dog", "a cat", "a glyph"]
@@ -139,7 +139,7 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_fid_on_clip_features_matches_the_frechet_formula(tiny_clip):
-    from mace.metrics import clip_image_features, fid
+    from mace.evaluation.metrics import clip_image_features, fid
 
     g = torch.Generator().manual_seed(1)
     a = torch.rand(24, 3, 32, 32, generator=g) * 2 - 1

@@ -9,8 +9,8 @@ import yaml
 import mace
 from mace.cli import main as mace_main
 from mace.config import ConfigError, load_config
-from mace.methods import METHODS, run_erasure
-from mace.models import cross_attention_projections
+from mace.methods.registry import METHODS, run_erasure
+from mace.pipelines.components import cross_attention_projections
 
 NAMES = ["Emma Stone", "ship"]
 GUIDES = ["a person", "a boat"]
@@ -37,9 +37,9 @@ def _weights(folder):
 
 
 def _direct(method: str, scale: float):
-    from mace.rece import rece
-    from mace.speed import speed
-    from mace.uce import uce
+    from mace.methods.rece import rece
+    from mace.methods.speed import speed
+    from mace.methods.uce import uce
 
     pipe = mace.load_pipeline("builtin:tiny")
     if method == "uce":

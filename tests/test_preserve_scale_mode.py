@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import mace
-from mace.cache import PreservationSettings
 from mace.closed_form import LoraStack, fuse_weights_streamed, refine_weights_streamed
 from mace.config import ConfigError, load_config
-from mace.fingerprint import digest
-from mace.fusion import FusionSettings
-from mace.refinement import RefinementSettings
+from mace.stages.cache import PreservationSettings
+from mace.stages.fusion import FusionSettings
+from mace.stages.refinement import RefinementSettings
+from mace.utils.fingerprint import digest
 
 D, OUTS = 12, (7, 5)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mace
-from mace.builtin import build_sd14_shapes, build_sd21_shapes
+from mace.pipelines.builtin import build_sd14_shapes, build_sd21_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

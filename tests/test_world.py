@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mace
-from mace.sampling import generate_images
-from mace.tokenizer import clip_tokenizer
+from mace.utils.sampling import generate_images
+from mace.utils.tokenizer import clip_tokenizer
 from mace.world import (
     CONCEPTS,
     EVAL_TEMPLATES,
@@ -77,7 +77,7 @@ def world_pipe():
 def test_world_model_is_a_stable_diffusion_folder(world_pipe):
     from diffusers import StableDiffusionPipeline
 
-    from mace.builtin import builtin_model_path
+    from mace.pipelines.builtin import builtin_model_path
 
     pipe = StableDiffusionPipeline.from_pretrained(builtin_model_path(WORLD_MODEL), safety_checker=None)
     assert pipe.unet.config.cross_attention_dim == 64
@@ -122,7 +122,7 @@ def test_world_model_draws_what_it_is_asked_and_uce_erases_it(world_pipe, tmp_pa
     # Measured (seeds fixed): Acc_e = Acc_g = 1.0 and Acc_s = 1.0 before erasure; the
     # issue's bar is 0.9 / 0.8 averaged over all 120 concepts, so these margins are loose.
     assert before.acc_e >= 0.8 and before.acc_g >= 0.8 and before.acc_s >= 0.85
-    from mace.uce import uce
+    from mace.methods.uce import uce
 
     edited = mace.load_pipeline(WORLD_MODEL)  # the module's pipeline stays unedited
     others = [c.name for c in CONCEPTS if c.name != ERASED]
@@ -158,7 +158,7 @@ def test_shipped_model_passes_its_drawing_bar(key):
 def test_check_measures_the_training_templates_too(world_pipe):
     """The check stage's second measurement: names and aliases on the templates the model was
     trained on, read by the classifier against the concept each prompt asked for."""
-    from mace.world.train import training_template_accuracy
+    from mace.world.check import training_template_accuracy
 
     concepts = [concept_by_name(n).index for n in [ERASED, *KEPT]]
     shares = training_template_accuracy(world_pipe, load_classifier(), WORLD, concepts, images_per_concept=2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mace.world import IDENTITY_PILOT, IDENTITY_WORLD, WORLDS, get_world
+from mace.world.check import drawing_errors
 from mace.world.concepts import (
     COLOURS,
     CROSS_FAMILY_DISTANCE,
@@ -19,7 +20,7 @@ from mace.world.concepts import (
     TONE_SHARE,
 )
 from mace.world.render import _identicon_mask, _identity_tables, render
-from mace.world.train import DEFAULTS, drawing_errors
+from mace.world.train import DEFAULTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mace.tokenizer import clip_tokenizer
+from mace.utils.tokenizer import clip_tokenizer
 from mace.world import LARGE_WORLD, WORLD, get_world, glyph_judge, render, world_of
 from mace.world.concepts import COLOURS
 from mace.world.render import IMAGE_SIZE
@@ -31,7 +31,7 @@ def test_large_world_has_over_500_uniquely_named_two_tone_concepts():
 
 
 def test_drawing_errors_separate_wrong_shapes_from_wrong_colours():
-    from mace.world.train import drawing_errors
+    from mace.world.check import drawing_errors
 
     def find(shape, colour, lower):
         return next(c.index for c in LARGE_WORLD.concepts if (c.shape, c.colour, c.lower_colour) == (shape, colour, lower))

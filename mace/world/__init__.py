@@ -7,8 +7,8 @@ generated images without a real Stable Diffusion. Train with
 
 from __future__ import annotations
 
-from .classifier import GlyphClassifier
-from .concepts import (
+from mace.world.classifier import GlyphClassifier
+from mace.world.concepts import (
     BACKGROUND_TEMPLATES,
     BACKGROUNDS,
     CONCEPTS,
@@ -29,9 +29,9 @@ from .concepts import (
     get_world,
     world_of,
 )
-from .judge import glyph_judge, judge_for
-from .model import WORLD_MODEL, load_classifier, load_world_components, weights_dir, weights_fingerprint
-from .render import render
+from mace.world.judge import glyph_judge, judge_for
+from mace.world.model import WORLD_MODEL, load_classifier, load_world_components, weights_dir, weights_fingerprint
+from mace.world.render import render
 
 __all__ = [
     "BACKGROUNDS",

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .concepts import BACKGROUNDS, NUM_CONCEPTS
+from mace.world.concepts import BACKGROUNDS, NUM_CONCEPTS
 
 
 class GlyphClassifier(nn.Module):

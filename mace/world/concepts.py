@@ -62,7 +62,7 @@ TRAIN_TEMPLATES = (
 )
 
 # Held out from training: generation with these measures whether names work beyond the
-# captions the model saw. None of them is one of mace.prompts' refinement templates either.
+# captions the model saw. None of them is one of mace.stages.prompts' refinement templates either.
 EVAL_TEMPLATES = (
     "a rendering showing {}",
     "look at {} here",

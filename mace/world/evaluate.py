@@ -28,13 +28,11 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ..atomic import atomic_path
-from ..sampling import generate_images
-from .classifier import GlyphClassifier
-from .concepts import BACKGROUNDS, EVAL_BACKGROUND_TEMPLATES, EVAL_TEMPLATES, WORLD, GlyphWorld, fill
-from .model import load_classifier
-
-KINDS = ("erased", "alias", "kept", "background")
+from mace.utils.atomic import atomic_path
+from mace.utils.sampling import generate_images
+from mace.world.classifier import GlyphClassifier
+from mace.world.concepts import BACKGROUNDS, EVAL_BACKGROUND_TEMPLATES, EVAL_TEMPLATES, WORLD, GlyphWorld, fill
+from mace.world.model import load_classifier
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from ..images import image_tensor
-from .classifier import GlyphClassifier
-from .concepts import WORLD, GlyphWorld, world_of
-from .model import load_classifier
+from mace.utils.images import image_tensor
+from mace.world.classifier import GlyphClassifier
+from mace.world.concepts import WORLD, GlyphWorld, world_of
+from mace.world.model import load_classifier
 
 Judge = Callable[[str, Sequence[Image.Image]], str]
 

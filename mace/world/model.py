@@ -11,9 +11,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..fingerprint import files_digest
-from .classifier import GlyphClassifier
-from .concepts import WORLD, GlyphWorld
+from mace.utils.fingerprint import files_digest
+from mace.world.classifier import GlyphClassifier
+from mace.world.concepts import WORLD, GlyphWorld
 
 WORLD_MODEL = WORLD.model
 

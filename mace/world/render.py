@@ -13,7 +13,7 @@ from functools import cache
 
 import torch
 
-from .concepts import (
+from mace.world.concepts import (
     BACKGROUNDS,
     COLOURS,
     IDENTICON_FREE_COLUMNS,

@@ -21,29 +21,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..atomic import atomic_path, write_json_atomically
-from ..fingerprint import files_digest
-from ..sampling import generate_images
-from ..tokenizer import clip_tokenizer
-from .classifier import GlyphClassifier
-from .concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONTEXT_WORDS, TRAIN_TEMPLATES, WORLD, WORLDS, GlyphWorld, fill
-from .evaluate import evaluate_world
-from .model import classifier_digest, load_world_components, weights_dir, weights_fingerprint_of
-from .render import IMAGE_SIZE, render
+from mace.utils.atomic import atomic_path, write_json_atomically
+from mace.utils.fingerprint import files_digest
+from mace.utils.tokenizer import clip_tokenizer
+from mace.world.check import check_model
+from mace.world.classifier import GlyphClassifier
+from mace.world.concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONTEXT_WORDS, TRAIN_TEMPLATES, WORLD, WORLDS, GlyphWorld, fill
+from mace.world.model import weights_dir
+from mace.world.render import IMAGE_SIZE, render
 
 STAGES = ("vae", "classifier", "ldm", "check")
 _BACKGROUND_NAMES = list(BACKGROUNDS)
@@ -328,108 +325,6 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
     _save_stage(out, "unet", lambda d: _half(ema).save_pretrained(d))
     _save_stage(out, "text_encoder", lambda d: _half(ema_text).save_pretrained(d))
     _save_stage(out, "scheduler", lambda d: build_scheduler().save_pretrained(d))
-
-
-def drawing_errors(world: GlyphWorld, requested: list[int], predicted: list[int]) -> dict:
-    """What a model draws wrong, read by the classifier: how many images show the requested
-    concept, the right colouring with the wrong shape, the right shape with a wrong colour, both
-    wrong, or no concept; and per shape, the share of its images that are right. Separates a model
-    that cannot tell names apart from one that cannot draw a fine distinction between shapes."""
-    if world.is_identity:
-        return _identity_drawing_errors(world, requested, predicted)
-    counts = dict.fromkeys(("right", "shape_wrong", "colour_wrong", "both_wrong", "no_concept"), 0)
-    by_shape: dict[str, list[int]] = {}
-    for want, got in zip(requested, predicted, strict=True):
-        concept = world.concepts[want]
-        tally = by_shape.setdefault(concept.shape, [0, 0])
-        tally[1] += 1
-        if got == want:
-            counts["right"] += 1
-            tally[0] += 1
-        elif got == world.none_class:
-            counts["no_concept"] += 1
-        else:
-            drawn = world.concepts[got]
-            same_shape = drawn.shape == concept.shape
-            same_colours = (drawn.colour, drawn.lower_colour) == (concept.colour, concept.lower_colour)
-            counts["shape_wrong" if same_colours else "colour_wrong" if same_shape else "both_wrong"] += 1
-    return {**counts, "by_shape": {shape: round(right / total, 3) for shape, (right, total) in sorted(by_shape.items())}}
-
-
-def _identity_drawing_errors(world: GlyphWorld, requested: list[int], predicted: list[int]) -> dict:
-    """drawing_errors on an identity world: right, a look-alike (same family), another identity
-    (a held-out one counted apart), or no concept."""
-    counts = dict.fromkeys(("right", "look_alike", "other_identity", "held_out_identity", "no_concept"), 0)
-    for want, got in zip(requested, predicted, strict=True):
-        drawn = world.label_concept(got)
-        if got == want:
-            counts["right"] += 1
-        elif drawn is None:
-            counts["no_concept"] += 1
-        elif got > world.none_class:
-            counts["held_out_identity"] += 1
-        else:
-            counts["look_alike" if drawn.shape == world.concepts[want].shape else "other_identity"] += 1
-    return counts
-
-
-def training_template_accuracy(pipe, classifier: GlyphClassifier, world: GlyphWorld, concepts: list[int],
-                               images_per_concept: int = 1) -> dict[str, float]:
-    """The share of images that show the requested concept when prompted by name and by alias on
-    the *training* templates (black background). Beside the held-out accuracy it tells a model
-    that has not learnt its captions from one that cannot read a name among unseen words."""
-    shares = {}
-    for kind in ("name", "alias"):
-        prompts, seeds, wanted = [], [], []
-        for c in concepts:
-            subject = world.concepts[c].name if kind == "name" else world.concepts[c].alias
-            for i in range(images_per_concept):
-                prompts.append(fill(TRAIN_TEMPLATES[(c + i) % len(TRAIN_TEMPLATES)], subject, "black"))
-                seeds.append(2_000_000 + 1000 * c + (500 if kind == "alias" else 0) + i)
-                wanted.append(c)
-        images = generate_images(pipe, prompts, seeds, progress=False)
-        predicted, _ = classifier.predict(images)
-        shares[kind] = float((predicted == torch.tensor(wanted)).float().mean())
-    return shares
-
-
-def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> dict:
-    """What the trained model draws for every concept's name and alias, on held-out templates,
-    read by the classifier: the quality bar the erasure measurements rest on; and, with one image
-    per concept, the same on the training templates."""
-    pipe = StableDiffusionPipeline(**load_world_components(out, world), tokenizer=clip_tokenizer(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = GlyphClassifier.from_pretrained(out / "classifier")
-    with tempfile.TemporaryDirectory() as tmp:
-        table = Path(tmp) / "check.csv"
-        scores = evaluate_world(pipe, list(range(world.num_concepts)), [], classifier=classifier,
-                                images_per_concept=images_per_concept, background_images=0, world=world, csv_path=table)
-        with table.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    index = {world.label_name(label): label for label in range(world.num_labels)}
-    worst = sorted(scores.per_concept.items(), key=lambda kv: kv[1]["erased"])[:5]
-    record = {"weights": weights_fingerprint_of(out, world), "classifier": classifier_digest(out, world),
-              "name_accuracy": scores.acc_e, "alias_accuracy": scores.acc_g, "images": scores.images,
-              "images_per_concept": images_per_concept, "seconds": round(scores.seconds, 1),
-              "worst_names": {k: v["erased"] for k, v in worst}}
-    for kind, key in (("erased", "name_errors"), ("alias", "alias_errors")):
-        chosen = [r for r in rows if r["kind"] == kind]
-        record[key] = drawing_errors(world, [index[r["concept"]] for r in chosen], [index[r["predicted"]] for r in chosen])
-    trained = training_template_accuracy(pipe, classifier, world, list(range(world.num_concepts)))
-    record["training_templates"] = {"name_accuracy": trained["name"], "alias_accuracy": trained["alias"],
-                                    "images": 2 * world.num_concepts}
-    print(f"{world.model}: classifier finds the requested concept in {scores.acc_e:.3f} of images prompted by name, "
-          f"{scores.acc_g:.3f} by alias ({scores.images} images, held-out templates); on the training templates "
-          f"{trained['name']:.3f} and {trained['alias']:.3f}")
-    errors = record["name_errors"]
-    if world.is_identity:
-        print("name prompts: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in errors.items()))
-        return record
-    print(f"name prompts: {errors['right']} right, {errors['shape_wrong']} wrong shape only, {errors['colour_wrong']} wrong "
-          f"colour only, {errors['both_wrong']} both wrong, {errors['no_concept']} no concept; right by shape: "
-          + ", ".join(f"{shape} {share:.2f}" for shape, share in errors["by_shape"].items()))
-    return record
 
 
 # Per world: (VAE, classifier, latent diffusion) steps (the latter per cosine cycle), rendered images

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import distributed as dist
-from .cache import PreservationCache, PreservationSettings
-from .closed_form import SolveReport, refine_weights_streamed
-from .config import MACEConfig
-from .models import edit_projections, encode_prompts
-from .prompts import PromptPair, align_tokens
+from mace import distributed as dist
+from mace.closed_form import SolveReport, refine_weights_streamed
+from mace.config import MACEConfig
+from mace.pipelines.components import edit_projections, encode_prompts
+from mace.stages.cache import PreservationCache, PreservationSettings
+from mace.stages.prompts import PromptPair, align_tokens
 
 
 @dataclass(frozen=True)

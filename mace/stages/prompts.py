@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-CONCEPT_TYPES = ("object", "celebrity", "style", "explicit")
+from mace.config import CONCEPT_TYPES
 
 # {} is the concept. Object templates also serve celebrities and explicit concepts.
 OBJECT_TEMPLATES = [
@@ -143,6 +143,12 @@ def align_tokens(old_ids: Sequence[int], new_ids: Sequence[int], length: int = 7
     old_pos += list(range(len(old_ids), len(old_ids) + pad))
     new_pos += list(range(len(new_ids), len(new_ids) + pad))
     return old_pos, new_pos
+
+
+def last_word_piece(ids: Sequence[int]) -> int:
+    """Index of a text's last word piece in its token ids (with start and end of text): the
+    token before end-of-text, where UCE, SPEED and RECE read a concept."""
+    return len(ids) - 2
 
 
 def concept_token_positions(old_ids: Sequence[int], new_ids: Sequence[int]) -> list[int]:

@@ -20,14 +20,9 @@ from collections.abc import Sequence
 import torch
 
 import mace_kernels as mk
-
-from .closed_form import SolveReport, refine_weights
-from .models import edit_projections, encode_prompts
-
-
-def _last_piece(ids: Sequence[int]) -> int:
-    """Index of the text's last word piece: the token before end-of-text."""
-    return len(ids) - 2
+from mace.closed_form import SolveReport, refine_weights
+from mace.pipelines.components import edit_projections, encode_prompts
+from mace.stages.prompts import last_word_piece
 
 
 def uce_tokens(pipe, texts: Sequence[str], guides: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -38,7 +33,7 @@ def uce_tokens(pipe, texts: Sequence[str], guides: Sequence[str] | None = None) 
     emb = encode_prompts(pipe, list(texts))
     ids = tok(list(texts), truncation=True, max_length=length).input_ids
     if guides is None:
-        rows = [emb[b, _last_piece(i):] for b, i in enumerate(ids)]
+        rows = [emb[b, last_word_piece(i):] for b, i in enumerate(ids)]
         return torch.cat(rows), None
     if len(guides) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(guides)} guides")
@@ -46,7 +41,7 @@ def uce_tokens(pipe, texts: Sequence[str], guides: Sequence[str] | None = None) 
     g_ids = tok(list(guides), truncation=True, max_length=length).input_ids
     old, new = [], []
     for b, (io, ig) in enumerate(zip(ids, g_ids, strict=True)):
-        lo, lg = _last_piece(io), _last_piece(ig)
+        lo, lg = last_word_piece(io), last_word_piece(ig)
         n = length - max(lo, lg)  # both runs end inside the 77 positions
         old.append(emb[b, lo : lo + n])
         new.append(g_emb[b, lg : lg + n])

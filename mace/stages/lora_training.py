@@ -1,6 +1,6 @@
 """Stage 2 of MACE: one LoRA per concept, trained on the concept's prepared images so that the
 refined model stops attending to the concept's tokens (the loss and the batched step are in
-mace.lora; docs/design.md, section 5).
+mace.stages.lora; docs/design.md, section 5).
 
 Concepts train ``concepts_per_batch`` at a time in one UNet batch. Every random choice of a
 concept (its initial LoRA, its prompts, images, noise and timesteps) comes from a generator of
@@ -26,12 +26,11 @@ import torch
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import distributed
-from .atomic import write_json_atomically
-from .config import ConfigError, MACEConfig, autocast_dtype, check_prior_preservation, report_to_trackers
-from .fingerprint import digest, files_digest, seed_for, tensors_digest
-from .images import image_files, image_tensor, read_image
-from .lora import (
+from mace import distributed
+from mace.config import ConfigError, MACEConfig, autocast_dtype, check_prior_preservation, report_to_trackers
+from mace.pipelines.components import added_conditions, encode_prompts, projection_weights
+from mace.pipelines.lora_io import LORA_WEIGHT_NAME, save_lora
+from mace.stages.lora import (
     AttentionTargets,
     LoraPreservation,
     LoraTrainingHooks,
@@ -42,11 +41,12 @@ from .lora import (
     sample_timesteps,
     train_step,
 )
-from .lora_io import LORA_WEIGHT_NAME, save_lora
-from .models import added_conditions, encode_prompts, projection_weights
-from .names import folder_name
-from .prepare import concept_data_files, load_concept_data
-from .prompts import PromptPair
+from mace.stages.prepare import concept_data_files, load_concept_data
+from mace.stages.prompts import PromptPair
+from mace.utils.atomic import write_json_atomically
+from mace.utils.fingerprint import digest, files_digest, seed_for, tensors_digest
+from mace.utils.images import image_files, image_tensor, read_image
+from mace.utils.names import folder_name
 
 FINGERPRINT_FILE = "mace_fingerprint.json"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -182,7 +182,7 @@ class TrainingResult:
 
 def lora_dir(output_dir: str | os.PathLike, concept: str) -> Path:
     """A concept's LoRA folder: ``<output_dir>/lora/<name with '-' for spaces>``, a safe folder
-    name (``mace.names.folder_name``) when the name is no plain folder name."""
+    name (``mace.utils.names.folder_name``) when the name is no plain folder name."""
     return Path(output_dir) / "lora" / folder_name(concept).replace(" ", "-")
 
 

@@ -60,10 +60,9 @@ from collections.abc import Sequence
 import torch
 
 import mace_kernels as mk
-
-from .closed_form import SolveReport
-from .models import cross_attention_projections, edit_projections, encode_prompts
-from .uce import _last_piece
+from mace.closed_form import SolveReport
+from mace.pipelines.components import cross_attention_projections, edit_projections, encode_prompts
+from mace.stages.prompts import last_word_piece
 
 PROJECTIONS = ("k", "v", "kv")
 
@@ -77,7 +76,7 @@ def last_piece_tokens(pipe, texts: Sequence[str]) -> torch.Tensor:
     texts = list(texts)
     emb = encode_prompts(pipe, texts)
     ids = pipe.tokenizer(texts, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-    return torch.stack([emb[b, _last_piece(i)] for b, i in enumerate(ids)]) if texts else emb[:, 0]
+    return torch.stack([emb[b, last_word_piece(i)] for b, i in enumerate(ids)]) if texts else emb[:, 0]
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int = 100) -> torch.Tensor:
@@ -179,7 +178,7 @@ def speed_weights(
     if augment < 0:
         raise ValueError(f"speed: augment must be >= 0, got {augment}")
 
-    # The edit runs where the weights are (mace.models.edit_projections hands them over on the
+    # The edit runs where the weights are (mace.pipelines.components.edit_projections hands them over on the
     # CPU); the tokens come from the text encoder's device.
     f64, device = torch.float64, weights[0].device
     eye = torch.eye(d, dtype=f64, device=device)

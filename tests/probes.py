@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .attention import AttentionMapRecorder, ProcessorSwap
-from .lora import concept_token_mask
-from .models import added_conditions, encode_prompts
-from .prompts import concept_token_positions
+from mace.pipelines.attention import AttentionMapRecorder, ProcessorSwap
+from mace.pipelines.components import added_conditions, encode_prompts
+from mace.stages.lora import concept_token_mask
+from mace.stages.prompts import concept_token_positions
 
 
 @torch.no_grad()

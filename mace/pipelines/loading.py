@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from .atomic import save_pipeline_atomically
-from .builtin import BUILTIN_PREFIX, builtin_model_path
-from .models import cross_attention_projections
+from mace.pipelines.builtin import BUILTIN_PREFIX, builtin_model_path
+from mace.pipelines.components import cross_attention_projections
+from mace.utils.atomic import save_pipeline_atomically
 
 __all__ = ["UnsafeModelError", "check_model_index", "load_pipeline", "resolve_model_path", "save_pipeline_atomically"]
 
@@ -123,7 +123,7 @@ def load_pipeline(
     """Load a diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a folder, hub id or builtin.
 
     ``builtin:tiny`` and ``builtin:tiny-sdxl`` are small models made from configs in this
-    repository (see :mod:`mace.builtin`); nothing is downloaded for them.
+    repository (see :mod:`mace.pipelines.builtin`); nothing is downloaded for them.
 
     Nothing in a model folder runs or is unpickled: its model_index.json must name a diffusers
     pipeline and diffusers/transformers components (``check_model_index``), weights are read

@@ -32,9 +32,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
 import mace_kernels as mk
-
-from .attention import ProcessorSwap, cross_attention_forward
-from .models import cross_attention_projections, projection_weights
+from mace.pipelines.attention import ProcessorSwap, cross_attention_forward
+from mace.pipelines.components import cross_attention_projections, projection_weights
 
 
 def importance_weights(num_timesteps: int = 1000, temperature: float = 0.05) -> torch.Tensor:

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import distributed
-from .atomic import atomic_path, save_pipeline_atomically
-from .config import ERASURE_METHODS, ConfigError, MACEConfig
-from .erase import STAGES, ErasureSummary, erase
+from mace import distributed
+from mace.config import ERASURE_METHODS, ConfigError, MACEConfig
+from mace.erase import STAGES, ErasureSummary, erase
+from mace.utils.atomic import atomic_path, save_pipeline_atomically
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _one_shot(edit: Callable) -> Callable[[MACEConfig, float, tuple[str, ...], b
     original model, edit it, save it at final_save_path (rank 0 alone under torchrun)."""
 
     def run(config: MACEConfig, scale: float, stages: tuple[str, ...], progress: bool) -> ErasureSummary:
-        from .pipelines import load_pipeline
+        from mace.pipelines.loading import load_pipeline
 
         names = [name for name, _ in config.concepts]
         summary = ErasureSummary(concepts=names, final_model=config.final_save_path)
@@ -108,19 +108,19 @@ def _with_report(config: MACEConfig, stages: tuple[str, ...], progress: bool, su
 
 
 def _uce(pipe, config: MACEConfig, names: list[str], guides: list[str], scale: float) -> None:
-    from .uce import uce
+    from mace.methods.uce import uce
 
     uce(pipe, names, guides, config.preserve_concepts, lam=config.lamb, preserve_scale=scale, jitter=config.solve_jitter)
 
 
 def _speed(pipe, config: MACEConfig, names: list[str], guides: list[str], scale: float) -> None:
-    from .speed import speed
+    from mace.methods.speed import speed
 
     speed(pipe, names, guides, config.preserve_concepts, threshold=scale, seed=config.seed, jitter=config.solve_jitter)
 
 
 def _rece(pipe, config: MACEConfig, names: list[str], guides: list[str], scale: float) -> None:
-    from .rece import rece
+    from mace.methods.rece import rece
 
     rece(pipe, names, guides, config.preserve_concepts, lam=config.lamb, preserve_scale=scale, jitter=config.solve_jitter)
 

@@ -1,11 +1,13 @@
 """Reading and writing LoRA weights of the cross-attention projections (safetensors only).
 
-Reads the layouts users bring: diffusers (``unet.<module>.lora.down/up.weight`` or
-``unet.<module>.lora_A/lora_B.weight``, alpha in the file's ``lora_adapter_metadata``), peft
-folders (``base_model.model.<module>.lora_A.weight`` with ``adapter_config.json``), the old
-attention-processor layout (``<attn>.processor.to_k_lora.down.weight``) and kohya
-(``lora_unet_<module_with_underscores>.lora_down.weight`` with ``.alpha``). Pickled files
-are never loaded.
+Reads the layouts users bring, through diffusers' own conversions: diffusers
+(``unet.<module>.lora.down/up.weight`` or ``unet.<module>.lora_A/lora_B.weight``, alpha in the
+file's ``lora_adapter_metadata``), the old attention-processor layout
+(``<attn>.processor.to_k_lora.down.weight``) and kohya (``lora_unet_...lora_down.weight`` with
+``.alpha``). Kept here, because diffusers does them only while loading a LoRA into a model:
+peft folders (``base_model.model.<module>.lora_A.weight`` with ``adapter_config.json``, whose
+``lora_alpha``, ``alpha_pattern`` and ``use_rslora`` set the scale), and folding each module's
+scale into B. Only safetensors files are read; pickled files are never loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from mace.utils.atomic import atomic_path
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _FILE_NAMES = (LORA_WEIGHT_NAME, "adapter_model.safetensors")
@@ -65,16 +67,51 @@ def _alpha_config(file: Path, metadata: dict[str, str]) -> dict:
     return {}
 
 
-_PATTERNS = [
-    # (regex on the key, which matrix)
-    (re.compile(r"^(?:unet\.|base_model\.model\.)?(?P<m>.+)\.lora(?:_A|\.down)(?:\.default)?\.weight$"), "A"),
-    (re.compile(r"^(?:unet\.|base_model\.model\.)?(?P<m>.+)\.lora(?:_B|\.up)(?:\.default)?\.weight$"), "B"),
-    (re.compile(r"^(?:unet\.)?(?P<m>.+)\.processor\.(?P<p>to_[kvqo])_lora\.down\.weight$"), "A"),
-    (re.compile(r"^(?:unet\.)?(?P<m>.+)\.processor\.(?P<p>to_[kvqo])_lora\.up\.weight$"), "B"),
-    (re.compile(r"^lora_unet_(?P<k>.+)\.lora_down\.weight$"), "A"),
-    (re.compile(r"^lora_unet_(?P<k>.+)\.lora_up\.weight$"), "B"),
-    (re.compile(r"^lora_unet_(?P<k>.+)\.alpha$"), "alpha"),
-]
+_PEFT_KEY = re.compile(r"^(?P<m>.+)\.lora_(?P<w>[AB])(?:\.default)?\.weight$")
+_PREFIXES = ("unet.", "base_model.model.")
+
+
+def _without_prefix(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _peft_layout(file: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """({module: {"A", "B", and "alpha" where the file has one}}, the file's metadata).
+
+    diffusers reads the layouts (``lora_state_dict`` turns kohya names, SDXL's original block
+    names included, into diffusers module names and returns kohya's alphas;
+    ``convert_unet_state_dict_to_peft`` renames the old attention-processor and
+    ``lora.down/up`` layouts to peft's ``lora_A/lora_B``). Only peft's ``base_model.model.``
+    prefix is stripped here: diffusers reads peft files through peft itself.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as err:
+        raise LoraFormatError(f"{file}: not a readable safetensors file ({err})") from None
+    try:
+        state, alphas = StableDiffusionPipeline.lora_state_dict(str(file))
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise LoraFormatError(f"{file}: diffusers cannot read it as a LoRA ({err})") from None
+    unet = {_without_prefix(k): v for k, v in state.items() if not k.startswith(("text_encoder", "te_", "lora_te"))}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in convert_unet_state_dict_to_peft(unet).items():
+        m = _PEFT_KEY.match(key)
+        if m:
+            modules.setdefault(m["m"], {})[m["w"]] = tensor
+    for key, alpha in (alphas or {}).items():
+        key = _without_prefix(key).removesuffix(".alpha")
+        for renamed in convert_unet_state_dict_to_peft({key: torch.zeros(0)}):
+            m = _PEFT_KEY.match(renamed)
+            if m and m["m"] in modules:
+                modules[m["m"]]["alpha"] = torch.as_tensor(alpha)
+    return modules, metadata
 
 
 def read_lora(path: str | os.PathLike, projection_names: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -84,28 +121,7 @@ def read_lora(path: str | os.PathLike, projection_names: Sequence[str]) -> dict[
     reported with a warning and ignored: the closed-form fusion edits to_k/to_v of attn2 only.
     """
     file = _lora_file(Path(path))
-    kohya = {name.replace(".", "_"): name for name in projection_names}
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except SafetensorError as err:
-        raise LoraFormatError(f"{file}: not a readable safetensors file ({err})") from None
-    for key in tensors:
-        for pattern, kind in _PATTERNS:
-            m = pattern.match(key)
-            if not m:
-                continue
-            groups = m.groupdict()
-            if "k" in groups:
-                module = kohya.get(groups["k"], "lora_unet_" + groups["k"])
-            elif "p" in groups:
-                module = f"{groups['m']}.{groups['p']}"
-            else:
-                module = groups["m"]
-            parts.setdefault(module, {})[kind] = tensors[key]
-            break
+    parts, metadata = _peft_layout(file)
     if not parts:
         raise LoraFormatError(f"{file}: no LoRA weights found (unknown key layout)")
     config = _alpha_config(file, metadata)

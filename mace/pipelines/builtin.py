@@ -31,9 +31,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .atomic import atomic_path
-from .tokenizer import clip_tokenizer
-from .world import IDENTITY_PILOT, IDENTITY_WORLD, LARGE_WORLD, WORLD, WORLDS, GlyphWorld, load_world_components, weights_fingerprint
+from mace.utils.atomic import atomic_path
+from mace.utils.tokenizer import clip_tokenizer
+from mace.world import IDENTITY_PILOT, IDENTITY_WORLD, LARGE_WORLD, WORLD, WORLDS, GlyphWorld, load_world_components, weights_fingerprint
 
 BUILTIN_PREFIX = "builtin:"
 _VERSION = "v2"  # bump when a builtin config changes, so old caches are not reused
@@ -80,7 +80,7 @@ def _vae(seed: int):
 # The scheduler each family's published model ships (its scheduler_config.json): SD 1.4/1.5 and
 # SD 2.x base sample with PNDM, SD 2.x 768-v with DDIM (v-prediction), SDXL with Euler. All share
 # SD's training betas; training noise comes from them through DDPM whatever the sampler
-# (mace.lora.forward_process).
+# (mace.stages.lora.forward_process).
 _SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 

@@ -9,8 +9,8 @@ empty mask (the attention loss then takes nothing from it). Both kinds are count
 
 Both models see the image through their transformers processors (resized and normalised as
 they were trained), as the original's Hugging Face tools give them; its official-checkpoint
-tools hand Grounding DINO the unnormalised [0, 1] image and SAM a brightened copy (see the
-README's table of differences). Both models load from local folders or hub ids.
+tools hand Grounding DINO the unnormalised [0, 1] image and SAM a brightened copy (see
+docs/fidelity.md). Both models load from local folders or hub ids.
 """
 
 from __future__ import annotations

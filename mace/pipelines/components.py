@@ -2,7 +2,7 @@
 
 MACE edits only ``attn2.to_k`` and ``attn2.to_v`` of the UNet: the projections that read the
 text embedding (width d: 768 SD1, 1024 SD2, 2048 SDXL). Everything else in this package talks
-to a model through the helpers here (loading a pipeline is :mod:`mace.pipelines`).
+to a model through the helpers here (loading a pipeline is :mod:`mace.pipelines.loading`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -102,46 +103,89 @@ def text_width(pipe) -> int:
     return cross_attention_projections(pipe.unet)[0][1].in_features
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """(B, 77, d) text embeddings exactly as the pipeline feeds them to the UNet's attn2.
+def text_encoders(pipe) -> list[tuple]:
+    """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def tokenize(pipe, prompts: Sequence[str]) -> list[torch.Tensor]:
+    """(B, 77) token ids per text encoder, padded to the tokenizer's length."""
+    return [tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok, _ in text_encoders(pipe)]
+
+
+def encode_ids(pipe, ids: Sequence[torch.Tensor], insert: Sequence[torch.Tensor] | None = None,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings (B, 77, d) exactly as the pipeline feeds them to the UNet's attn2, and
+    SDXL's pooled embedding (else None), from token ids per text encoder (``tokenize``).
 
     SD 1.x/2.x: the text encoder's last hidden state. SDXL: the penultimate hidden states of
-    both encoders, concatenated (the pooled embedding goes elsewhere and is not edited).
+    both encoders, concatenated; the pooled embedding of the second goes to the added
+    conditions. With ``insert``, each encoder's token embeddings at ``positions`` are replaced
+    by ``insert[e]`` ((K, d_e) or (B, K, d_e)), gradients flowing into them (the attacks'
+    soft prompts).
     """
-    encoders = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    outs = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        parts = []
-        for tok, enc in encoders:
-            ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(enc.device)
+    encoders = text_encoders(pipe)
+    parts, pooled = [], None
+    for e, ((_, enc), enc_ids) in enumerate(zip(encoders, ids, strict=True)):
+        handle = None
+        if insert is not None:
+            value = insert[e]
+
+            def hook(module, inputs, output, value=value):
+                output = output.clone()
+                output[:, positions] = value.to(output.dtype)
+                return output
+
+            handle = enc.get_input_embeddings().register_forward_hook(hook)
+        try:
+            enc_ids = enc_ids.to(enc.device)
             if len(encoders) == 1:
-                parts.append(enc(ids)[0])
+                parts.append(enc(enc_ids)[0])
             else:
-                parts.append(enc(ids, output_hidden_states=True).hidden_states[-2])
-        outs.append(torch.cat(parts, dim=-1).float())
+                out = enc(enc_ids, output_hidden_states=True)
+                parts.append(out.hidden_states[-2])
+                if e == 1:
+                    pooled = out[0].float()
+        finally:
+            if handle is not None:
+                handle.remove()
+    return torch.cat(parts, dim=-1).float(), pooled
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """(B, 77, d) text embeddings exactly as the pipeline feeds them to the UNet's attn2
+    (``encode_ids`` of the prompts, in batches)."""
+    outs = [encode_ids(pipe, tokenize(pipe, prompts[start:start + batch_size]))[0]
+            for start in range(0, len(prompts), batch_size)]
     if not outs:
         return torch.zeros(0, pipe.tokenizer.model_max_length, text_width(pipe))
     return torch.cat(outs)
 
 
+def pooled_conditions(pooled: torch.Tensor | None, resolution: int) -> dict[str, torch.Tensor] | None:
+    """SDXL's added UNet conditions from the pooled text embedding (B, p): it and the size/crop
+    time ids of an uncropped ``resolution`` image; None when there is no pooled embedding."""
+    if pooled is None:
+        return None
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype, device=pooled.device)
+    return {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
+
+
 @torch.no_grad()
 def added_conditions(pipe, prompts: Sequence[str], resolution: int) -> dict[str, torch.Tensor] | None:
-    """The UNet's added conditions for ``prompts`` (SDXL: the second encoder's pooled text
-    embedding and the size/crop time ids of an uncropped ``resolution`` image); None for models
+    """The UNet's added conditions for ``prompts`` (SDXL: ``pooled_conditions``); None for models
     without them (SD 1.x/2.x)."""
     if pipe.unet.config.get("addition_embed_type") != "text_time":
         return None
     tok, enc = pipe.tokenizer_2, pipe.text_encoder_2
     ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(enc.device)
-    pooled = enc(ids)[0].float()
-    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype)
-    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).repeat(len(prompts), 1)}
+    return pooled_conditions(enc(ids)[0].float(), resolution)
 
 
 def text_encoder_fingerprint(pipe) -> str:
@@ -163,3 +207,17 @@ def text_encoder_fingerprint(pipe) -> str:
             h.update(name.encode())
             h.update(sample.tobytes())
     return h.hexdigest()[:16]
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """No parameter of ``modules`` records gradients inside the block (restored afterwards)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)

@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from PIL import Image
 
-from .atomic import save_image_atomically, write_text_atomically
+from mace.utils.atomic import save_image_atomically, write_text_atomically
 
 # Defaults of the config keys report_batch_size and report_steps (see MACEConfig for the others).
 REPORT_BATCH = 8  # images per pipeline call

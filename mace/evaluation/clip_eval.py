@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .metrics import clip_score, clip_zero_shot_accuracy, fid
-from .sampling import generate_images
+from mace.evaluation.metrics import clip_score, clip_zero_shot_accuracy, fid
+from mace.utils.sampling import generate_images
 
-# Prompts for CLIP-based evaluation of real models; none is one of mace.prompts' refinement templates.
+# Prompts for CLIP-based evaluation of real models; none is one of mace.stages.prompts' refinement templates.
 CLIP_EVAL_TEMPLATES = ("an image capturing {} at an event", "a headshot of {}", "{} in an official photo",
                        "a color picture of {}", "an illustration of {}")
 

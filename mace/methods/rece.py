@@ -18,13 +18,13 @@ every token of the empty prompt and of each preserved text (P = sum e_p e_p^T), 
 over every cross-attention key and value projection; sum_l W_l^T W_l and sum_l W_l^T W0_l are one
 ``token_covariance`` call over the stacked rows of all layers, c' one ``spd_solve`` for all tokens,
 and the edit is the refinement solve of :mod:`mace.closed_form` (one d x d solve, one
-``closed_form_edit``). Before the first round, :func:`mace.uce.uce` runs with the same lam,
+``closed_form_edit``). Before the first round, :func:`mace.methods.uce.uce` runs with the same lam,
 erase and preserve scales and preserved concepts (``start_with_uce``).
 
 Deliberate differences from the reference code (github.com/CharlesGong12/RECE; the
 ``close_regzero`` embedding, ``edit_model_adversarial`` with ``technique='replace'``):
 
-- The UCE step runs here, with mace.uce's tokens; the reference loads a UCE checkpoint made
+- The UCE step runs here, with mace.methods.uce's tokens; the reference loads a UCE checkpoint made
   beforehand (its paper's settings: lam = 0.1, preserve scale 0.1, as the defaults here).
 - The reference keeps the round whose images score best on a validation set of prompts with a
   detector; here every round is kept (there is no detector for an arbitrary concept).
@@ -39,10 +39,9 @@ from collections.abc import Sequence
 import torch
 
 import mace_kernels as mk
-
-from .closed_form import SolveReport, refine_weights
-from .models import edit_projections, encode_prompts, projection_weights
-from .uce import uce
+from mace.closed_form import SolveReport, refine_weights
+from mace.methods.uce import uce
+from mace.pipelines.components import edit_projections, encode_prompts, projection_weights
 
 
 def adversarial_embeddings(
@@ -104,7 +103,7 @@ def rece_weights(
     if erase_scale <= 0:
         raise ValueError(f"rece: erase_scale must be > 0, got {erase_scale}")
     scale = erase_scale**0.5  # on both token sets: the erase term weighs erase_scale
-    # The rounds run where the weights are (mace.models.edit_projections hands them over on the
+    # The rounds run where the weights are (mace.pipelines.components.edit_projections hands them over on the
     # CPU); the tokens come from the text encoder's device.
     device = weights[0].device
     guide = guide_tokens.to(device, torch.float64) * scale

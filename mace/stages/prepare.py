@@ -6,7 +6,7 @@ original tools wrote where their path arithmetic puts them (see ``original_mask_
 read too. Images that exist are kept (a run resumes). Masks come, by default, from the model's own cross-attention
 maps of the concept's tokens, aggregated over attn2 layers and denoising steps while the
 image is generated, upsampled and thresholded; no extra model is needed. Styles get no mask.
-With a ``masker`` (e.g. :class:`mace.grounded_sam.GroundedSamMasker`), masks come from it instead.
+With a ``masker`` (e.g. :class:`mace.stages.grounded_sam.GroundedSamMasker`), masks come from it instead.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import save_image_atomically
-from .attention import AttentionMapRecorder, ProcessorSwap
-from .config import MACEConfig
-from .images import image_files, image_tensor, mask_tensor, read_image
-from .names import MASK_SUFFIX, folder_name
-from .prompts import concept_token_positions
+from mace.config import MACEConfig
+from mace.pipelines.attention import AttentionMapRecorder, ProcessorSwap
+from mace.stages.prompts import concept_token_positions
+from mace.utils.atomic import save_image_atomically
+from mace.utils.images import image_files, image_tensor, mask_tensor, read_image
+from mace.utils.names import MASK_SUFFIX, folder_name
 
 
 @dataclass
@@ -61,7 +61,7 @@ def attention_masks(maps: torch.Tensor, size: int, threshold: float) -> list[Ima
 def concept_folders(input_data_dir: str | os.PathLike, concept: str) -> tuple[Path, Path]:
     """(image folder, mask folder) of a concept in this package's layout: the original tools'
     ``<concept>`` and ``<concept> mask`` for a plain name; a name that is no plain folder name
-    (separators, ``..``, control characters, too long; see ``mace.names``) gets a safe one, so
+    (separators, ``..``, control characters, too long; see ``mace.utils.names``) gets a safe one, so
     both folders always lie inside ``input_data_dir``."""
     root = Path(input_data_dir)
     folder = folder_name(concept)

@@ -21,11 +21,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import mace_kernels as mk
-
-from . import distributed
-from .atomic import atomic_path
-from .fingerprint import files_digest
-from .models import encode_prompts, text_encoder_fingerprint, text_width
+from mace import distributed
+from mace.pipelines.components import encode_prompts, text_encoder_fingerprint, text_width
+from mace.utils.atomic import atomic_path
+from mace.utils.fingerprint import files_digest
 
 CACHE_VERSION = "1"
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import distributed as dist
-from .cache import PreservationCache, PreservationSettings
-from .closed_form import LoraStack, SolveReport, fuse_weights_streamed
-from .config import MACEConfig
-from .lora_io import read_lora
-from .models import cross_attention_projections, edit_projections, encode_prompts, projection_weights
+from mace import distributed as dist
+from mace.closed_form import LoraStack, SolveReport, fuse_weights_streamed
+from mace.config import MACEConfig
+from mace.pipelines.components import cross_attention_projections, edit_projections, encode_prompts, projection_weights
+from mace.pipelines.lora_io import read_lora
+from mace.stages.cache import PreservationCache, PreservationSettings
 
 LoraSource = str | os.PathLike | Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
