@@ -30,7 +30,7 @@ setup(
     version="0.1.0",
     description="Fast closed-form and multi-LoRA kernels for MACE concept erasure in diffusion models",
     packages=find_packages(include=["mace_kernels", "mace_kernels.*", "mace", "mace.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "torch>=2.4", "numpy", "diffusers>=0.32", "transformers>=4.45", "peft>=0.13", "accelerate",
         "safetensors", "omegaconf", "tqdm", "ftfy", "torchmetrics>=1.4",
