@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SHAPES = ("disc", "ring", "square", "frame", "triangle", "diamond", "plus", "cross", "star", "hexagon", "stripes", "crescent")
@@ -126,9 +127,8 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
 
 
-def _make_concepts(seed: int = 1234, two_tone: bool = False) -> tuple[Concept, ...]:
-    """One concept per shape and colouring, with names drawn from a fixed seed (unique words throughout)."""
-    rng = random.Random(seed)
+def _fresh_words(rng: random.Random) -> Callable[[int], str]:
+    """fresh(syllables): a made-up word of at least 4 letters that this source has not given before."""
     used: set[str] = set()
 
     def fresh(syllables: int) -> str:
@@ -137,6 +137,14 @@ def _make_concepts(seed: int = 1234, two_tone: bool = False) -> tuple[Concept, .
             if word.lower() not in used and len(word) >= 4:
                 used.add(word.lower())
                 return word
+
+    return fresh
+
+
+def _make_concepts(seed: int = 1234, two_tone: bool = False) -> tuple[Concept, ...]:
+    """One concept per shape and colouring, with names drawn from a fixed seed (unique words throughout)."""
+    rng = random.Random(seed)
+    fresh = _fresh_words(rng)
 
     colourings = list(itertools.combinations(COLOURS, 2)) if two_tone else [(c, None) for c in COLOURS]
     concepts = []
@@ -180,14 +188,7 @@ def _make_identities(families: int, held_out_families: int, seed: int) -> tuple[
     """The concepts of an identity world and its held-out identities (whole families the model
     never sees), each with a fresh two-word name, an alias, a family and a tone."""
     rng = random.Random(seed)
-    used: set[str] = set()
-
-    def fresh(syllables: int) -> str:
-        while True:
-            word = _word(rng, syllables)
-            if word.lower() not in used and len(word) >= 4:
-                used.add(word.lower())
-                return word
+    fresh = _fresh_words(rng)
 
     tones = list(COLOURS)
     out: list[Concept] = []
