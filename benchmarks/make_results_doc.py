@@ -40,6 +40,14 @@ FILE_COMMANDS = {
     "erasure_quality-world-per-token-cpu-2cores": "python benchmarks/bench_erasure_quality.py --world world --sizes 10,3,100 "
                                                   "--methods mace --mace-option preserve_scale_mode=per_token "
                                                   "--centre mace=10 --attacks ''",
+    "erasure_quality-world-identity-pilot-cpu-2cores": "python benchmarks/bench_erasure_quality.py --world world-identity-pilot "
+                                                       "--sizes 10,50 --methods none,mace,uce,rece --mace-option "
+                                                       "preserve_scale_mode=per_token --centre mace=10 --attacks ''",
+    "erasure_quality-world-identity-pilot-one-setting-cpu-2cores":
+        "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 10,50 --methods mace --grid 1 "
+        "--mace-option preserve_scale_mode=per_token --centre mace=30 --attacks ''   # the value chosen at 10 erased",
+    "concept_geometry-world-identity-pilot": "python benchmarks/bench_concept_geometry.py --worlds world-identity-pilot "
+                                             "--sizes 10,50 --draw",
     "erasure_quality-cpu-2cores": "python benchmarks/bench_erasure_quality.py   # the script before the protocol",
     "erasure_quality-100concepts-strong-preservation-cpu-2cores":
         "python benchmarks/bench_erasure_quality.py --sizes 100 --mace-preserve-scale 30 --uce-preserve-scale 1   "
@@ -56,7 +64,8 @@ FILE_COMMANDS = {
 COMPARED_WITH = {"erasure_quality-fidelity-cpu-2cores": ["erasure_quality-cpu-2cores",
                                                          "erasure_quality-100concepts-strong-preservation-cpu-2cores"]}
 # Reading order within a family (files not named here follow, by name).
-FILE_ORDER = ["erasure_quality-world-large-cpu-2cores", "erasure_quality-world-all-methods-cpu-2cores",
+FILE_ORDER = ["erasure_quality-world-identity-pilot-cpu-2cores", "erasure_quality-world-identity-pilot-one-setting-cpu-2cores",
+              "erasure_quality-world-large-cpu-2cores", "erasure_quality-world-all-methods-cpu-2cores",
               "erasure_quality-world-cpu-2cores", "erasure_quality-world-100-extended-cpu-2cores",
               "erasure_quality-world-per-token-cpu-2cores", "erasure_quality-cpu-2cores",
               "erasure_quality-100concepts-strong-preservation-cpu-2cores", "erasure_quality-fidelity-cpu-2cores"]
@@ -717,9 +726,9 @@ def headline_real_shapes(s: dict) -> str:
 def headline_quality(w: dict) -> str:
     top = max(x["concepts"] for x in w["rows"])
     at = {x["method"]: x["h_o"] for x in w["rows"] if x["concepts"] == top}
+    paper = f"the paper: {PAPER_H_O_100} at 100 on SD 1.4" if top == 100 else f"the paper's bar: {PAPER_H_O_100} at 100"
     return (f"**Erasure on `{w['model']}`** ({len(w['report_kept'])} report concepts, scales tuned on others), H_o at "
-            f"{top} erased: " + ", ".join(f"{m} {h:.3f}" for m, h in at.items() if m != "none")
-            + f" (the paper: {PAPER_H_O_100} on SD 1.4).")
+            f"{top} erased: " + ", ".join(f"{m} {h:.3f}" for m, h in at.items() if m != "none") + f" ({paper}).")
 
 
 def headline_attacks(a: dict) -> str:
@@ -733,6 +742,7 @@ def headline_attacks(a: dict) -> str:
 HEADLINES = [("kernels-cpu-2cores", headline_kernels), ("closed_form-cpu-2cores", headline_closed_form),
              ("refine_vs_original-sd14-cpu-2cores", headline_original),
              ("real_shapes-sd14-shapes-cpu-2cores", headline_real_shapes),
+             ("erasure_quality-world-identity-pilot-cpu-2cores", headline_quality),
              ("erasure_quality-world-large-cpu-2cores", headline_quality),
              ("erasure_quality-world-all-methods-cpu-2cores", headline_attacks)]
 
