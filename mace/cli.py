@@ -300,7 +300,8 @@ def _erasure_options(p: argparse.ArgumentParser, *, original: str, kept: str, cl
     p.add_argument("--original", default=None, help=original)
     p.add_argument("--erased", default=None, help="comma-separated erased concept names")
     p.add_argument("--kept", default=None, help=kept)
-    p.add_argument("--world", default=None, choices=["world", "world-large"],
+    # The keys of mace.world.WORLDS, written out so that the parser imports no model code.
+    p.add_argument("--world", default=None, choices=["world", "world-large", "world-identity", "world-identity-pilot"],
                    help="the glyph world of the concepts (default: that of --original or --model, else world)")
     p.add_argument("--clip", default=None, help=clip)
 

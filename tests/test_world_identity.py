@@ -137,3 +137,12 @@ def test_geometry_fits_of_an_identity_world():
     erased = list(range(0, 100, 7))
     assert additive_r2(x, sets["cells + tone"], erased) > 0.999
     assert additive_r2(x, sets["family + tone"], erased) < 0.9
+
+
+def test_mace_eval_offers_every_world():
+    from mace.cli import build_parser
+    from mace.world import WORLDS
+
+    evaluate = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command").choices["eval"]
+    world = next(a for a in evaluate._actions if a.dest == "world")
+    assert sorted(world.choices) == sorted(WORLDS)
