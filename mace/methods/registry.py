@@ -51,7 +51,6 @@ def _run_refine(config: MACEConfig, scale: float, stages: tuple[str, ...], progr
     summary = ErasureSummary(concepts=[name for name, _ in config.concepts])
     if "refine" in stages:
         summary = erase(config, ("refine",), progress)
-    if "refine" in stages:
         start = time.perf_counter()
         # The refined model is the result: the same folder as every method's, written atomically.
         distributed.on_main(lambda: _copy_model(Path(summary.refined_model), Path(config.final_save_path)))

@@ -105,12 +105,13 @@ def _peft_layout(file: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[s
         m = _PEFT_KEY.match(key)
         if m:
             modules.setdefault(m["m"], {})[m["w"]] = tensor
-    for key, alpha in (alphas or {}).items():
-        key = _without_prefix(key).removesuffix(".alpha")
-        for renamed in convert_unet_state_dict_to_peft({key: torch.zeros(0)}):
-            m = _PEFT_KEY.match(renamed)
-            if m and m["m"] in modules:
-                modules[m["m"]]["alpha"] = torch.as_tensor(alpha)
+    # kohya's alphas, keyed like their down weights: renamed the same way, all at once.
+    renamed = convert_unet_state_dict_to_peft({_without_prefix(k).removesuffix(".alpha"): torch.as_tensor(a)
+                                               for k, a in (alphas or {}).items()})
+    for key, alpha in renamed.items():
+        m = _PEFT_KEY.match(key)
+        if m and m["m"] in modules:
+            modules[m["m"]]["alpha"] = alpha
     return modules, metadata
 
 
