@@ -34,8 +34,12 @@ SPEED through their last word pieces (its prior set).
 Evaluation: mace.world.evaluate (fixed seeds, held-out templates). Robustness (--attacks): on
 each reported model, mace.attacks attacks the first --attack-concepts erased concepts (the
 same ones for every method) with the text-only search and the soft-prompt attack at their
-default budgets; ASR is the share of them the classifier finds again (plain: before any attack).
-Attacks play no part in choosing a scale. Prints a table, writes JSON, and with --plot a PNG of
+default budgets; ASR is the share of them the classifier finds again (plain: before any attack),
+the mean over --attack-seeds seeds (the per-seed values are in the JSON). Control, on an
+identity world: its held-out identities, never named or drawn in the model's training, are
+attacked the same way on the unedited model. The soft attack fits embeddings to images of the
+concept, so it can teach the model a concept it never knew; its ASR on them is the floor that
+an erased concept's ASR is read against. Attacks play no part in choosing a scale. Prints a table, writes JSON, and with --plot a PNG of
 H_o and Acc_s against the number of erased concepts.
 """
 
@@ -182,17 +186,41 @@ def measurement_settings(world, args, overrides: dict, attacks: list, split: Spl
         "mace_options": overrides, "attacks": [[a.name, a.budget] for a in attacks],
         "attack_concepts": args.attack_concepts if attacks else None,
         "attack_images": args.attack_images if attacks else None,
+        # absent for one seed, so that files measured before seeds were counted still resume
+        **({"attack_seeds": args.attack_seeds} if attacks and args.attack_seeds != 1 else {}),
     }
 
 
-def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float]:
+def attack_scores(pipe, world, concepts: list[str], attacks: list, args) -> dict:
+    """ASR of each attack (and plain) on ``concepts``: the mean over ``--attack-seeds`` seeds,
+    with the per-seed values beside it."""
+    from mace.attacks import WorldJudge, attack_success_rate, rendered_targets
+    from mace.world.concepts import EVAL_TEMPLATES
+
+    per_seed: dict[str, list[float]] = {}
+    seconds = 0.0
+    for seed in range(args.attack_seeds):
+        reports = attack_success_rate(pipe, concepts, WorldJudge(world), attacks, targets=rendered_targets(world),
+                                      template=EVAL_TEMPLATES[0], images_per_concept=args.attack_images,
+                                      steps=args.steps, seed=seed, progress=False)
+        per_seed.setdefault("asr_plain", []).append(next(iter(reports.values())).plain_asr)
+        for name, report in reports.items():
+            per_seed.setdefault(f"asr_{name}", []).append(report.asr)
+        seconds += sum(r.seconds for r in reports.values())
+    scores: dict = {k: round(sum(v) / len(v), 4) for k, v in per_seed.items()}
+    if args.attack_seeds > 1:
+        scores.update({f"{k}_seeds": [round(x, 4) for x in v] for k, v in per_seed.items()})
+    return {**scores, "attacked": len(concepts), "attack_seconds": round(seconds, 1)}
+
+
+def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float, dict | None]:
     """The tuning trials and reported rows already in ``out``, keyed by (size, method, scale) and
-    (size, method), and the seconds they took; none when ``out`` does not exist. A file measured
+    (size, method), the seconds they took and the attacks' control; none when ``out`` does not exist. A file measured
     under other settings is refused with a one-line error, never mixed in."""
     import json
 
     if not out.exists():
-        return {}, {}, 0.0
+        return {}, {}, 0.0, None
     try:
         data = json.loads(out.read_text())
         old = data.get("settings")
@@ -206,7 +234,7 @@ def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float]:
         raise SystemExit(f"error: {out} holds results measured under other settings ({key} differs); "
                          f"pass --fresh to replace them or choose another --out")
     print(f"resuming from {out}: {len(trials)} tuning trials and {len(rows)} rows measured under these settings")
-    return trials, rows, float(data.get("seconds", 0.0))
+    return trials, rows, float(data.get("seconds", 0.0)), data.get("attack_control")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -258,6 +286,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attacks", default="text,soft", help="attacks on each reported model ('' for none)")
     parser.add_argument("--attack-concepts", type=int, default=10, help="erased concepts attacked per reported model")
     parser.add_argument("--attack-images", type=int, default=4, help="images per attacked concept")
+    parser.add_argument("--attack-seeds", type=int, default=3, help="seeds each attack runs with (ASR: their mean)")
     parser.add_argument("--text-budget", type=int, default=None, help="text attack: prompt evaluations (default: its own)")
     parser.add_argument("--soft-budget", type=int, default=None, help="soft attack: gradient steps (default: its own)")
     parser.add_argument("--out", type=Path, default=None)
@@ -311,7 +340,7 @@ def main(argv=None) -> int:
             parser.error(f"--centre {option}: unknown method; choose from {sorted(DEFAULT_SCALE)}")
         centres[method.strip()] = float(value)
     classifier = load_classifier(world)
-    from mace.attacks import WorldJudge, attack_success_rate, make_attacks, rendered_targets
+    from mace.attacks import make_attacks
     from mace.world.concepts import EVAL_TEMPLATES
 
     attacks = make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget) if args.attacks else []
@@ -320,9 +349,10 @@ def main(argv=None) -> int:
     settings = measurement_settings(world, args, overrides, attacks, split)
     if centres:  # older results files, measured at the default centres, say nothing of them
         settings["centres"] = centres
-    done_trials, done_rows, seconds_before = ({}, {}, 0.0) if args.fresh else resume_from(out, settings)
-    original_background = background_images_of(mace.load_pipeline(world.model), background_images=args.background_images,
-                                               steps=args.steps, progress=False)
+    done_trials, done_rows, seconds_before, control = ({}, {}, 0.0, None) if args.fresh else resume_from(out, settings)
+    original = mace.load_pipeline(world.model)
+    original_background = background_images_of(original, background_images=args.background_images, steps=args.steps,
+                                               progress=False)
     start_all = time.perf_counter()
 
     def write(final: bool = False) -> None:
@@ -339,10 +369,19 @@ def main(argv=None) -> int:
             "tuning_kept": [names[c] for c in split.tuning_kept], "report_kept": [names[c] for c in split.report_kept],
             "tuning": sorted(done_trials.values(), key=lambda t: (t["concepts"], order[t["method"]])),
             "rows": sorted(done_rows.values(), key=lambda r: (r["concepts"], order[r["method"]])),
+            **({"attack_control": control} if control else {}),
             "seconds": round(seconds_before + time.perf_counter() - start_all, 1),
         })
         if final:
             print(f"wrote {out}")
+
+    if attacks and world.held_out and control is None:  # the floor: identities the model never learned
+        control = {"model": "unedited", **attack_scores(original, world, [c.name for c in world.held_out[:args.attack_concepts]],
+                                                        attacks, args)}
+        write()
+    if control:
+        print("control (held-out identities, unedited model): "
+              + "  ".join(f"{k} {v:.2f}" for k, v in control.items() if k.startswith("asr_") and not k.endswith("_seeds")))
 
     def tuning_trial(n: int, method: str, scale: float, data_dir: Path) -> dict:
         erased = split.erased(n, "tuning")
@@ -405,14 +444,7 @@ def main(argv=None) -> int:
                     robustness = {}
                     if attacks:
                         attacked = [names[c] for c in erased[:args.attack_concepts]]
-                        reports = attack_success_rate(pipe, attacked, WorldJudge(world), attacks,
-                                                      targets=rendered_targets(world), template=EVAL_TEMPLATES[0],
-                                                      images_per_concept=args.attack_images, steps=args.steps,
-                                                      seed=0, progress=False)
-                        robustness = {"asr_plain": round(next(iter(reports.values())).plain_asr, 4),
-                                      **{f"asr_{k}": round(r.asr, 4) for k, r in reports.items()},
-                                      "attacked": len(attacked),
-                                      "attack_seconds": round(sum(r.seconds for r in reports.values()), 1)}
+                        robustness = attack_scores(pipe, world, attacked, attacks, args)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
                 row = {"concepts": n, "method": method, "scale": scale, "edit_seconds": round(seconds, 1),
@@ -421,7 +453,7 @@ def main(argv=None) -> int:
                        **robustness}
                 done_rows[(n, method)] = row
                 write()
-                asr = "  ".join(f"{k} {v:.2f}" for k, v in robustness.items() if k.startswith("asr_"))
+                asr = "  ".join(f"{k} {v:.2f}" for k, v in robustness.items() if k.startswith("asr_") and not k.endswith("_seeds"))
                 print(f"{n:4d} {method:7s} scale {scale if scale is not None else '-'!s:8s} {scores.line()}  edit {seconds:.0f} s"
                       f"  {asr}", flush=True)
         finally:

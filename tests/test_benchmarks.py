@@ -75,7 +75,7 @@ def test_bench_erasure_quality_smoke(tmp_path):
     data = _run("bench_erasure_quality.py", "--sizes", "1", "--methods", "none,uce,mace,speed,rece", "--images-per-concept", "1",
                 "--tuning-images-per-concept", "1", "--grid", "2", "--extend", "0", "--background-images", "1", "--steps", "4",
                 "--lora-steps", "2", "--plot", str(tmp_path / "quality.png"), "--attacks", "text,soft", "--text-budget", "3",
-                "--soft-budget", "2", "--attack-images", "1", tmp_path=tmp_path)
+                "--soft-budget", "2", "--attack-images", "1", "--attack-seeds", "2", tmp_path=tmp_path)
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"none", "uce", "mace", "speed", "rece"}
     # Every reported model is attacked with the stated budgets; a concept its plain prompt already
@@ -83,6 +83,9 @@ def test_bench_erasure_quality_smoke(tmp_path):
     assert [(a["name"], a["budget"]) for a in data["attacks"]["settings"]] == [("text", 3), ("soft", 2)]
     for r in rows.values():
         assert r["attacked"] == 1 and 0 <= r["asr_plain"] <= min(r["asr_text"], r["asr_soft"]) <= 1, r
+        for key in ("asr_plain", "asr_text", "asr_soft"):  # the mean over the seeds, each listed
+            assert len(r[f"{key}_seeds"]) == 2 and r[key] == pytest.approx(sum(r[f"{key}_seeds"]) / 2, abs=1e-4)
+    assert data["settings"]["attack_seeds"] == 2 and "attack_control" not in data  # no held-out identities here
     assert len(data["tuning_kept"]) == 10 and len(data["report_kept"]) == 10
     assert set(data["tuning_kept"]).isdisjoint(data["report_kept"]) and data["erase_sets_disjoint"] == {"1": True}
     # The same search for each edited method: two scales tried on the tuning sets, the best one reported.
@@ -152,3 +155,18 @@ def test_concept_geometry_counts_the_fit_parts_and_shuffles_attributes_together(
     assert control != factors and all(sorted(a) == sorted(b) for a, b in zip(control, factors, strict=True))
     pairs = set(zip(*factors, strict=True))
     assert set(zip(*control, strict=True)) <= pairs and len(set(zip(*control, strict=True))) == len(pairs)
+
+
+@pytest.mark.slow
+def test_bench_erasure_quality_attacks_never_learned_identities_as_a_control(tmp_path):
+    from mace.world import IDENTITY_PILOT
+
+    data = _run("bench_erasure_quality.py", "--world", "world-identity-pilot", "--sizes", "1", "--methods", "none",
+                "--images-per-concept", "1", "--tuning-images-per-concept", "1", "--background-images", "1", "--steps", "4",
+                "--attacks", "text,soft", "--text-budget", "2", "--soft-budget", "2", "--attack-images", "1",
+                "--attack-concepts", "3", "--attack-seeds", "1", tmp_path=tmp_path)
+    control = data["attack_control"]
+    # The first held-out identities, attacked on the unedited model; one seed: no per-seed lists.
+    assert control["model"] == "unedited" and control["attacked"] == 3 and "asr_text_seeds" not in control
+    assert 0 <= control["asr_plain"] <= min(control["asr_text"], control["asr_soft"]) <= 1
+    assert len(IDENTITY_PILOT.held_out) >= 3 and "attack_seeds" not in data["settings"]

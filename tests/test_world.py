@@ -203,7 +203,7 @@ def test_report_judge_reads_glyph_images():
 
 
 @pytest.mark.slow
-def test_world_training_script_writes_loadable_weights(tmp_path):
+def test_world_training_script_writes_loadable_weights(tmp_path, capsys):
     """A few steps of each training stage: every component is written and loads back."""
     from mace.world import load_world_components
     from mace.world.classifier import GlyphClassifier
@@ -214,7 +214,17 @@ def test_world_training_script_writes_loadable_weights(tmp_path):
     components = load_world_components(tmp_path)
     assert components["unet"].config.cross_attention_dim == 64 and components["vae"].config.latent_channels == 4
     assert GlyphClassifier.from_pretrained(tmp_path / "classifier").config["num_classes"] == len(CONCEPTS) + 1
-    record = json.loads((tmp_path / "training-vae-classifier-ldm.json").read_text())
-    assert record["steps"] == {"vae": 2, "classifier": 2, "ldm": 2}
+    records = {stage: json.loads((tmp_path / f"training-{stage}.json").read_text()) for stage in ("vae", "classifier", "ldm")}
+    assert {stage: r["steps"] for stage, r in records.items()} == {"vae": {"vae": 2}, "classifier": {"classifier": 2}, "ldm": {"ldm": 2}}
+    assert records["classifier"]["vae"] == records["ldm"]["vae"] and "vae" not in records["vae"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
     assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["step"] == 2
+    # A rerun skips the stages done under the same settings and runs the one whose settings changed.
+    unet_before = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    main(["--out", str(tmp_path), "--vae-steps", "2", "--classifier-steps", "3", "--ldm-steps", "2", "--per-concept", "2",
+          "--stages", "vae,classifier,ldm", "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    out = capsys.readouterr().out
+    assert "vae: already trained" in out and "ldm: already trained" in out and "classifier: already" not in out
+    assert json.loads((tmp_path / "training-classifier.json").read_text())["steps"] == {"classifier": 3}
+    assert json.loads((tmp_path / "training-vae.json").read_text()) == records["vae"]
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_before

@@ -146,3 +146,19 @@ def test_mace_eval_offers_every_world():
     evaluate = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command").choices["eval"]
     world = next(a for a in evaluate._actions if a.dest == "world")
     assert sorted(world.choices) == sorted(WORLDS)
+
+
+def test_held_out_identities_are_judged_and_rendered_by_name():
+    from mace.attacks import WorldJudge, rendered_targets
+
+    world = IDENTITY_PILOT
+    held = world.held_out[2]
+    assert world.label_by_name(held.name) == world.label_by_name(held.alias.upper()) == world.none_class + 3
+    assert world.label_by_name(world.concepts[7].alias) == 7
+    with pytest.raises(KeyError, match="world-identity-pilot"):
+        world.label_by_name("nobody at all")
+    # The classifier knows the held-out identities: it finds one in its renders, and not a concept there.
+    images = rendered_targets(world)(held.name, 16, 0)
+    judge = WorldJudge(world)
+    judge.check(held.name)
+    assert int(judge(images, held.name).sum()) >= 14 and int(judge(images, world.concepts[0].name).sum()) == 0

@@ -26,7 +26,8 @@ class Judge:
 
 
 class WorldJudge(Judge):
-    """The glyph world's classifier: an image shows a concept when the classifier names it."""
+    """The glyph world's classifier: an image shows a concept when the classifier names it. It
+    also judges an identity world's held-out identities (never learned; the attacks' control)."""
 
     def __init__(self, world=None, classifier=None):
         from mace.world import WORLD, load_classifier
@@ -35,11 +36,11 @@ class WorldJudge(Judge):
         self.classifier = classifier or load_classifier(self.world)
 
     def check(self, concept: str) -> None:
-        self.world.concept_by_name(concept)  # KeyError naming the world for an unknown concept
+        self.world.label_by_name(concept)  # KeyError naming the world for an unknown concept
 
     def __call__(self, images: torch.Tensor, concept: str) -> torch.Tensor:
         labels, _ = self.classifier.predict(images)
-        return labels == self.world.concept_by_name(concept).index
+        return labels == self.world.label_by_name(concept)
 
 
 class ClipJudge(Judge):
@@ -72,14 +73,15 @@ Targets = Callable[[str, int, int], torch.Tensor]
 
 
 def rendered_targets(world=None) -> Targets:
-    """Target images of a glyph-world concept from the world's renderer: targets(concept, n, seed)."""
+    """Target images of a glyph-world concept (or held-out identity) from the world's renderer:
+    targets(concept, n, seed)."""
     from mace.world import WORLD, render
 
     world = world or WORLD
 
     def targets(concept: str, n: int, seed: int) -> torch.Tensor:
-        index = world.concept_by_name(concept).index
-        return render(torch.full((n,), index), generator=torch.Generator().manual_seed(seed), world=world)
+        label = world.label_by_name(concept)
+        return render(torch.full((n,), label), generator=torch.Generator().manual_seed(seed), world=world)
 
     return targets
 

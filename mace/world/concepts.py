@@ -256,6 +256,14 @@ class GlyphWorld:
                 return concept
         raise KeyError(f"no concept of {self.model} is called {name!r}")
 
+    def label_by_name(self, name: str) -> int:
+        """The classifier label of a concept or of a held-out identity, by name or alias."""
+        key = name.strip().lower()
+        for i, identity in enumerate(self.held_out):
+            if key in (identity.name.lower(), identity.alias.lower()):
+                return self.none_class + 1 + i
+        return self.concept_by_name(name).index
+
 
 WORLD = GlyphWorld("world", _make_concepts(), text_width=64)
 LARGE_WORLD = GlyphWorld("world-large", _make_concepts(seed=5678, two_tone=True), text_width=128)

@@ -14,7 +14,11 @@ old one only when the stage has finished.
 The latent diffusion stage, hours long for the large world on a CPU, writes a checkpoint
 (safetensors: models, EMA copies, optimiser moments, random state) every
 ``--checkpoint-every`` steps into ``--checkpoint-dir``; rerunning the same command resumes from
-the last one, and a checkpoint made under other settings is refused, never reused.
+the last one, and a checkpoint made under other settings is refused, never reused. Each
+finished training stage writes its record (``training-STAGE.json``: settings, threads,
+seconds); a rerun skips a stage whose record and folder are there under the same settings (the
+classifier's and the latent diffusion's include the VAE's digest, so a retrained VAE retrains
+them), and ``--retrain`` runs every stage asked for regardless.
 """
 
 from __future__ import annotations
@@ -361,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the text-to-image stage keeps its checkpoints (default: outputs/world-training/WORLD)")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="run the stages asked for even when their records say they are done under these settings")
     args = parser.parse_args(argv)
     world = WORLDS[args.world]
     vae_steps, classifier_steps, ldm_steps, per_concept, check_images, ldm_cycles, context_from = DEFAULTS[world.key]
@@ -384,6 +390,13 @@ def main(argv: list[str] | None = None) -> None:
     for stage in STAGES:
         if stage not in stages:
             continue
+        if stage != "check":
+            steps = {"vae": vae_steps, "classifier": classifier_steps, "ldm": ldm_steps}[stage]
+            record = stage_record(world, out, stage, args.seed, steps, per_concept, ldm_cycles, context_from)
+            record_file = out / f"training-{stage}.json"
+            if not args.retrain and (out / ("unet" if stage == "ldm" else stage)).is_dir() and _same_settings(record_file, record):
+                print(f"{stage}: already trained under these settings ({record_file}); skipped (--retrain runs it again)")
+                continue
         start = time.perf_counter()
         if stage == "vae":
             train_vae(world, out, vae_steps, args.seed)
@@ -396,16 +409,32 @@ def main(argv: list[str] | None = None) -> None:
             quality = check_model(world, out, check_images)
             write_json_atomically(out / "quality.json", quality)
         times[stage] = time.perf_counter() - start
-    trained = [s for s in stages if s != "check"]
-    if trained:  # how the shipped weights were made
-        record = {"world": world.key, "seed": args.seed,
-                  "steps": {k: v for k, v in (("vae", vae_steps), ("classifier", classifier_steps), ("ldm", ldm_steps))
-                            if k in trained},
-                  **({"ldm_cycles": ldm_cycles, "context_from": context_from} if "ldm" in trained else {}),
-                  "images_per_concept": per_concept, "threads": torch.get_num_threads(),
-                  "seconds": {k: round(v, 1) for k, v in times.items() if k != "check"}}
-        write_json_atomically(out / f"training-{'-'.join(trained)}.json", record)
-    print("trained " + ", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) + f"; weights in {out}")
+        if stage != "check":  # how the shipped weights were made
+            write_json_atomically(record_file, {**record, "threads": torch.get_num_threads(),
+                                                "seconds": {stage: round(times[stage], 1)}})
+    print("ran " + (", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) or "nothing") + f"; weights in {out}")
+
+
+def stage_record(world: GlyphWorld, out: Path, stage: str, seed: int, steps: int, per_concept: int, ldm_cycles: int,
+                 context_from: int | None) -> dict:
+    """The settings a training stage's output depends on (its record, without threads and seconds)."""
+    record: dict = {"world": world.key, "seed": seed, "steps": {stage: steps}}
+    if stage == "ldm":
+        record.update(ldm_cycles=ldm_cycles, context_from=context_from, images_per_concept=per_concept)
+    if stage != "vae":  # trained on the VAE's latents (the classifier: on its reconstructions)
+        record["vae"] = files_digest(sorted((out / "vae").glob("*.safetensors")))
+    return record
+
+
+def _same_settings(record_file: Path, record: dict) -> bool:
+    if not record_file.is_file():
+        return False
+    try:
+        old = json.loads(record_file.read_text())
+    except ValueError:
+        return False
+    # Keys of older records that this stage does not depend on (images_per_concept of the VAE) are not compared.
+    return all(old.get(k) == v for k, v in record.items())
 
 
 if __name__ == "__main__":
