@@ -391,7 +391,9 @@ def protocol_run(ctx: Context, r: Result) -> str:
     if attacks:
         about += (f" Attacks on the first {attacks['concepts_per_model']} erased concepts of each model, "
                   + ", ".join(f"{a['name']} budget {a['budget']}" for a in attacks["settings"])
-                  + f", {attacks['images_per_concept']} images each.")
+                  + f", {attacks['images_per_concept']} images each"
+                  + (f"; ASR is the mean over {d['settings']['attack_seeds']} seeds" if (d.get("settings") or {}).get("attack_seeds")
+                     else "") + ".")
     methods = ", ".join(dict.fromkeys(x["method"] for x in d["rows"] or d["tuning"]))
     erased = ", ".join(str(n) for n in sizes(d["rows"] or d["tuning"]))
     parts = [header(ctx, r, about, f"{methods} on `{d['model']}`, {erased} erased")]
@@ -423,6 +425,14 @@ def protocol_run(ctx: Context, r: Result) -> str:
         notes.append(f"The soft-prompt attack brings back every attacked concept in {len(back)} of {len(edits(rows))} "
                      "edited models; ASR text exceeds ASR plain in "
                      + str(sum(1 for x in edits(rows) if x.get("asr_text", 0) > x.get("asr_plain", 0))) + ".")
+    control = d.get("attack_control")
+    if control:
+        notes.append(f"Control: {control['attacked']} held-out identities, never named or drawn in the model's training, "
+                     "attacked the same way on the unedited model: "
+                     + ", ".join(f"ASR {k.removeprefix('asr_')} {v:.2f}" for k, v in control.items()
+                                 if k.startswith("asr_") and not k.endswith("_seeds"))
+                     + ". The soft attack fits embeddings to images of the concept and can teach a concept the model "
+                       "never knew; read an erased concept's ASR against this floor.")
     notes += [search_caveat(d["tuning"], x) for x in edits(rows)]
     return "\n\n".join(parts + [bullets(notes)])
 

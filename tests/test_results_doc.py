@@ -104,3 +104,21 @@ def test_a_readme_without_the_block_is_an_error(tmp_path, readme):
         path.write_text(readme)
     with pytest.raises(SystemExit, match="README.md"):
         make_results_doc.generate(tmp_path, tmp_path / "results.md", path, tmp_path)
+
+
+def test_the_attacks_control_is_rendered_beside_the_attacked_rows(tmp_path):
+    row = {"concepts": 10, "method": "mace", "scale": 10.0, "edit_seconds": 30.0, "tuning_h_o": 0.9, "acc_e": 0.95,
+           "acc_g": 0.05, "acc_s": 0.9, "h_o": 0.92, "h_g": 0.9, "shift": 0.1, "asr_plain": 0.0, "asr_text": 0.1,
+           "asr_soft": 0.6}
+    data = {"model": "builtin:world-identity", "complete": True, "settings": {"attack_seeds": 3},
+            "images_per_concept": 3, "tuning_images_per_concept": 2, "steps": 20, "grid": 3, "extend": 2,
+            "mace_options": {}, "attacks": {"settings": [{"name": "text", "budget": 64}, {"name": "soft", "budget": 40}],
+                                            "concepts_per_model": 10, "images_per_concept": 4, "template": "a photo of {}"},
+            "erase_sets_disjoint": {"10": True}, "tuning_kept": ["a"] * 10, "report_kept": ["b"] * 10,
+            "tuning": [{"concepts": 10, "method": "mace", "scale": s, "acc_e": 1, "acc_g": 0, "acc_s": 0.9, "h_o": h}
+                       for s, h in ((3.0, 0.8), (10.0, 0.9), (30.0, 0.85))],
+            "rows": [row], "attack_control": {"model": "unedited", "asr_plain": 0.0, "asr_text": 0.0, "asr_soft": 0.4,
+                                              "asr_soft_seeds": [0.3, 0.5, 0.4], "attacked": 10}}
+    doc, _ = generate(tmp_path, {"erasure_quality-world-identity-cpu-2cores": data})
+    assert "ASR is the mean over 3 seeds" in doc
+    assert "Control: 10 held-out identities" in doc and "ASR plain 0.00, ASR text 0.00, ASR soft 0.40." in doc
