@@ -571,7 +571,8 @@ def render_worlds(ctx: Context) -> str:
              table([("world", "world", None), ("images", "images", ",d"), ("by name, held-out", "name_accuracy", pct),
                     ("by alias, held-out", "alias_accuracy", pct),
                     ("by name, training templates", "training_templates.name_accuracy", pct),
-                    ("by alias, training templates", "training_templates.alias_accuracy", pct), ("JSON", "json", None)],
+                    ("by alias, training templates", "training_templates.alias_accuracy", pct),
+                    ("classifier, fresh renders", "classifier_fresh_renders.accuracy", pct), ("JSON", "json", None)],
                    rows), "", bullets(notes)]
     if training:
         parts += ["", "Training records (`python -m mace.world.train`, fixed seeds); minutes are the wall time of the "

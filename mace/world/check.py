@@ -17,6 +17,7 @@ from mace.world.classifier import GlyphClassifier
 from mace.world.concepts import TRAIN_TEMPLATES, GlyphWorld, fill
 from mace.world.evaluate import evaluate_world
 from mace.world.model import classifier_digest, load_world_components, weights_fingerprint_of
+from mace.world.render import render
 
 
 def drawing_errors(world: GlyphWorld, requested: list[int], predicted: list[int]) -> dict:
@@ -82,6 +83,15 @@ def training_template_accuracy(pipe, classifier: GlyphClassifier, world: GlyphWo
     return shares
 
 
+def classifier_accuracy(world: GlyphWorld, classifier: GlyphClassifier, images: int = 2048, seed: int = 4242) -> dict:
+    """The share of fresh renders (every label alike: concepts, none, held-out identities; random
+    backgrounds, places and sizes) that the classifier labels right."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(world.num_labels, (images,), generator=g)
+    predicted = torch.cat([classifier.predict(render(part, generator=g, world=world))[0] for part in labels.split(512)])
+    return {"accuracy": round(float((predicted == labels).float().mean()), 4), "images": images}
+
+
 def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> dict:
     """What the trained model draws for every concept's name and alias, on held-out templates,
     read by the classifier: the quality bar the erasure measurements rest on; and, with one image
@@ -105,6 +115,7 @@ def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> di
     for kind, key in (("erased", "name_errors"), ("alias", "alias_errors")):
         chosen = [r for r in rows if r["kind"] == kind]
         record[key] = drawing_errors(world, [index[r["concept"]] for r in chosen], [index[r["predicted"]] for r in chosen])
+    record["classifier_fresh_renders"] = classifier_accuracy(world, classifier)
     trained = training_template_accuracy(pipe, classifier, world, list(range(world.num_concepts)))
     record["training_templates"] = {"name_accuracy": trained["name"], "alias_accuracy": trained["alias"],
                                     "images": 2 * world.num_concepts}
