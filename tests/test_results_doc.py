@@ -119,6 +119,8 @@ def test_the_attacks_control_is_rendered_beside_the_attacked_rows(tmp_path):
                        for s, h in ((3.0, 0.8), (10.0, 0.9), (30.0, 0.85))],
             "rows": [row], "attack_control": {"model": "unedited", "asr_plain": 0.0, "asr_text": 0.0, "asr_soft": 0.4,
                                               "asr_soft_seeds": [0.3, 0.5, 0.4], "attacked": 10}}
-    doc, _ = generate(tmp_path, {"erasure_quality-world-identity-cpu-2cores": data})
+    doc, readme = generate(tmp_path, {"erasure_quality-world-identity-pilot-attacks-cpu-2cores": data})
     assert "ASR is the mean over 3 seeds" in doc
     assert "Control: 10 held-out identities" in doc and "ASR plain 0.00, ASR text 0.00, ASR soft 0.40." in doc
+    assert "10 erased, ASR text / soft: mace 0.10 / 0.60; on identities the model never learned" in readme
+    assert "0.00 / 0.40." in readme
