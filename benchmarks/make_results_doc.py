@@ -52,6 +52,9 @@ FILE_COMMANDS = {
     "erasure_quality-world-large-per-token-cpu-2cores": "python benchmarks/bench_erasure_quality.py --world world-large "
                                                         "--sizes 10,3,100 --methods mace --mace-option "
                                                         "preserve_scale_mode=per_token --centre mace=10 --attacks ''",
+    "erasure_quality-world-large-one-setting-cpu-2cores":
+        "python benchmarks/bench_erasure_quality.py --world world-large --sizes 10,3,100 --methods mace --grid 1 "
+        "--mace-option preserve_scale_mode=per_token --centre mace=10 --attacks ''   # the value chosen at 10 erased",
     "concept_geometry-world-identity-pilot": "python benchmarks/bench_concept_geometry.py --worlds world-identity-pilot "
                                              "--sizes 10,50 --draw",
     "erasure_quality-cpu-2cores": "python benchmarks/bench_erasure_quality.py   # the script before the protocol",
@@ -72,6 +75,7 @@ COMPARED_WITH = {"erasure_quality-fidelity-cpu-2cores": ["erasure_quality-cpu-2c
 # Reading order within a family (files not named here follow, by name).
 FILE_ORDER = ["erasure_quality-world-identity-pilot-cpu-2cores", "erasure_quality-world-identity-pilot-one-setting-cpu-2cores",
               "erasure_quality-world-identity-pilot-attacks-cpu-2cores", "erasure_quality-world-large-per-token-cpu-2cores",
+              "erasure_quality-world-large-one-setting-cpu-2cores",
               "erasure_quality-world-large-cpu-2cores", "erasure_quality-world-all-methods-cpu-2cores",
               "erasure_quality-world-cpu-2cores", "erasure_quality-world-100-extended-cpu-2cores",
               "erasure_quality-world-per-token-cpu-2cores", "erasure_quality-cpu-2cores",
