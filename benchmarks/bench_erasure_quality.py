@@ -39,8 +39,8 @@ the mean over --attack-seeds seeds (the per-seed values are in the JSON). Contro
 identity world: its held-out identities, never named or drawn in the model's training, are
 attacked the same way on the unedited model. The soft attack fits embeddings to images of the
 concept, so it can teach the model a concept it never knew; its ASR on them is the floor that
-an erased concept's ASR is read against. Attacks play no part in choosing a scale. Prints a table, writes JSON, and with --plot a PNG of
-H_o and Acc_s against the number of erased concepts.
+an erased concept's ASR is read against. Attacks play no part in choosing a scale. Prints a
+table, writes JSON, and with --plot a PNG of H_o and Acc_s against the number of erased concepts.
 """
 
 from __future__ import annotations
@@ -191,16 +191,16 @@ def measurement_settings(world, args, overrides: dict, attacks: list, split: Spl
     }
 
 
-def attack_scores(pipe, world, concepts: list[str], attacks: list, args) -> dict:
+def attack_scores(pipe, world, judge, concepts: list[str], attacks: list, args) -> dict:
     """ASR of each attack (and plain) on ``concepts``: the mean over ``--attack-seeds`` seeds,
     with the per-seed values beside it."""
-    from mace.attacks import WorldJudge, attack_success_rate, rendered_targets
+    from mace.attacks import attack_success_rate, rendered_targets
     from mace.world.concepts import EVAL_TEMPLATES
 
     per_seed: dict[str, list[float]] = {}
     seconds = 0.0
     for seed in range(args.attack_seeds):
-        reports = attack_success_rate(pipe, concepts, WorldJudge(world), attacks, targets=rendered_targets(world),
+        reports = attack_success_rate(pipe, concepts, judge, attacks, targets=rendered_targets(world),
                                       template=EVAL_TEMPLATES[0], images_per_concept=args.attack_images,
                                       steps=args.steps, seed=seed, progress=False)
         per_seed.setdefault("asr_plain", []).append(next(iter(reports.values())).plain_asr)
@@ -211,6 +211,11 @@ def attack_scores(pipe, world, concepts: list[str], attacks: list, args) -> dict
     if args.attack_seeds > 1:
         scores.update({f"{k}_seeds": [round(x, 4) for x in v] for k, v in per_seed.items()})
     return {**scores, "attacked": len(concepts), "attack_seconds": round(seconds, 1)}
+
+
+def asr_line(scores: dict) -> str:
+    """The mean ASRs of attack_scores, for the log."""
+    return "  ".join(f"{k} {v:.2f}" for k, v in scores.items() if k.startswith("asr_") and not k.endswith("_seeds"))
 
 
 def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float, dict | None]:
@@ -340,10 +345,11 @@ def main(argv=None) -> int:
             parser.error(f"--centre {option}: unknown method; choose from {sorted(DEFAULT_SCALE)}")
         centres[method.strip()] = float(value)
     classifier = load_classifier(world)
-    from mace.attacks import make_attacks
+    from mace.attacks import WorldJudge, make_attacks
     from mace.world.concepts import EVAL_TEMPLATES
 
     attacks = make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget) if args.attacks else []
+    judge = WorldJudge(world, classifier)
     names = [c.name for c in world.concepts]
     out = args.out or RESULTS / f"erasure_quality-{world.key}-cpu-{os.cpu_count()}cores.json"
     settings = measurement_settings(world, args, overrides, attacks, split)
@@ -376,12 +382,11 @@ def main(argv=None) -> int:
             print(f"wrote {out}")
 
     if attacks and world.held_out and control is None:  # the floor: identities the model never learned
-        control = {"model": "unedited", **attack_scores(original, world, [c.name for c in world.held_out[:args.attack_concepts]],
-                                                        attacks, args)}
+        never_learned = [c.name for c in world.held_out[:args.attack_concepts]]
+        control = {"model": "unedited", **attack_scores(original, world, judge, never_learned, attacks, args)}
         write()
     if control:
-        print("control (held-out identities, unedited model): "
-              + "  ".join(f"{k} {v:.2f}" for k, v in control.items() if k.startswith("asr_") and not k.endswith("_seeds")))
+        print("control (held-out identities, unedited model): " + asr_line(control))
 
     def tuning_trial(n: int, method: str, scale: float, data_dir: Path) -> dict:
         erased = split.erased(n, "tuning")
@@ -444,7 +449,7 @@ def main(argv=None) -> int:
                     robustness = {}
                     if attacks:
                         attacked = [names[c] for c in erased[:args.attack_concepts]]
-                        robustness = attack_scores(pipe, world, attacked, attacks, args)
+                        robustness = attack_scores(pipe, world, judge, attacked, attacks, args)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
                 row = {"concepts": n, "method": method, "scale": scale, "edit_seconds": round(seconds, 1),
@@ -453,7 +458,7 @@ def main(argv=None) -> int:
                        **robustness}
                 done_rows[(n, method)] = row
                 write()
-                asr = "  ".join(f"{k} {v:.2f}" for k, v in robustness.items() if k.startswith("asr_") and not k.endswith("_seeds"))
+                asr = asr_line(robustness)
                 print(f"{n:4d} {method:7s} scale {scale if scale is not None else '-'!s:8s} {scores.line()}  edit {seconds:.0f} s"
                       f"  {asr}", flush=True)
         finally:

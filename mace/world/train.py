@@ -40,7 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from mace.utils.atomic import atomic_path, write_json_atomically
 from mace.utils.fingerprint import files_digest
 from mace.utils.tokenizer import clip_tokenizer
-from mace.world.check import check_model
+from mace.world.check import check_model, classifier_accuracy
 from mace.world.classifier import GlyphClassifier
 from mace.world.concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONTEXT_WORDS, TRAIN_TEMPLATES, WORLD, WORLDS, GlyphWorld, fill
 from mace.world.model import weights_dir
@@ -175,9 +175,7 @@ def train_classifier(world: GlyphWorld, out: Path, steps: int, seed: int) -> Non
             acc = (concept_logits.argmax(-1) == labels).float().mean().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
     model.eval()
-    labels = _random_concepts(world, 2048, g, 0.08, held_out=True)
-    predicted, _ = model.predict(render(labels, generator=g, world=world))
-    print(f"classifier accuracy on 2048 fresh renders: {(predicted == labels).float().mean().item():.4f}")
+    print(f"classifier accuracy on 2048 fresh renders: {classifier_accuracy(world, model)['accuracy']:.4f}")
     _save_stage(out, "classifier", model.save_pretrained)
 
 
