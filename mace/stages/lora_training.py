@@ -153,11 +153,38 @@ class LoraTrainingSettings:
 
 
 @dataclass
+class EncodedImages:
+    """Training images as the VAE sees them: each one's latent distribution (mean, std).
+
+    The encoder is deterministic, so each image is encoded once when its concept's group starts
+    and every step draws its latent from these (the draw is the step's own, as before), rather
+    than running the VAE over every step's images again.
+    """
+
+    mean: torch.Tensor  # (N, c, h, w)
+    std: torch.Tensor
+    size: tuple[int, int]  # the images' (H, W), which masks have
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, vae, images: torch.Tensor, batch_size: int = 8) -> EncodedImages:
+        """(N, 3, H, W) images in [-1, 1], on the VAE's device, ``batch_size`` at a time."""
+        dists = [vae.encode(images[i:i + batch_size]).latent_dist for i in range(0, images.shape[0], batch_size)]
+        return cls(torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]), tuple(images.shape[-2:]))
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean[index], self.std[index]
+
+
+@dataclass
 class ConceptData:
     name: str
     concept_type: str
     pairs: list[PromptPair]
-    images: torch.Tensor  # (N, 3, H, W) in [-1, 1]
+    images: EncodedImages
     masks: torch.Tensor | None  # (N, 1, H, W) or None (styles)
     rng: random.Random  # this concept's prompt choices
     generator: torch.Generator  # this concept's images, latents, noise and timesteps
@@ -167,7 +194,31 @@ class ConceptData:
 class PreservationData:
     """Prior preservation: the kept images (captioned by settings.preserve_prompt)."""
 
-    images: torch.Tensor  # (N, 3, H, W) in [-1, 1]
+    images: EncodedImages
+
+
+class CaptionConditions:
+    """Each caption's text conditions, encoded once: the captions a group trains on are its
+    concepts' fixed prompts and the preservation prompt, drawn again and again."""
+
+    def __init__(self, pipe, resolution: int):
+        self.pipe, self.resolution = pipe, resolution
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.added: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(B, 77, d) embeddings of ``captions`` and the UNet's added conditions (None without)."""
+        new = [c for c in dict.fromkeys(captions) if c not in self.embeddings]
+        if new:
+            self.embeddings.update(zip(new, encode_prompts(self.pipe, new), strict=True))
+            added = added_conditions(self.pipe, new, self.resolution)
+            if added is not None:
+                self.added.update((c, {k: v[i] for k, v in added.items()}) for i, c in enumerate(new))
+        embeddings = torch.stack([self.embeddings[c] for c in captions])
+        if not self.added:
+            return embeddings, None
+        return embeddings, {k: torch.stack([self.added[c][k] for c in captions]) for k in self.added[captions[0]]}
 
 
 @dataclass
@@ -312,9 +363,8 @@ def train_concept_loras(
     prior = None
     if settings.uses_prior:
         with torch.no_grad():
-            prior = PreservationData(
-                load_preservation_images(settings.preserve_data_dir, settings.resolution, settings.num_class_images)
-                .to(pipe.vae.device))
+            prior = PreservationData(EncodedImages.encode(pipe.vae, load_preservation_images(
+                settings.preserve_data_dir, settings.resolution, settings.num_class_images).to(pipe.vae.device)))
     size = settings.concepts_per_batch if settings.separate else len(todo)
     groups = [todo[i:i + size] for i in range(0, len(todo), size)]
     steps = settings.max_train_steps
@@ -329,8 +379,9 @@ def train_concept_loras(
             for name, kind, pairs in group:
                 images, masks = load_concept_data(input_data_dir, name, kind, settings.resolution, settings.use_masks)
                 # On the model's device once: a step then moves only its noise and indices there.
-                images, masks = images.to(pipe.vae.device), None if masks is None else masks.to(pipe.vae.device)
-                data.append(ConceptData(name, kind, pairs, images, masks, random.Random(seed_for(settings.seed, name)),
+                encoded = EncodedImages.encode(pipe.vae, images.to(pipe.vae.device))
+                masks = None if masks is None else masks.to(pipe.vae.device)
+                data.append(ConceptData(name, kind, pairs, encoded, masks, random.Random(seed_for(settings.seed, name)),
                                         torch.Generator().manual_seed(seed_for(settings.seed, name))))
 
             def log(values: dict[str, float], step: int, offset: int = g * steps) -> None:
@@ -392,12 +443,13 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
     if settings.preserve_scale > 0:
         preservation = LoraPreservation.for_unet(unet, lora, _require_preserve(preserve), settings.preserve_scale)
     noise_process = forward_process(pipe.scheduler)  # built once: train_step would build it every step
+    conditions = CaptionConditions(pipe, settings.resolution)
     with LoraTrainingHooks(unet, lora) as hooks:
         for step in range(1, settings.max_train_steps + 1):
             step_loss = 0.0
             for _ in range(accumulate):
                 step_data = data if settings.separate else [pick.choice(data)]
-                batch = _sample_batch(pipe, step_data, settings, prior)
+                batch = _sample_batch(pipe, step_data, settings, prior, conditions)
                 per = [settings.train_batch_size] * len(step_data)
                 targets = AttentionTargets(batch["tokens"], batch["masks"], per,
                                            prior_sizes=per if prior is not None else None)
@@ -425,15 +477,16 @@ def _train_group(pipe, data: list[ConceptData], settings: LoraTrainingSettings, 
 
 
 @torch.no_grad()
-def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings, prior: PreservationData | None) -> dict:
+def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings, prior: PreservationData | None,
+                  conditions: CaptionConditions) -> dict:
     """One step's batch: for each concept in turn its ``train_batch_size`` samples and, with
     ``prior``, as many preservation samples right after them (the layout AttentionTargets
     describes). Each concept's draws come from its own generators, on the CPU, so that a seed gives
-    the same batch on every device; the images already live on the model's device, and what
-    moves there per step is the drawn noise and timesteps."""
+    the same batch on every device; the encoded images already live on the model's device, and
+    what moves there per step is the drawn noise and indices."""
     per = settings.train_batch_size
     device = pipe.vae.device
-    prompts, masks, images, gens, captions = [], [], [], [], []
+    prompts, masks, segments, gens, captions = [], [], [], [], []
     any_mask = any(d.masks is not None for d in data)
     for d in data:
         rows = []
@@ -441,26 +494,25 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
             pair = d.rng.choice(d.pairs)
             prompts.append(pair.old)
             captions.append(pair.old)
-            i = int(torch.randint(0, d.images.shape[0], (1,), generator=d.generator))
-            rows.append(d.images[i])
+            i = int(torch.randint(0, len(d.images), (1,), generator=d.generator))
+            rows.append(i)
             if any_mask:
-                masks.append(d.masks[i] if d.masks is not None else torch.ones(1, *d.images.shape[-2:], device=device))
-        images.append(torch.stack(rows))
+                masks.append(d.masks[i] if d.masks is not None else torch.ones(1, *d.images.size, device=device))
+        segments.append(d.images.rows(torch.tensor(rows, device=device)))
         if prior is not None:
-            picks = torch.randint(0, prior.images.shape[0], (per,), generator=d.generator)
-            images.append(prior.images[picks.to(device)])
+            picks = torch.randint(0, len(prior.images), (per,), generator=d.generator)
+            segments.append(prior.images.rows(picks.to(device)))
             captions += [settings.preserve_prompt] * per
         gens += [d.generator] * (2 if prior is not None else 1)
-    embeddings = encode_prompts(pipe, captions)  # batch order: each concept's rows, then its prior rows
-    vae = pipe.vae
+    embeddings, added = conditions(captions)  # batch order: each concept's rows, then its prior rows
+    scaling = pipe.vae.config.scaling_factor
     latents, noise, timesteps = [], [], []
-    for segment, g in zip(images, gens, strict=True):
-        dist = vae.encode(segment).latent_dist
-        draw = torch.randn(dist.mean.shape, generator=g).to(device, dist.mean.dtype)
-        sample = (dist.mean + dist.std * draw) * vae.config.scaling_factor
+    for (mean, std), g in zip(segments, gens, strict=True):
+        draw = torch.randn(mean.shape, generator=g).to(device, mean.dtype)
+        sample = (mean + std * draw) * scaling
         latents.append(torch.zeros_like(sample) if settings.no_real_image else sample)
-        noise.append(torch.randn(dist.mean.shape, generator=g).to(device, dist.mean.dtype))
-        timesteps.append(sample_timesteps(segment.shape[0], pipe.scheduler.config.num_train_timesteps,
+        noise.append(torch.randn(mean.shape, generator=g).to(device, mean.dtype))
+        timesteps.append(sample_timesteps(mean.shape[0], pipe.scheduler.config.num_train_timesteps,
                                           settings.importance_sampling, g).to(device))
     return {
         "latents": torch.cat(latents),
@@ -469,5 +521,5 @@ def _sample_batch(pipe, data: list[ConceptData], settings: LoraTrainingSettings,
         "masks": torch.stack(masks) if any_mask else None,
         "tokens": concept_token_mask(pipe.tokenizer, prompts, [d.name for d in data for _ in range(per)], settings.use_pooler),
         "embeddings": embeddings,
-        "added_cond_kwargs": added_conditions(pipe, captions, settings.resolution),
+        "added_cond_kwargs": added,
     }
