@@ -47,7 +47,7 @@ import random
 
 import torch
 from _results import RESULTS
-from bench_erasure_quality import split_concepts
+from bench_erasure_quality import default_kept, split_concepts
 
 from mace.utils.atomic import write_json_atomically
 
@@ -222,8 +222,7 @@ def main(argv=None) -> int:
     print("|---|---:|---|---|---|---:|---:|")
     for key in args.worlds.split(","):
         world = get_world(key)
-        large = world.num_concepts > 200
-        split = split_concepts(world, 100 if large else 10, 200 if large else 10)
+        split = split_concepts(world, *default_kept(world))
         factor_sets = attribute_sets(world)
         # A size is measured only when the kept concepts outnumber the fit's parts; otherwise the
         # fit is underdetermined and says nothing.

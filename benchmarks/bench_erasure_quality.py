@@ -123,6 +123,12 @@ def split_concepts(world, tuning_kept: int, report_kept: int, seed: int = 0) -> 
     return Split(pool, tuning, report)
 
 
+def default_kept(world) -> tuple[int, int]:
+    """The protocol's (tuning, report) kept set sizes: 100 and 200 on the worlds of more than
+    200 concepts, 10 and 10 on builtin:world and the identity pilot."""
+    return (100, 200) if world.num_concepts > 200 else (10, 10)
+
+
 def _rank(trial: dict) -> tuple[float, float, float]:
     """Best tuning H_o; ties: higher Acc_s, then higher Acc_e (the gentler edit)."""
     return trial["h_o"], trial["acc_s"], trial["acc_e"]
@@ -325,8 +331,8 @@ def main(argv=None) -> int:
     from mace.world.evaluate import background_images_of, evaluate_world
 
     world = get_world(args.world)
-    large = world.num_concepts > 200
-    split = split_concepts(world, args.tuning_kept or (100 if large else 10), args.report_kept or (200 if large else 10))
+    tuning_kept, report_kept = default_kept(world)
+    split = split_concepts(world, args.tuning_kept or tuning_kept, args.report_kept or report_kept)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if max(sizes) > len(split.erase_pool):
         parser.error(f"at most {len(split.erase_pool)} concepts can be erased with these kept sets")

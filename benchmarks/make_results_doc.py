@@ -517,6 +517,26 @@ def concept_geometry(ctx: Context, r: Result) -> str:
     return "\n\n".join(parts)
 
 
+def preservation_balance(ctx: Context, r: Result) -> str:
+    d = r.data
+    rows = []
+    for world, entry in d["worlds"].items():
+        for size in entry["sizes"]:
+            fixed = next(x for x in size["rows"] if x["scale"] == entry["one_setting"])
+            rows.append({"world": world, "erased": size["concepts"], "tuned": size.get("tuned_scale"),
+                         "share_tuned": size.get("erased_at_tuned"), "kept_tuned": size.get("kept_at_tuned"),
+                         "fixed": entry["one_setting"], "share_fixed": fixed["erased"], "kept_fixed": fixed["kept"]})
+    about = (f"Stage 1 alone, per-token scales, lamb {d['lamb']:g}, {d['aug_length']} prompts per erased concept. "
+             "Erased share: the part of the erased prompts' change (to the generic prompt) the refinement's map makes; "
+             "kept change: the kept concepts' movement over their own distance to the generic prompt. The tuned scale "
+             "is the full benchmark's choice at that size; the fixed one is the scale it chose at 10 erased.")
+    return "\n\n".join([header(ctx, r, about), table(
+        [("world", "world", None), ("erased", "erased", "d"), ("tuned scale", "tuned", g),
+         ("erased share, tuned", "share_tuned", ".2f"), ("kept change, tuned", "kept_tuned", ".3f"),
+         ("fixed scale", "fixed", g), ("erased share, fixed", "share_fixed", ".2f"),
+         ("kept change, fixed", "kept_fixed", ".3f")], rows)])
+
+
 def specificity_diagnosis(ctx: Context, r: Result) -> str:
     d = r.data
     models = [x for x in d["rows"] if "acc_e" in x]
@@ -627,6 +647,10 @@ FAMILIES = [
     Family("concept_geometry", "What limits erasure on the glyph worlds", "benchmarks/bench_concept_geometry.py",
            concept_geometry, "Least-squares fits `e ~ mu + a[shape] + b[colouring]` on the kept concepts' text "
            "embeddings, predicting each erased concept from its attributes alone."),
+    Family("preservation_balance", "Why one preservation scale does not carry across concept counts",
+           "benchmarks/bench_preservation_balance.py", preservation_balance,
+           "The refinement's closed-form map at per-token scales, on the erasure benchmark's reported erase sets "
+           "and report kept sets, read at the scale the full benchmark tuned for each size."),
     Family("specificity_diagnosis", "Where MACE's damage to kept concepts comes from",
            "benchmarks/bench_specificity_diagnosis.py", specificity_diagnosis,
            "Models compared: the refined model; refined plus every LoRA added (no fusion); the fused model; the fusion "

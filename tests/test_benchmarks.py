@@ -170,3 +170,34 @@ def test_bench_erasure_quality_attacks_never_learned_identities_as_a_control(tmp
     assert control["model"] == "unedited" and control["attacked"] == 3 and "asr_text_seeds" not in control
     assert 0 <= control["asr_plain"] <= min(control["asr_text"], control["asr_soft"]) <= 1
     assert len(IDENTITY_PILOT.held_out) >= 3 and "attack_seeds" not in data["settings"]
+
+
+def test_preservation_balance_trades_the_erased_share_against_the_kept_change(tmp_path):
+    """bench_preservation_balance on builtin:world: stronger per-token preservation makes the
+    refinement carry out less of the erased prompts' change and move the kept concepts less, and
+    without preservation it carries out most of it; more erased concepts at one scale lower the
+    share (what the benchmark documents). A run measured under absolute scales is refused."""
+    import mace
+    from mace.world import WORLD
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_erasure_quality import default_kept, split_concepts
+        from bench_preservation_balance import balance, tuned_scales
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    pipe = mace.load_pipeline(WORLD.model)
+    split = split_concepts(WORLD, *default_kept(WORLD))
+    names = [c.name for c in WORLD.concepts]
+    kept = [names[c] for c in split.report_kept]
+    cache = tmp_path / "keep.safetensors"
+    rows = balance(pipe, [names[c] for c in split.erased(3, "report")], kept, [0.0, 1.0, 10.0, 100.0], 0.1, 20, 30, cache)
+    erased, moved = [r["erased"] for r in rows], [r["kept"] for r in rows]
+    assert erased[0] > 0.6 and all(a > b for a, b in zip(erased, erased[1:]))
+    assert all(a > b for a, b in zip(moved, moved[1:])) and moved[-1] < 0.01
+    more = balance(pipe, [names[c] for c in split.erased(30, "report")], kept, [10.0], 0.1, 20, 30, cache)
+    assert more[0]["erased"] < rows[2]["erased"] - 0.05
+    absolute = tmp_path / "absolute.json"
+    absolute.write_text(json.dumps({"mace_options": {"use_pooler": False}, "rows": []}))
+    with pytest.raises(SystemExit, match="not a per-token run"):
+        tuned_scales(absolute)

@@ -1,0 +1,179 @@
+"""Why one per-token preservation scale does not carry across concept counts on some worlds.
+
+    python benchmarks/bench_preservation_balance.py --tuned WORLD=FILE   # FILE: a per-token erasure_quality JSON
+
+MACE's refinement (stage 1) is a closed-form map of the text embedding, T, shared by every key
+and value projection (W' = W T). Under preserve_scale_mode: per_token it minimises
+    sum_erased ||T e_o - e_n||^2 + scale * N_e * mean_preserved ||T e_p - e_p||^2 + lamb ||T - I||^2,
+so the scale weighs one preserved token against one erased token whatever the number of
+concepts. What the scale does not hold fixed is how much of the erasure T achieves: each erased
+concept adds its own directions, and in a direction only its own concept uses, its erasure
+is pulled by that concept's tokens alone while the preservation grows with N_e.
+
+For each world and number of erased concepts (the protocol's reported erase sets of
+bench_erasure_quality.py, preserving its report kept set with the same cache MACE gets there),
+this script solves the refinement with the project's own solve (on identity weights, so the
+result is T itself) at a grid of per-token scales and prints
+  erased  the fraction of the erased prompts' change the map makes,
+          1 - sum ||T e_o - e_n||^2 / sum ||e_o - e_n||^2 over their aligned tokens;
+  kept    the kept concepts' change as a fraction of their own distance to the generic prompt,
+          sum ||T k_o - k_o||^2 / sum ||k_o - k_n||^2 over held-out templates of the kept set.
+With --tuned WORLD=FILE (a bench_erasure_quality.py JSON measured per token) it marks the scale
+the full benchmark chose at each size and reads `erased` there: where the tuned optimum keeps
+`erased` level across sizes while a fixed scale lets it fall, one scale cannot carry. This is
+a diagnostic of stage 1 alone (LoRA training and fusion follow it), in the text embedding's
+space (the projections W are left out). Prints a table, writes JSON (and a plot with --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from _results import RESULTS
+from bench_erasure_quality import CONFIG, PRESERVE_TEMPLATES, default_kept, split_concepts
+
+from mace.utils.atomic import write_json_atomically
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+KEPT_TEMPLATES = slice(5, 10)  # object templates the preservation cache does not use
+
+
+def erase_pairs(names: list[str], aug_length: int, prompt_len: int) -> list[tuple[str, str]]:
+    """The refinement's (erased prompt, generic prompt) pairs, as `mace erase` builds them."""
+    from mace.stages.prompts import concept_prompt_pairs
+    from mace.world import GENERIC_CONCEPT
+
+    return [(p.old, p.new) for name in names
+            for p in concept_prompt_pairs(name, GENERIC_CONCEPT, "object", aug_length=aug_length, prompt_len=prompt_len)]
+
+
+def balance(pipe, erased: list[str], kept: list[str], scales: list[float], lam: float, aug_length: int,
+            prompt_len: int, cache: Path) -> list[dict]:
+    """`erased` and `kept` (module docstring) of the per-token refinement at each scale."""
+    import mace
+    from mace.closed_form import refine_weights
+    from mace.stages.cache import PreservationSettings
+    from mace.stages.prompts import OBJECT_TEMPLATES
+    from mace.stages.refinement import aligned_pair_tokens
+    from mace.world import GENERIC_CONCEPT
+
+    if not cache.exists():
+        mace.build_preservation_cache(pipe, [t.format(n) for n in kept for t in OBJECT_TEMPLATES[:PRESERVE_TEMPLATES]],
+                                      cache, progress=False)
+    preserve = PreservationSettings(domain_cache=str(cache), preserve_weight=1.0, per_token=True).matrix(pipe)
+    e_o, e_n = (t.double() for t in aligned_pair_tokens(pipe, erase_pairs(erased, aug_length, prompt_len)))
+    k_o, k_n = (t.double() for t in aligned_pair_tokens(
+        pipe, [(t.format(n), t.format(GENERIC_CONCEPT)) for n in kept for t in OBJECT_TEMPLATES[KEPT_TEMPLATES]]))
+    identity = torch.eye(e_o.shape[1], dtype=torch.float64)
+    change, kept_distance = ((e_o - e_n) ** 2).sum(), ((k_o - k_n) ** 2).sum()
+    rows = []
+    for scale in scales:
+        (T,), _ = refine_weights([identity], e_o, e_n, lam=lam, preserve=preserve, preserve_scale=scale * e_o.shape[0])
+        rows.append({"scale": scale, "erased": float(1 - ((e_o @ T.T - e_n) ** 2).sum() / change),
+                     "kept": float(((k_o @ T.T - k_o) ** 2).sum() / kept_distance)})
+    return rows
+
+
+def tuned_scales(path: Path) -> dict[int, float]:
+    """Size -> the MACE scale a per-token bench_erasure_quality.py run reported there."""
+    data = json.loads(path.read_text())
+    if data.get("mace_options", {}).get("preserve_scale_mode") != "per_token":
+        raise SystemExit(f"{path}: not a per-token run (mace_options has no preserve_scale_mode=per_token)")
+    return {r["concepts"]: r["scale"] for r in data["rows"] if r["method"] == "mace"}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k, (world, entry) in enumerate(results.items()):
+        colour = f"C{k}"
+        sizes = [s["concepts"] for s in entry["sizes"]]
+        fixed = entry["one_setting"]
+        ax.plot(sizes, [next(r["erased"] for r in s["rows"] if r["scale"] == fixed) for s in entry["sizes"]],
+                "--", color=colour, marker="o", label=f"{world}: {fixed:g} (tuned at 10) at every size")
+        tuned = [(s["concepts"], s["erased_at_tuned"]) for s in entry["sizes"] if s.get("erased_at_tuned") is not None]
+        if tuned:
+            ax.plot(*zip(*tuned, strict=True), "-", color=colour, marker="s", label=f"{world}: tuned per size")
+    ax.set_xscale("log")
+    ax.set_xlabel("erased concepts")
+    ax.set_ylabel("share of the erased prompts' change made by stage 1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Refinement's erasure at a fixed and at the tuned per-token scale", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worlds", default="world,world-large,world-identity-pilot")
+    parser.add_argument("--sizes", default="3,10,30,100", help="numbers of erased concepts (capped by each pool)")
+    parser.add_argument("--scales", default="1,3.333333,10,30,100", help="per-token preservation scales")
+    parser.add_argument("--one-setting", type=float, default=10.0,
+                        help="the fixed scale the plot follows where --tuned gives no scale tuned at 10 erased")
+    parser.add_argument("--tuned", action="append", default=[], metavar="WORLD=FILE",
+                        help="a per-token bench_erasure_quality.py JSON of that world (its tuned scales)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "preservation_balance-cpu.json")
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import mace
+    from mace.config import load_config
+    from mace.world import get_world
+
+    base = load_config(CONFIG, check_paths=False)
+    grid = [float(s) for s in args.scales.split(",")]
+    tuned_files = dict(t.split("=", 1) for t in args.tuned)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.worlds.split(","):
+            world = get_world(key)
+            split = split_concepts(world, *default_kept(world))
+            tuned = tuned_scales(Path(tuned_files[key])) if key in tuned_files else {}
+            pipe = mace.load_pipeline(world.model)
+            names = [c.name for c in world.concepts]
+            kept = [names[c] for c in split.report_kept]
+            one_setting = tuned.get(10, args.one_setting)  # the protocol's one setting: the scale tuned at 10
+            scales = grid + ([one_setting] if one_setting not in grid else [])
+            entry = {"model": world.model, "one_setting": one_setting, "tuned_from": tuned_files.get(key),
+                     "report_kept": len(kept), "sizes": []}
+            for n in [int(s) for s in args.sizes.split(",")]:
+                if n > len(split.erase_pool):
+                    print(f"{key}: {n} erased does not fit its erase pool of {len(split.erase_pool)}; left out")
+                    continue
+                size_scales = scales + ([tuned[n]] if n in tuned and tuned[n] not in scales else [])
+                rows = balance(pipe, [names[c] for c in split.erased(n, "report")], kept, size_scales, base.lamb,
+                               base.aug_length, base.prompt_len, Path(tmp) / f"{key}.safetensors")
+                size = {"concepts": n, "rows": rows}
+                if n in tuned:
+                    at = next(r for r in rows if r["scale"] == tuned[n])
+                    size.update(tuned_scale=tuned[n], erased_at_tuned=at["erased"], kept_at_tuned=at["kept"])
+                entry["sizes"].append(size)
+                cells = "  ".join(f"{r['scale']:g}: {r['erased']:.2f}/{r['kept']:.3f}" for r in rows)
+                mark = (f"  tuned {tuned[n]:g}: {size['erased_at_tuned']:.2f}/{size['kept_at_tuned']:.3f}"
+                        if n in tuned else "")
+                print(f"{key:22s} {n:4d} erased  scale: erased/kept  {cells}{mark}", flush=True)
+            results[key] = entry
+    command = "python benchmarks/bench_preservation_balance.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    write_json_atomically(args.out, {"command": command, "lamb": base.lamb, "aug_length": base.aug_length, "prompt_len": base.prompt_len,
+                                     "scales": grid, "worlds": results})
+    if args.plot:
+        plot(results, args.plot)
+    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
