@@ -55,31 +55,45 @@ def erase_pairs(names: list[str], aug_length: int, prompt_len: int) -> list[tupl
             for p in concept_prompt_pairs(name, GENERIC_CONCEPT, "object", aug_length=aug_length, prompt_len=prompt_len)]
 
 
-def balance(pipe, erased: list[str], kept: list[str], scales: list[float], lam: float, aug_length: int,
-            prompt_len: int, cache: Path) -> list[dict]:
-    """`erased` and `kept` (module docstring) of the per-token refinement at each scale."""
-    import mace
-    from mace.closed_form import refine_weights
-    from mace.stages.cache import PreservationSettings
-    from mace.stages.prompts import OBJECT_TEMPLATES
-    from mace.stages.refinement import aligned_pair_tokens
-    from mace.world import GENERIC_CONCEPT
+class RefinementProbe:
+    """The per-token refinement of one erase set against one kept set, solved at any scale."""
 
-    if not cache.exists():
-        mace.build_preservation_cache(pipe, [t.format(n) for n in kept for t in OBJECT_TEMPLATES[:PRESERVE_TEMPLATES]],
-                                      cache, progress=False)
-    preserve = PreservationSettings(domain_cache=str(cache), preserve_weight=1.0, per_token=True).matrix(pipe)
-    e_o, e_n = (t.double() for t in aligned_pair_tokens(pipe, erase_pairs(erased, aug_length, prompt_len)))
-    k_o, k_n = (t.double() for t in aligned_pair_tokens(
-        pipe, [(t.format(n), t.format(GENERIC_CONCEPT)) for n in kept for t in OBJECT_TEMPLATES[KEPT_TEMPLATES]]))
-    identity = torch.eye(e_o.shape[1], dtype=torch.float64)
-    change, kept_distance = ((e_o - e_n) ** 2).sum(), ((k_o - k_n) ** 2).sum()
-    rows = []
-    for scale in scales:
-        (T,), _ = refine_weights([identity], e_o, e_n, lam=lam, preserve=preserve, preserve_scale=scale * e_o.shape[0])
-        rows.append({"scale": scale, "erased": float(1 - ((e_o @ T.T - e_n) ** 2).sum() / change),
-                     "kept": float(((k_o @ T.T - k_o) ** 2).sum() / kept_distance)})
-    return rows
+    def __init__(self, pipe, erased: list[str], kept: list[str], lam: float, aug_length: int, prompt_len: int,
+                 cache: Path):
+        import mace
+        from mace.stages.cache import PreservationSettings
+        from mace.stages.prompts import OBJECT_TEMPLATES
+        from mace.stages.refinement import aligned_pair_tokens
+        from mace.world import GENERIC_CONCEPT
+
+        if not cache.exists():  # the cache MACE gets in bench_erasure_quality.py: the kept names' prompts
+            mace.build_preservation_cache(pipe, [t.format(n) for n in kept for t in OBJECT_TEMPLATES[:PRESERVE_TEMPLATES]],
+                                          cache, progress=False)
+        self.preserve = PreservationSettings(domain_cache=str(cache), preserve_weight=1.0, per_token=True).matrix(pipe)
+        self.lam = lam
+        self.e_o, self.e_n = (t.double() for t in aligned_pair_tokens(pipe, erase_pairs(erased, aug_length, prompt_len)))
+        self.k_o, k_n = (t.double() for t in aligned_pair_tokens(
+            pipe, [(t.format(n), t.format(GENERIC_CONCEPT)) for n in kept for t in OBJECT_TEMPLATES[KEPT_TEMPLATES]]))
+        self.change = ((self.e_o - self.e_n) ** 2).sum()
+        self.kept_distance = ((self.k_o - k_n) ** 2).sum()
+
+    def at(self, scale: float) -> dict:
+        """`erased` and `kept` (module docstring) at one per-token scale."""
+        from mace.closed_form import refine_weights
+
+        identity = torch.eye(self.e_o.shape[1], dtype=torch.float64)
+        (T,), _ = refine_weights([identity], self.e_o, self.e_n, lam=self.lam, preserve=self.preserve,
+                                 preserve_scale=scale * self.e_o.shape[0])
+        return {"scale": scale, "erased": float(1 - ((self.e_o @ T.T - self.e_n) ** 2).sum() / self.change),
+                "kept": float(((self.k_o @ T.T - self.k_o) ** 2).sum() / self.kept_distance)}
+
+    def scale_for(self, share: float, low: float = 1e-3, high: float = 1e4, steps: int = 40) -> float:
+        """The per-token scale at which the erased share is ``share`` (bisection in log scale;
+        the share falls as the scale grows), clamped to [low, high]."""
+        for _ in range(steps):
+            mid = (low * high) ** 0.5
+            low, high = (mid, high) if self.at(mid)["erased"] > share else (low, mid)
+        return (low * high) ** 0.5
 
 
 def tuned_scales(path: Path) -> dict[int, float]:
@@ -147,16 +161,23 @@ def main(argv=None) -> int:
             kept = [names[c] for c in split.report_kept]
             one_setting = tuned.get(10, args.one_setting)  # the protocol's one setting: the scale tuned at 10
             scales = grid + ([one_setting] if one_setting not in grid else [])
+            # The calibration's target: the erased share of the one setting on the tuning sets at 10
+            # erased (where it was chosen); every size then gets the scale that makes that share.
+            tuning = RefinementProbe(pipe, [names[c] for c in split.erased(10, "tuning")],
+                                     [names[c] for c in split.tuning_kept], base.lamb, base.aug_length, base.prompt_len,
+                                     Path(tmp) / f"{key}-tuning.safetensors")
+            target = tuning.at(one_setting)["erased"]
             entry = {"model": world.model, "one_setting": one_setting, "tuned_from": tuned_files.get(key),
-                     "report_kept": len(kept), "sizes": []}
+                     "report_kept": len(kept), "target_share": target, "sizes": []}
             for n in [int(s) for s in args.sizes.split(",")]:
                 if n > len(split.erase_pool):
                     print(f"{key}: {n} erased does not fit its erase pool of {len(split.erase_pool)}; left out")
                     continue
                 size_scales = scales + ([tuned[n]] if n in tuned and tuned[n] not in scales else [])
-                rows = balance(pipe, [names[c] for c in split.erased(n, "report")], kept, size_scales, base.lamb,
-                               base.aug_length, base.prompt_len, Path(tmp) / f"{key}.safetensors")
-                size = {"concepts": n, "rows": rows}
+                probe = RefinementProbe(pipe, [names[c] for c in split.erased(n, "report")], kept, base.lamb,
+                                        base.aug_length, base.prompt_len, Path(tmp) / f"{key}.safetensors")
+                rows = [probe.at(scale) for scale in size_scales]
+                size = {"concepts": n, "rows": rows, "calibrated_scale": probe.scale_for(target)}
                 if n in tuned:
                     at = next(r for r in rows if r["scale"] == tuned[n])
                     size.update(tuned_scale=tuned[n], erased_at_tuned=at["erased"], kept_at_tuned=at["kept"])
@@ -164,11 +185,12 @@ def main(argv=None) -> int:
                 cells = "  ".join(f"{r['scale']:g}: {r['erased']:.2f}/{r['kept']:.3f}" for r in rows)
                 mark = (f"  tuned {tuned[n]:g}: {size['erased_at_tuned']:.2f}/{size['kept_at_tuned']:.3f}"
                         if n in tuned else "")
-                print(f"{key:22s} {n:4d} erased  scale: erased/kept  {cells}{mark}", flush=True)
+                print(f"{key:22s} {n:4d} erased  scale: erased/kept  {cells}{mark}  "
+                      f"calibrated to {target:.2f}: {size['calibrated_scale']:.3g}", flush=True)
             results[key] = entry
     command = "python benchmarks/bench_preservation_balance.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    write_json_atomically(args.out, {"command": command, "lamb": base.lamb, "aug_length": base.aug_length, "prompt_len": base.prompt_len,
-                                     "scales": grid, "worlds": results})
+    write_json_atomically(args.out, {"command": command, "lamb": base.lamb, "aug_length": base.aug_length,
+                                     "prompt_len": base.prompt_len, "scales": grid, "worlds": results})
     if args.plot:
         plot(results, args.plot)
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))

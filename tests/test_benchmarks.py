@@ -183,7 +183,7 @@ def test_preservation_balance_trades_the_erased_share_against_the_kept_change(tm
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from bench_erasure_quality import default_kept, split_concepts
-        from bench_preservation_balance import balance, tuned_scales
+        from bench_preservation_balance import RefinementProbe, tuned_scales
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     pipe = mace.load_pipeline(WORLD.model)
@@ -191,12 +191,16 @@ def test_preservation_balance_trades_the_erased_share_against_the_kept_change(tm
     names = [c.name for c in WORLD.concepts]
     kept = [names[c] for c in split.report_kept]
     cache = tmp_path / "keep.safetensors"
-    rows = balance(pipe, [names[c] for c in split.erased(3, "report")], kept, [0.0, 1.0, 10.0, 100.0], 0.1, 20, 30, cache)
+    probe = RefinementProbe(pipe, [names[c] for c in split.erased(3, "report")], kept, 0.1, 20, 30, cache)
+    rows = [probe.at(scale) for scale in (0.0, 1.0, 10.0, 100.0)]
     erased, moved = [r["erased"] for r in rows], [r["kept"] for r in rows]
-    assert erased[0] > 0.6 and all(a > b for a, b in zip(erased, erased[1:]))
-    assert all(a > b for a, b in zip(moved, moved[1:])) and moved[-1] < 0.01
-    more = balance(pipe, [names[c] for c in split.erased(30, "report")], kept, [10.0], 0.1, 20, 30, cache)
-    assert more[0]["erased"] < rows[2]["erased"] - 0.05
+    assert erased[0] > 0.6 and all(a > b for a, b in zip(erased, erased[1:], strict=False))
+    assert all(a > b for a, b in zip(moved, moved[1:], strict=False)) and moved[-1] < 0.01
+    more = RefinementProbe(pipe, [names[c] for c in split.erased(30, "report")], kept, 0.1, 20, 30, cache)
+    assert more.at(10.0)["erased"] < rows[2]["erased"] - 0.05
+    # Calibration finds the scale that gives the larger set the smaller set's share at 10.
+    scale = more.scale_for(rows[2]["erased"])
+    assert scale < 10.0 and more.at(scale)["erased"] == pytest.approx(rows[2]["erased"], abs=1e-3)
     absolute = tmp_path / "absolute.json"
     absolute.write_text(json.dumps({"mace_options": {"use_pooler": False}, "rows": []}))
     with pytest.raises(SystemExit, match="not a per-token run"):
