@@ -525,16 +525,19 @@ def preservation_balance(ctx: Context, r: Result) -> str:
             fixed = next(x for x in size["rows"] if x["scale"] == entry["one_setting"])
             rows.append({"world": world, "erased": size["concepts"], "tuned": size.get("tuned_scale"),
                          "share_tuned": size.get("erased_at_tuned"), "kept_tuned": size.get("kept_at_tuned"),
-                         "fixed": entry["one_setting"], "share_fixed": fixed["erased"], "kept_fixed": fixed["kept"]})
+                         "fixed": entry["one_setting"], "share_fixed": fixed["erased"], "kept_fixed": fixed["kept"],
+                         "calibrated": size.get("calibrated_scale"), "target": entry.get("target_share")})
     about = (f"Stage 1 alone, per-token scales, lamb {d['lamb']:g}, {d['aug_length']} prompts per erased concept. "
              "Erased share: the part of the erased prompts' change (to the generic prompt) the refinement's map makes; "
              "kept change: the kept concepts' movement over their own distance to the generic prompt. The tuned scale "
-             "is the full benchmark's choice at that size; the fixed one is the scale it chose at 10 erased.")
+             "is the full benchmark's choice at that size; the fixed one is the scale it chose at 10 erased; the calibrated "
+             "one gives the erase set the target share, the fixed scale's share on the tuning sets at 10 erased.")
     return "\n\n".join([header(ctx, r, about), table(
         [("world", "world", None), ("erased", "erased", "d"), ("tuned scale", "tuned", g),
          ("erased share, tuned", "share_tuned", ".2f"), ("kept change, tuned", "kept_tuned", ".3f"),
          ("fixed scale", "fixed", g), ("erased share, fixed", "share_fixed", ".2f"),
-         ("kept change, fixed", "kept_fixed", ".3f")], rows)])
+         ("kept change, fixed", "kept_fixed", ".3f"), ("target share", "target", ".2f"),
+         ("calibrated scale", "calibrated", ".3g")], rows)])
 
 
 def specificity_diagnosis(ctx: Context, r: Result) -> str:
