@@ -46,6 +46,10 @@ FILE_COMMANDS = {
     "erasure_quality-world-identity-pilot-one-setting-cpu-2cores":
         "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 10,50 --methods mace --grid 1 "
         "--mace-option preserve_scale_mode=per_token --centre mace=30 --attacks ''   # the value chosen at 10 erased",
+    "erasure_quality-world-identity-pilot-calibrated-cpu-2cores":
+        "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 50 --methods mace --grid 1 "
+        "--mace-option preserve_scale_mode=per_token --centre mace=5.3 --attacks ''   # bench_preservation_balance's "
+        "calibrated scale at 50",
     "erasure_quality-world-identity-pilot-attacks-cpu-2cores":
         "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 10 --methods none,mace,uce,rece "
         "--mace-option preserve_scale_mode=per_token --centre mace=10 --attacks text,soft",
@@ -74,6 +78,7 @@ COMPARED_WITH = {"erasure_quality-fidelity-cpu-2cores": ["erasure_quality-cpu-2c
                                                          "erasure_quality-100concepts-strong-preservation-cpu-2cores"]}
 # Reading order within a family (files not named here follow, by name).
 FILE_ORDER = ["erasure_quality-world-identity-pilot-cpu-2cores", "erasure_quality-world-identity-pilot-one-setting-cpu-2cores",
+              "erasure_quality-world-identity-pilot-calibrated-cpu-2cores",
               "erasure_quality-world-identity-pilot-attacks-cpu-2cores", "erasure_quality-world-large-per-token-cpu-2cores",
               "erasure_quality-world-large-one-setting-cpu-2cores",
               "erasure_quality-world-large-cpu-2cores", "erasure_quality-world-all-methods-cpu-2cores",
