@@ -294,6 +294,9 @@ def main(argv=None) -> int:
     parser.add_argument("--centre", action="append", default=[], metavar="METHOD=SCALE",
                         help="the centre of a method's scale search (default: DEFAULT_SCALE); with --grid 1 the "
                              "one scale used at every size, chosen beforehand on a tuning set")
+    parser.add_argument("--count-exponent", type=float, default=None, metavar="GAMMA",
+                        help="with --grid 1: at n erased use the centre times (10 / n) ** GAMMA (a count law for "
+                             "the one setting chosen at 10 erased; 0: the same scale at every size)")
     parser.add_argument("--attacks", default="text,soft", help="attacks on each reported model ('' for none)")
     parser.add_argument("--attack-concepts", type=int, default=10, help="erased concepts attacked per reported model")
     parser.add_argument("--attack-images", type=int, default=4, help="images per attacked concept")
@@ -361,6 +364,10 @@ def main(argv=None) -> int:
     settings = measurement_settings(world, args, overrides, attacks, split)
     if centres:  # older results files, measured at the default centres, say nothing of them
         settings["centres"] = centres
+    if args.count_exponent is not None:
+        if args.grid != 1:
+            parser.error("--count-exponent needs --grid 1 (it sets each size's one scale)")
+        settings["count_exponent"] = args.count_exponent
     done_trials, done_rows, seconds_before, control = ({}, {}, 0.0, None) if args.fresh else resume_from(out, settings)
     original = mace.load_pipeline(world.model)
     original_background = background_images_of(original, background_images=args.background_images, steps=args.steps,
@@ -415,6 +422,8 @@ def main(argv=None) -> int:
         try:
             for method in methods:
                 grid = [None] if method == "none" else scale_grid(method, args.grid, centres)
+                if args.count_exponent is not None and method != "none":
+                    grid = [round(grid[0] * (10 / n) ** args.count_exponent, 6)]
                 best = None
                 tried: list[float] = []
                 while len(grid) > 1:  # the grid, extended while its best value lies on an edge

@@ -393,8 +393,10 @@ def erasure_quality(ctx: Context, r: Result) -> str:
 def protocol_run(ctx: Context, r: Result) -> str:
     d = r.data
     shared = [k for k, v in d.get("erase_sets_disjoint", {}).items() if not v]
-    options = {**(d.get("mace_options") or {}), **{f"centre {k}": v for k, v in
-                                                  ((d.get("settings") or {}).get("centres") or {}).items()}}
+    settings = d.get("settings") or {}
+    options = {**(d.get("mace_options") or {}), **{f"centre {k}": v for k, v in (settings.get("centres") or {}).items()},
+               **({"scale at n erased": f"centre x (10 / n) ** {settings['count_exponent']:g}"}
+                  if settings.get("count_exponent") is not None else {})}
     about = (f"`{d['model']}`: {len(d['tuning_kept'])} tuning and {len(d['report_kept'])} report kept concepts, "
              f"{d['tuning_images_per_concept']} / {d['images_per_concept']} images per concept and prompt kind (tuning / "
              f"report), {d['steps']} sampling steps, grid of {d['grid']}"

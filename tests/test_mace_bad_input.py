@@ -42,6 +42,28 @@ def test_config_that_is_not_yaml(tmp_path, capsys):
     assert "must be a YAML mapping" in _cli_error(capsys, ["erase", str(bad), "--quiet"])
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("lamb", "abc", "lamb must be a number, got 'abc'"),
+    ("lamb", [0.1], "lamb must be a number, got [0.1]"),
+    ("lamb", True, "lamb must be a number, got True"),
+    ("max_train_steps", 2.5, "max_train_steps must be a whole number, got 2.5"),
+    ("preserve_count_exponent", 0.5, "preserve_count_exponent needs preserve_scale_mode: per_token"),
+])
+def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_key(tmp_path, capsys, key, value, message):
+    config = _config(tmp_path, **{key: value})
+    assert message in _cli_error(capsys, ["erase", str(config), "--quiet"])
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
+    """PyYAML reads 1e-3 (no dot) as a string; a whole float is taken for an int key."""
+    from mace.config import load_config
+
+    config = load_config(_config(tmp_path, lamb="1e-3", max_train_steps=3.0, rank="2"), check_paths=False)
+    assert (config.lamb, config.max_train_steps, config.rank) == (0.001, 3, 2)
+    assert isinstance(config.max_train_steps, int) and isinstance(config.rank, int)
+
+
 def test_truncated_cache(tmp_path, capsys, tiny_pipe):
     cache = tmp_path / "prior.safetensors"
     mace.build_preservation_cache(tiny_pipe, ["a photo of a dog"], cache, progress=False)

@@ -166,3 +166,25 @@ def test_config_reads_the_mode_and_its_scales(tmp_path):
 def test_unknown_mode_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError, match="preserve_scale_mode must be 'absolute' or 'per_token', got 'per-token'"):
         _config(tmp_path, preserve_scale_mode="per-token")
+
+
+def test_count_exponent_divides_both_scales_by_the_concept_count_to_that_power(tmp_path):
+    """preserve_count_exponent: with 4 erased concepts and exponent 0.5 both per-token scales
+    halve (exponent 1: per concept's tokens, a quarter); the fingerprints change with it."""
+    from mace.config import config_from_dict
+
+    def four(**extra):
+        return config_from_dict({"multi_concept": [["Emma Stone", "celebrity"], ["ship", "object"], ["tower", "object"],
+                                                   ["Van Gogh", "style"]], "mapping_concept": "a thing",
+                                 "train_preserve_scale": 3.0, "fuse_preserve_scale": 2.0,
+                                 "preserve_scale_mode": "per_token", **extra}, check_paths=False)
+
+    plain, half, whole = four(), four(preserve_count_exponent=0.5), four(preserve_count_exponent=1)
+    for config, factor in ((plain, 1.0), (half, 0.5), (whole, 0.25)):
+        assert RefinementSettings.from_config(config).preserve_scale == pytest.approx(3.0 * factor)
+        assert FusionSettings.from_config(config).preserve_scale == pytest.approx(2.0 * factor)
+    assert digest({"s": RefinementSettings.from_config(plain)}) != digest({"s": RefinementSettings.from_config(half)})
+    with pytest.raises(ConfigError, match="preserve_count_exponent must be between 0 and 1, got 2"):
+        _config(tmp_path, preserve_scale_mode="per_token", preserve_count_exponent=2)
+    with pytest.raises(ConfigError, match="preserve_count_exponent needs preserve_scale_mode: per_token"):
+        _config(tmp_path, preserve_count_exponent=0.5)
