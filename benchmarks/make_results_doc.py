@@ -50,6 +50,15 @@ FILE_COMMANDS = {
         "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 50 --methods mace --grid 1 "
         "--mace-option preserve_scale_mode=per_token --centre mace=5.3 --attacks ''   # bench_preservation_balance's "
         "calibrated scale at 50",
+    "erasure_quality-world-identity-pilot-count-law-cpu-2cores":
+        "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 10,50 --methods mace --grid 1 "
+        "--mace-option preserve_scale_mode=per_token --centre mace=30 --count-exponent 0.5 --attacks ''",
+    "erasure_quality-world-large-count-law-cpu-2cores":
+        "python benchmarks/bench_erasure_quality.py --world world-large --sizes 10,3,100 --methods mace --grid 1 "
+        "--mace-option preserve_scale_mode=per_token --centre mace=10 --count-exponent 0.5 --attacks ''",
+    "erasure_quality-world-count-law-cpu-2cores":
+        "python benchmarks/bench_erasure_quality.py --world world --sizes 10,3,100 --methods mace --grid 1 "
+        "--mace-option preserve_scale_mode=per_token --centre mace=10 --count-exponent 0.5 --attacks ''",
     "erasure_quality-world-identity-pilot-attacks-cpu-2cores":
         "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 10 --methods none,mace,uce,rece "
         "--mace-option preserve_scale_mode=per_token --centre mace=10 --attacks text,soft",
@@ -78,12 +87,13 @@ COMPARED_WITH = {"erasure_quality-fidelity-cpu-2cores": ["erasure_quality-cpu-2c
                                                          "erasure_quality-100concepts-strong-preservation-cpu-2cores"]}
 # Reading order within a family (files not named here follow, by name).
 FILE_ORDER = ["erasure_quality-world-identity-pilot-cpu-2cores", "erasure_quality-world-identity-pilot-one-setting-cpu-2cores",
+              "erasure_quality-world-identity-pilot-count-law-cpu-2cores",
               "erasure_quality-world-identity-pilot-calibrated-cpu-2cores",
               "erasure_quality-world-identity-pilot-attacks-cpu-2cores", "erasure_quality-world-large-per-token-cpu-2cores",
-              "erasure_quality-world-large-one-setting-cpu-2cores",
+              "erasure_quality-world-large-one-setting-cpu-2cores", "erasure_quality-world-large-count-law-cpu-2cores",
               "erasure_quality-world-large-cpu-2cores", "erasure_quality-world-all-methods-cpu-2cores",
               "erasure_quality-world-cpu-2cores", "erasure_quality-world-100-extended-cpu-2cores",
-              "erasure_quality-world-per-token-cpu-2cores", "erasure_quality-cpu-2cores",
+              "erasure_quality-world-per-token-cpu-2cores", "erasure_quality-world-count-law-cpu-2cores", "erasure_quality-cpu-2cores",
               "erasure_quality-100concepts-strong-preservation-cpu-2cores", "erasure_quality-fidelity-cpu-2cores"]
 
 
@@ -400,7 +410,7 @@ def protocol_run(ctx: Context, r: Result) -> str:
     about = (f"`{d['model']}`: {len(d['tuning_kept'])} tuning and {len(d['report_kept'])} report kept concepts, "
              f"{d['tuning_images_per_concept']} / {d['images_per_concept']} images per concept and prompt kind (tuning / "
              f"report), {d['steps']} sampling steps, grid of {d['grid']}"
-             + (f" grown by at most {d['extend']}" if d.get("extend") else "")
+             + (f" grown by at most {d['extend']}" if d.get("extend") and d["grid"] > 1 else "")
              + (f", MACE options {', '.join(f'{k}={v}' for k, v in options.items())}" if options else "")
              + (f"; tuning and report erase sets are the same at {', '.join(shared)} erased" if shared else "")
              + (f"; {d['seconds'] / 3600:.1f} h of measurement" if "seconds" in d else "")
@@ -421,7 +431,8 @@ def protocol_run(ctx: Context, r: Result) -> str:
         parts.append(f"No reported rows yet; the {len(d['tuning'])} tuning trials so far:")
         parts.append(table(trial_cols, d["tuning"]))
         return "\n\n".join(parts)
-    cols = [("erased", "concepts", "d"), ("method", "method", None), ("scale (tuned)", "scale", g), *SCORES,
+    scale_header = "scale (tuned)" if d["grid"] > 1 else "scale (given)"
+    cols = [("erased", "concepts", "d"), ("method", "method", None), (scale_header, "scale", g), *SCORES,
             ("edit (s)", "edit_seconds", ".1f")]
     if any("asr_soft" in x for x in rows):
         cols += [("ASR plain", "asr_plain", ".2f"), ("ASR text", "asr_text", ".2f"), ("ASR soft", "asr_soft", ".2f")]
