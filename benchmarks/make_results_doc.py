@@ -82,6 +82,18 @@ FILE_COMMANDS = {
                                              "--erase 100 --tuning-kept 100 --report-kept 200 --variants names-only "
                                              "--preserve-scale 3 --lora-steps 80",
 }
+# Per world, MACE's rows under (scales tuned per size, the one per-token value chosen at 10 erased,
+# that value under preserve_count_exponent 0.5), compared under the preservation balance. On
+# builtin:world the value tuned at every size was the one chosen at 10, so one file serves twice.
+ONE_SETTING = {
+    "world-large": ("erasure_quality-world-large-per-token-cpu-2cores", "erasure_quality-world-large-one-setting-cpu-2cores",
+                    "erasure_quality-world-large-count-law-cpu-2cores"),
+    "world-identity-pilot": ("erasure_quality-world-identity-pilot-cpu-2cores",
+                             "erasure_quality-world-identity-pilot-one-setting-cpu-2cores",
+                             "erasure_quality-world-identity-pilot-count-law-cpu-2cores"),
+    "world": ("erasure_quality-world-per-token-cpu-2cores", "erasure_quality-world-per-token-cpu-2cores",
+              "erasure_quality-world-count-law-cpu-2cores"),
+}
 # Files that rerun part of others under changed code: their table gains the others' H_o ("H_o before").
 COMPARED_WITH = {"erasure_quality-fidelity-cpu-2cores": ["erasure_quality-cpu-2cores",
                                                          "erasure_quality-100concepts-strong-preservation-cpu-2cores"]}
@@ -550,12 +562,36 @@ def preservation_balance(ctx: Context, r: Result) -> str:
              "kept change: the kept concepts' movement over their own distance to the generic prompt. The tuned scale "
              "is the full benchmark's choice at that size; the fixed one is the scale it chose at 10 erased; the calibrated "
              "one gives the erase set the target share, the fixed scale's share on the tuning sets at 10 erased.")
-    return "\n\n".join([header(ctx, r, about), table(
+    return "\n\n".join([header(ctx, r, about), one_setting_rows(ctx), table(
         [("world", "world", None), ("erased", "erased", "d"), ("tuned scale", "tuned", g),
          ("erased share, tuned", "share_tuned", ".2f"), ("kept change, tuned", "kept_tuned", ".3f"),
          ("fixed scale", "fixed", g), ("erased share, fixed", "share_fixed", ".2f"),
          ("kept change, fixed", "kept_fixed", ".3f"), ("target share", "target", ".2f"),
          ("calibrated scale", "calibrated", ".3g")], rows)])
+
+
+def one_setting_rows(ctx: Context) -> str:
+    """MACE's H_o per size under the three ways of choosing its scale (ONE_SETTING), where all
+    three files are there."""
+    rows = []
+    for world, names in ONE_SETTING.items():
+        if not all(n in ctx.results for n in names):
+            continue
+        tuned, fixed, law = ({x["concepts"]: x for x in ctx.results[n].data["rows"] if x["method"] == "mace"}
+                             for n in names)
+        for size in sorted(law):
+            if size in tuned and size in fixed:
+                rows.append({"world": world, "erased": size, "tuned": f"{tuned[size]['h_o']:.3f} ({tuned[size]['scale']:.2g})",
+                             "fixed": f"{fixed[size]['h_o']:.3f} ({fixed[size]['scale']:.2g})",
+                             "law": f"{law[size]['h_o']:.3f} ({law[size]['scale']:.2g})",
+                             "gap": law[size]["h_o"] - tuned[size]["h_o"]})
+    if not rows:
+        return ""
+    return ("MACE's H_o on the report sets (per-token scale in brackets): tuned per size, the one value chosen at 10 "
+            "erased used at every size, and that value under `preserve_count_exponent: 0.5` (scaled by (10 / n) ** "
+            "0.5):\n\n" + table([("world", "world", None), ("erased", "erased", "d"), ("tuned per size", "tuned", ""),
+                                  ("one per-token value", "fixed", ""), ("count law 0.5", "law", ""),
+                                  ("count law - tuned", "gap", "+.3f")], rows))
 
 
 def specificity_diagnosis(ctx: Context, r: Result) -> str:
