@@ -850,21 +850,35 @@ def headline_attacks(a: dict) -> str:
               f"{control['asr_text']:.2f} / {control['asr_soft']:.2f}.")
 
 
+def headline_count_law(law: dict, tuned: dict) -> str:
+    rows = {x["concepts"]: x["h_o"] for x in law["rows"] if x["method"] == "mace"}
+    best = {x["concepts"]: x["h_o"] for x in tuned["rows"] if x["method"] == "mace"}
+    sizes = [n for n in sorted(rows) if n in best]
+    return (f"**One preservation setting for every count** on `{law['model']}`: the per-token scale chosen at 10 "
+            f"erased, divided by sqrt(n) (`preserve_count_exponent: 0.5`), H_o "
+            + " / ".join(f"{rows[n]:.3f}" for n in sizes) + " at " + " / ".join(map(str, sizes))
+            + " erased, against " + " / ".join(f"{best[n]:.3f}" for n in sizes) + " with scales tuned per size.")
+
+
+# (file, line, other files the line also reads)
 HEADLINES = [("kernels-cpu-2cores", headline_kernels), ("closed_form-cpu-2cores", headline_closed_form),
              ("refine_vs_original-sd14-cpu-2cores", headline_original),
              ("real_shapes-sd14-shapes-cpu-2cores", headline_real_shapes),
              ("erasure_quality-world-identity-pilot-cpu-2cores", headline_quality),
              ("erasure_quality-world-large-cpu-2cores", headline_quality),
-             ("erasure_quality-world-identity-pilot-attacks-cpu-2cores", headline_attacks)]
+             ("erasure_quality-world-identity-pilot-attacks-cpu-2cores", headline_attacks),
+             ("erasure_quality-world-large-count-law-cpu-2cores", headline_count_law,
+              ("erasure_quality-world-large-per-token-cpu-2cores",))]
 
 
 def headline(results: dict[str, Result], doc_link: str) -> str:
     """A few lines, each read from one file; a line whose file is absent or unreadable is left out."""
     lines = []
-    for name, line in HEADLINES:
-        if name in results:
+    for name, line, *others in HEADLINES:
+        others = others[0] if others else ()
+        if name in results and all(o in results for o in others):
             try:
-                lines.append(line(results[name].data))
+                lines.append(line(results[name].data, *(results[o].data for o in others)))
             except (KeyError, TypeError, ValueError, IndexError, StopIteration) as error:
                 print(f"{name}.json: headline left out ({type(error).__name__}: {error})", file=sys.stderr)
     lines.append(f"Every number, its table and its command: [{doc_link}]({doc_link}), generated from "
