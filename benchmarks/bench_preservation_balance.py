@@ -20,7 +20,9 @@ result is T itself) at a grid of per-token scales and prints
           sum ||T k_o - k_o||^2 / sum ||k_o - k_n||^2 over held-out templates of the kept set.
 With --tuned WORLD=FILE (a bench_erasure_quality.py JSON measured per token) it marks the scale
 the full benchmark chose at each size and reads `erased` there: where the tuned optimum keeps
-`erased` level across sizes while a fixed scale lets it fall, one scale cannot carry. This is
+`erased` level across sizes while a fixed scale lets it fall, one scale cannot carry. Each size
+also gets a calibrated scale: the one at which its erase set has the share that the one setting
+(the scale tuned at 10 erased) gives on the tuning sets at 10 erased. This is
 a diagnostic of stage 1 alone (LoRA training and fusion follow it), in the text embedding's
 space (the projections W are left out). Prints a table, writes JSON (and a plot with --plot).
 """
