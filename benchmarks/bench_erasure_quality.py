@@ -129,6 +129,15 @@ def default_kept(world) -> tuple[int, int]:
     return (100, 200) if world.num_concepts > 200 else (10, 10)
 
 
+ONE_SETTING_SIZE = 10  # the number erased at which the protocol chooses its one setting
+
+
+def count_law_scale(centre: float, n: int, exponent: float) -> float:
+    """--count-exponent's scale at n erased: the one setting (chosen at ONE_SETTING_SIZE erased)
+    times (ONE_SETTING_SIZE / n) ** exponent."""
+    return round(centre * (ONE_SETTING_SIZE / n) ** exponent, 6)
+
+
 def _rank(trial: dict) -> tuple[float, float, float]:
     """Best tuning H_o; ties: higher Acc_s, then higher Acc_e (the gentler edit)."""
     return trial["h_o"], trial["acc_s"], trial["acc_e"]
@@ -322,6 +331,8 @@ def main(argv=None) -> int:
              f"{data['model']}: report set, scales tuned on a disjoint set")
         print(f"wrote {args.plot}")
         return 0
+    if args.count_exponent is not None and args.grid != 1:
+        parser.error("--count-exponent needs --grid 1 (it sets each size's one scale)")
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -365,8 +376,6 @@ def main(argv=None) -> int:
     if centres:  # older results files, measured at the default centres, say nothing of them
         settings["centres"] = centres
     if args.count_exponent is not None:
-        if args.grid != 1:
-            parser.error("--count-exponent needs --grid 1 (it sets each size's one scale)")
         settings["count_exponent"] = args.count_exponent
     done_trials, done_rows, seconds_before, control = ({}, {}, 0.0, None) if args.fresh else resume_from(out, settings)
     original = mace.load_pipeline(world.model)
@@ -423,7 +432,7 @@ def main(argv=None) -> int:
             for method in methods:
                 grid = [None] if method == "none" else scale_grid(method, args.grid, centres)
                 if args.count_exponent is not None and method != "none":
-                    grid = [round(grid[0] * (10 / n) ** args.count_exponent, 6)]
+                    grid = [count_law_scale(grid[0], n, args.count_exponent)]
                 best = None
                 tried: list[float] = []
                 while len(grid) > 1:  # the grid, extended while its best value lies on an edge

@@ -205,3 +205,20 @@ def test_preservation_balance_trades_the_erased_share_against_the_kept_change(tm
     absolute.write_text(json.dumps({"mace_options": {"use_pooler": False}, "rows": []}))
     with pytest.raises(SystemExit, match="not a per-token run"):
         tuned_scales(absolute)
+
+
+def test_count_exponent_scales_the_one_setting_by_the_count_and_needs_one_grid_point():
+    """--count-exponent: the centre at 10 erased, times (10 / n) ** exponent elsewhere (the values
+    the committed count-law rows used), and refused with a scale search."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_erasure_quality import count_law_scale, main
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert count_law_scale(10.0, 10, 0.5) == 10.0
+    assert count_law_scale(10.0, 100, 0.5) == pytest.approx(3.162278)
+    assert count_law_scale(30.0, 50, 0.5) == pytest.approx(13.416408)
+    assert count_law_scale(10.0, 3, 0.0) == 10.0
+    with pytest.raises(SystemExit) as stop:
+        main(["--world", "world", "--sizes", "3", "--count-exponent", "0.5"])
+    assert stop.value.code == 2

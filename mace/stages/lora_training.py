@@ -362,9 +362,8 @@ def train_concept_loras(
         module.requires_grad_(False)
     prior = None
     if settings.uses_prior:
-        with torch.no_grad():
-            prior = PreservationData(EncodedImages.encode(pipe.vae, load_preservation_images(
-                settings.preserve_data_dir, settings.resolution, settings.num_class_images).to(pipe.vae.device)))
+        prior = PreservationData(EncodedImages.encode(pipe.vae, load_preservation_images(
+            settings.preserve_data_dir, settings.resolution, settings.num_class_images).to(pipe.vae.device)))
     size = settings.concepts_per_batch if settings.separate else len(todo)
     groups = [todo[i:i + size] for i in range(0, len(todo), size)]
     steps = settings.max_train_steps
