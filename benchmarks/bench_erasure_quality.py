@@ -148,21 +148,32 @@ def scale_grid(method: str, points: int, centres: dict[str, float] | None = None
     return [round(centre * 3.0 ** (k - (points - 1) // 2), 6) for k in range(points)]
 
 
+def protocol_config():
+    """The MACE config the benchmarks start from: configs/world_erase.yaml with its count law
+    switched off (preserve_count_exponent 0), so that a scale here is a per-token scale at the
+    size it is used at, whatever the shipped config counts; --mace-option or --count-exponent
+    set a law explicitly."""
+    from mace.config import load_config
+
+    config = load_config(CONFIG, check_paths=False)
+    config.preserve_count_exponent = 0.0
+    return config
+
+
 def erase_with(method: str, world, names: list[str], preserved: list[str], work: Path, scale: float, overrides: dict,
                data_dir: Path):
     """The edited pipeline for one method (run through mace.methods.registry, as `mace erase` runs it), and
     the seconds the edit took (preservation included)."""
     import mace
-    from mace.config import config_from_dict, load_config
+    from mace.config import config_from_dict
     from mace.methods.registry import run_erasure
     from mace.stages.prompts import OBJECT_TEMPLATES
     from mace.world import GENERIC_CONCEPT
 
     start = time.perf_counter()
-    base = load_config(CONFIG, check_paths=False)  # its model and preservation cache are replaced below
     if method == "none":
         return mace.load_pipeline(world.model), 0.0
-    values = base.to_dict()
+    values = protocol_config().to_dict()  # its model and preservation cache are replaced below
     values.update(multi_concept=[[n, "object"] for n in names], mapping_concept=[GENERIC_CONCEPT] * len(names),
                   pretrained_model_name_or_path=world.model, output_dir=str(work), input_data_dir=str(data_dir),
                   final_save_path=str(work / "final"), domain_preservation_cache_path=None,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from _results import RESULTS
-from bench_erasure_quality import CONFIG, PRESERVE_TEMPLATES, default_kept, split_concepts
+from bench_erasure_quality import PRESERVE_TEMPLATES, default_kept, protocol_config, split_concepts
 
 from mace.utils.atomic import write_json_atomically
 
@@ -48,20 +48,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 KEPT_TEMPLATES = slice(5, 10)  # object templates the preservation cache does not use
 
 
-def erase_pairs(names: list[str], aug_length: int, prompt_len: int) -> list[tuple[str, str]]:
-    """The refinement's (erased prompt, generic prompt) pairs, as `mace erase` builds them."""
-    from mace.stages.prompts import concept_prompt_pairs
+def erase_pairs(names: list[str], base) -> list[tuple[str, str]]:
+    """The refinement's (erased prompt, generic prompt) pairs, as `mace erase` builds them from
+    ``base`` (the erasure benchmark's MACE config) with ``names`` erased."""
+    from mace.config import config_from_dict
+    from mace.erase import concept_pairs
     from mace.world import GENERIC_CONCEPT
 
-    return [(p.old, p.new) for name in names
-            for p in concept_prompt_pairs(name, GENERIC_CONCEPT, "object", aug_length=aug_length, prompt_len=prompt_len)]
+    config = config_from_dict({**base.to_dict(), "multi_concept": [[n, "object"] for n in names],
+                               "mapping_concept": [GENERIC_CONCEPT] * len(names)}, check_paths=False)
+    return [(p.old, p.new) for pairs in concept_pairs(config).values() for p in pairs]
 
 
 class RefinementProbe:
     """The per-token refinement of one erase set against one kept set, solved at any scale."""
 
-    def __init__(self, pipe, erased: list[str], kept: list[str], lam: float, aug_length: int, prompt_len: int,
-                 cache: Path):
+    def __init__(self, pipe, erased: list[str], kept: list[str], base, cache: Path):
         import mace
         from mace.stages.cache import PreservationSettings
         from mace.stages.prompts import OBJECT_TEMPLATES
@@ -72,8 +74,8 @@ class RefinementProbe:
             mace.build_preservation_cache(pipe, [t.format(n) for n in kept for t in OBJECT_TEMPLATES[:PRESERVE_TEMPLATES]],
                                           cache, progress=False)
         self.preserve = PreservationSettings(domain_cache=str(cache), preserve_weight=1.0, per_token=True).matrix(pipe)
-        self.lam = lam
-        self.e_o, self.e_n = (t.double() for t in aligned_pair_tokens(pipe, erase_pairs(erased, aug_length, prompt_len)))
+        self.lam = base.lamb
+        self.e_o, self.e_n = (t.double() for t in aligned_pair_tokens(pipe, erase_pairs(erased, base)))
         self.k_o, k_n = (t.double() for t in aligned_pair_tokens(
             pipe, [(t.format(n), t.format(GENERIC_CONCEPT)) for n in kept for t in OBJECT_TEMPLATES[KEPT_TEMPLATES]]))
         self.change = ((self.e_o - self.e_n) ** 2).sum()
@@ -146,10 +148,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import mace
-    from mace.config import load_config
     from mace.world import get_world
 
-    base = load_config(CONFIG, check_paths=False)
+    base = protocol_config()
     grid = [float(s) for s in args.scales.split(",")]
     tuned_files = dict(t.split("=", 1) for t in args.tuned)
     results = {}
@@ -166,8 +167,7 @@ def main(argv=None) -> int:
             # The calibration's target: the erased share of the one setting on the tuning sets at 10
             # erased (where it was chosen); every size then gets the scale that makes that share.
             tuning = RefinementProbe(pipe, [names[c] for c in split.erased(10, "tuning")],
-                                     [names[c] for c in split.tuning_kept], base.lamb, base.aug_length, base.prompt_len,
-                                     Path(tmp) / f"{key}-tuning.safetensors")
+                                     [names[c] for c in split.tuning_kept], base, Path(tmp) / f"{key}-tuning.safetensors")
             target = tuning.at(one_setting)["erased"]
             entry = {"model": world.model, "one_setting": one_setting, "tuned_from": tuned_files.get(key),
                      "report_kept": len(kept), "target_share": target, "sizes": []}
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
                     print(f"{key}: {n} erased does not fit its erase pool of {len(split.erase_pool)}; left out")
                     continue
                 size_scales = scales + ([tuned[n]] if n in tuned and tuned[n] not in scales else [])
-                probe = RefinementProbe(pipe, [names[c] for c in split.erased(n, "report")], kept, base.lamb,
-                                        base.aug_length, base.prompt_len, Path(tmp) / f"{key}.safetensors")
+                probe = RefinementProbe(pipe, [names[c] for c in split.erased(n, "report")], kept, base,
+                                        Path(tmp) / f"{key}.safetensors")
                 rows = [probe.at(scale) for scale in size_scales]
                 size = {"concepts": n, "rows": rows, "calibrated_scale": probe.scale_for(target)}
                 if n in tuned:
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                       f"calibrated to {target:.2f}: {size['calibrated_scale']:.3g}", flush=True)
             results[key] = entry
     command = "python benchmarks/bench_preservation_balance.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    write_json_atomically(args.out, {"command": command, "lamb": base.lamb, "aug_length": base.aug_length,
+    write_json_atomically(args.out, {"command": command, "seed": base.seed, "lamb": base.lamb, "aug_length": base.aug_length,
                                      "prompt_len": base.prompt_len, "scales": grid, "worlds": results})
     if args.plot:
         plot(results, args.plot)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from _results import RESULTS
-from bench_erasure_quality import CONFIG, PRESERVE_TEMPLATES, split_concepts
+from bench_erasure_quality import PRESERVE_TEMPLATES, protocol_config, split_concepts
 
 from mace.utils.atomic import write_json_atomically
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     import torch
 
     import mace
-    from mace.config import config_from_dict, load_config
+    from mace.config import config_from_dict
     from mace.erase import concept_pairs, erase
     from mace.pipelines.components import cross_attention_projections, encode_prompts, projection_weights, set_projection_weights
     from mace.pipelines.lora_io import read_lora
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     rows = []
     for variant in [v for v in args.variants.split(",") if v]:
         start = time.perf_counter()
-        base = load_config(CONFIG, check_paths=False).to_dict()
+        base = protocol_config().to_dict()
         base.update(multi_concept=[[n, "object"] for n in names], mapping_concept=[GENERIC_CONCEPT] * len(names),
                     pretrained_model_name_or_path=world.model, output_dir=str(work / variant),
                     input_data_dir=str(work / "data"), final_save_path=str(work / variant / "final"),

@@ -48,7 +48,7 @@ FILE_COMMANDS = {
         "--mace-option preserve_scale_mode=per_token --centre mace=30 --attacks ''   # the value chosen at 10 erased",
     "erasure_quality-world-identity-pilot-calibrated-cpu-2cores":
         "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 50 --methods mace --grid 1 "
-        "--mace-option preserve_scale_mode=per_token --centre mace=5.3 --attacks ''   # bench_preservation_balance's "
+        "--mace-option preserve_scale_mode=per_token --centre mace=5.54 --attacks ''   # bench_preservation_balance's "
         "calibrated scale at 50",
     "erasure_quality-world-identity-pilot-count-law-cpu-2cores":
         "python benchmarks/bench_erasure_quality.py --world world-identity-pilot --sizes 10,50 --methods mace --grid 1 "

@@ -182,7 +182,7 @@ def test_preservation_balance_trades_the_erased_share_against_the_kept_change(tm
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from bench_erasure_quality import default_kept, split_concepts
+        from bench_erasure_quality import default_kept, protocol_config, split_concepts
         from bench_preservation_balance import RefinementProbe, tuned_scales
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
@@ -191,12 +191,13 @@ def test_preservation_balance_trades_the_erased_share_against_the_kept_change(tm
     names = [c.name for c in WORLD.concepts]
     kept = [names[c] for c in split.report_kept]
     cache = tmp_path / "keep.safetensors"
-    probe = RefinementProbe(pipe, [names[c] for c in split.erased(3, "report")], kept, 0.1, 20, 30, cache)
+    base = protocol_config()
+    probe = RefinementProbe(pipe, [names[c] for c in split.erased(3, "report")], kept, base, cache)
     rows = [probe.at(scale) for scale in (0.0, 1.0, 10.0, 100.0)]
     erased, moved = [r["erased"] for r in rows], [r["kept"] for r in rows]
     assert erased[0] > 0.6 and all(a > b for a, b in zip(erased, erased[1:], strict=False))
     assert all(a > b for a, b in zip(moved, moved[1:], strict=False)) and moved[-1] < 0.01
-    more = RefinementProbe(pipe, [names[c] for c in split.erased(30, "report")], kept, 0.1, 20, 30, cache)
+    more = RefinementProbe(pipe, [names[c] for c in split.erased(30, "report")], kept, base, cache)
     assert more.at(10.0)["erased"] < rows[2]["erased"] - 0.05
     # Calibration finds the scale that gives the larger set the smaller set's share at 10.
     scale = more.scale_for(rows[2]["erased"])
@@ -222,3 +223,20 @@ def test_count_exponent_scales_the_one_setting_by_the_count_and_needs_one_grid_p
     with pytest.raises(SystemExit) as stop:
         main(["--world", "world", "--sizes", "3", "--count-exponent", "0.5"])
     assert stop.value.code == 2
+
+
+def test_the_benchmarks_start_from_the_shipped_config_without_its_count_law():
+    """The protocol's scales are per-token scales at the size they are used at: the benchmarks'
+    base config is configs/world_erase.yaml with preserve_count_exponent 0, so the shipped
+    config's count law never divides a scale the benchmark chose."""
+    from mace.config import load_config
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_erasure_quality import CONFIG, protocol_config
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shipped, base = load_config(CONFIG, check_paths=False), protocol_config()
+    assert shipped.preserve_count_exponent == 0.5 and shipped.preserve_count_factor < 1
+    assert base.preserve_count_exponent == 0.0 and base.preserve_count_factor == 1.0
+    assert base.preserve_per_token and base.train_preserve_scale == shipped.train_preserve_scale
