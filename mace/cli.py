@@ -7,6 +7,7 @@ seconds, and ``mace --help`` or a config error should not wait for them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -52,6 +53,11 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 def _at_least(value: int, flag: str, low: int = 1) -> None:
     if value < low:
         raise ValueError(f"{flag} must be at least {low}, got {value}")
+
+
+def _finite(value: float, flag: str) -> None:
+    if not math.isfinite(value):  # a NaN guidance scale draws NaN images without a word
+        raise ValueError(f"{flag} must be a finite number, got {value}")
 
 
 def _seed_of(text: str, where: str) -> int:
@@ -103,6 +109,7 @@ def _cmd_sample(args) -> int:
         raise ValueError("give exactly one of --prompt or --csv")
     _at_least(args.num_images, "--num-images")
     _at_least(args.steps, "--steps")
+    _finite(args.guidance, "--guidance")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must lie in 0..{MAX_SEED}, got {args.seed}")
     # Image files are named by row and image number, never by a prompt: the CSV's text is data.
@@ -195,6 +202,7 @@ def _check_attack_flags(args) -> None:
 
     make_attacks(args.attacks, text_budget=args.text_budget, soft_budget=args.soft_budget)
     _at_least(args.steps, "--steps")
+    _finite(args.guidance, "--guidance")
     if args.attack_images < 1:
         raise ValueError(f"--attack-images must be at least 1, got {args.attack_images}")
     if not 0 < args.success_share <= 1:
@@ -249,6 +257,7 @@ def _cmd_eval(args) -> int:
     _at_least(args.images_per_concept, "--images-per-concept")
     _at_least(args.background_images, "--background-images", 0)
     _at_least(args.steps, "--steps")
+    _finite(args.guidance, "--guidance")
     model, original, erased = _models_and_concepts(args)
     out = Path(args.out)
     pipe = load_pipeline(model, device=args.device)

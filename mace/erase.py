@@ -26,6 +26,7 @@ import mace_kernels as mk
 from mace import distributed
 from mace.config import ConfigError, MACEConfig
 from mace.evaluation.report import REPORT_STEPS, erased_prompts, sample, strips, write_report
+from mace.pipelines.loading import check_device
 from mace.run_state import RunModels, RunState
 from mace.stages.cache import PreservationSettings, read_prompt_file
 from mace.stages.fusion import FusionSettings
@@ -170,7 +171,7 @@ def erase(config: MACEConfig, stages: tuple[str, ...] = STAGES, progress: bool =
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    device = distributed.local_device(config.device)
+    device = check_device(distributed.local_device(config.device))  # before anything is written
     distributed.init_from_env(device)
     progress = distributed.show_progress(progress)
     masker = _masker(config, device) if "prepare" in stages else None  # loaded before any work: fail early

@@ -32,10 +32,14 @@ class SimulatedGPU(TorchFunctionMode):
             return made
 
         torch.nn.Parameter.__new__ = staticmethod(parameter)
+        # The machine reports one CUDA device, as a machine with one GPU would.
+        self._cuda_queries = torch.cuda.is_available, torch.cuda.device_count
+        torch.cuda.is_available, torch.cuda.device_count = (lambda: True), (lambda: 1)
         return super().__enter__()
 
     def __exit__(self, *exc):
         torch.nn.Parameter.__new__ = self._parameter_new
+        torch.cuda.is_available, torch.cuda.device_count = self._cuda_queries
         return super().__exit__(*exc)
 
     @staticmethod

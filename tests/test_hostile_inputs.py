@@ -312,8 +312,19 @@ def test_bad_sample_csv_is_one_line_naming_the_file(run, capsys, case):
     (["sample", "--model", "builtin:tiny", "--prompt", "a ship", "--seed", "-1"], "--seed must lie in 0.."),
     (["cache", "--model", "builtin:tiny", "--prompts", "p.txt", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["attack", "--model", "builtin:world", "--erased", "../../escaped-name"], "is called '../../escaped-name'"),
+    (["sample", "--model", "builtin:tiny", "--prompt", "a ship", "--guidance", "nan"], "--guidance must be a finite number"),
+    (["eval", "--model", "builtin:world", "--erased", "Qedark Draerba", "--guidance", "inf"], "--guidance must be a finite"),
+    (["sample", "--model", "builtin:tiny", "--prompt", "a ship", "--device", "gpu"], "'gpu' is not a device name"),
+    # cuda:99: no machine the suite runs on has a hundred GPUs (a CPU machine says it has none)
+    (["sample", "--model", "builtin:tiny", "--prompt", "a ship", "--device", "cuda:99"], "device 'cuda:99': this machine has"),
 ])
 def test_bad_sizes_and_names_on_the_command_line(run, capsys, argv, message):
     argv = argv + ["--out", str(run / "result")]
     assert message in _error(capsys, argv)
     assert not (run / "result").exists()
+
+
+def test_a_device_the_machine_lacks_stops_an_erasure_before_it_writes(run, capsys):
+    config = _config(run, [["ship", "object"]], device="cuda:99")
+    assert "device 'cuda:99': this machine has" in _error(capsys, ["erase", str(config), "--quiet"])
+    assert sorted(p.name for p in run.iterdir()) == ["erase.yaml"]

@@ -13,7 +13,7 @@ from mace.pipelines.builtin import BUILTIN_PREFIX, builtin_model_path
 from mace.pipelines.components import cross_attention_projections
 from mace.utils.atomic import save_pipeline_atomically
 
-__all__ = ["UnsafeModelError", "check_model_index", "load_pipeline", "resolve_model_path", "save_pipeline_atomically"]
+__all__ = ["UnsafeModelError", "check_device", "check_model_index", "load_pipeline", "resolve_model_path", "save_pipeline_atomically"]
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -22,6 +22,27 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if name.startswith(BUILTIN_PREFIX):
         return str(builtin_model_path(name))
     return name
+
+
+def check_device(device: str | torch.device | None) -> str | torch.device | None:
+    """``device`` unchanged when this machine has it; else a one-line ValueError saying why (torch
+    itself fails on first use, with an AssertionError or a list of every device type it knows)."""
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a device name (examples: cpu, cuda, cuda:1, mps)") from None
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise ValueError(f"device {str(device)!r}: this machine has no CUDA device ({why}); use cpu")
+        if kind.index is not None and kind.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: this machine has no MPS device; use cpu")
+    return device
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -130,6 +151,7 @@ def load_pipeline(
     from safetensors only (a component with only ``.bin``/``.ckpt`` weights is an error saying
     how to convert it), and no remote code is trusted.
     """
+    check_device(device)
     path = resolve_model_path(name_or_path)
     local = Path(path).expanduser()
     if not str(name_or_path).startswith(BUILTIN_PREFIX) and os.sep in path and not local.exists():
