@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mace.utils.atomic import check_model_target
 from mace.utils.images import image_files
 from mace.utils.names import control_characters, merge_duplicates
 
@@ -401,9 +402,30 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
         looks_local = model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
         if not model.startswith("builtin:") and looks_local and not Path(model).expanduser().exists():
             raise ConfigError(f"pretrained_model_name_or_path: {model} does not exist")
+        _check_final_save_path(config)
     for key, message in config_warnings(config):
         warnings.warn(ConfigWarning(f"{key}={getattr(config, key)!r} {message}"), stacklevel=2)
     return config
+
+
+def _check_final_save_path(config: MACEConfig) -> None:
+    """Saving the final model swaps its whole folder, so final_save_path must not be (or hold)
+    the model being edited or the run's own folders, and may hold nothing but a model: checked
+    before any work, not found out when the model is saved at the end."""
+    final = Path(config.final_save_path).expanduser().resolve()
+    source = Path(str(config.pretrained_model_name_or_path)).expanduser()
+    if source.exists() and (final == source.resolve() or final in source.resolve().parents):
+        raise ConfigError(f"final_save_path {config.final_save_path} is or holds the model being edited "
+                          f"(pretrained_model_name_or_path); saving would replace it: choose another folder")
+    for key in ("output_dir", "input_data_dir"):
+        value = getattr(config, key)
+        if value is not None and (final == Path(value).expanduser().resolve() or final in Path(value).expanduser().resolve().parents):
+            raise ConfigError(f"final_save_path {config.final_save_path} is or holds the run's {key} ({value}); "
+                              "saving the model would replace that folder whole: choose another")
+    try:
+        check_model_target(final)
+    except OSError as err:
+        raise ConfigError(f"final_save_path: {err}") from None
 
 
 def _merge_duplicate_concepts(config: MACEConfig) -> None:

@@ -219,6 +219,43 @@ def test_an_untouched_copy_of_the_model_folder_loads(run, tiny_path, capsys):
     assert (run / "images" / "0.png").is_file()
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["project", "model", "output"])
+def test_a_final_folder_that_is_not_only_a_model_is_refused_before_any_work(run, tiny_path, capsys, target):
+    """Saving a model swaps its whole folder: a folder of the user's files, the model being
+    edited, or the run's own output folder as final_save_path would be lost at the end."""
+    model = run / "model"
+    shutil.copytree(tiny_path, model)
+    project = run / "project"
+    project.mkdir()
+    (project / "thesis.tex").write_text("years of work")
+    final = {"project": project, "model": model, "output": run / "out"}[target]
+    config = _config(run, [["ship", "object"]], pretrained_model_name_or_path=str(model), final_save_path=str(final))
+    before = _files(run)
+    err = _error(capsys, ["erase", str(config), "--quiet"])
+    assert {"project": "is not a model folder", "model": "is or holds the model being edited",
+            "output": "is or holds the run's output_dir"}[target] in err
+    assert _files(run) == before and not (run / "out").exists()
+
+
+def test_saving_a_model_replaces_only_a_model_folder(tmp_path, tiny_pipe):
+    from mace.utils.atomic import save_pipeline_atomically
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not a model folder"):
+        save_pipeline_atomically(tiny_pipe, folder)
+    assert _files(folder) == {"keep.txt": b"mine"}
+    save_pipeline_atomically(tiny_pipe, tmp_path / "empty")  # nothing there yet
+    (tmp_path / "empty" / "unet" / "marker").write_text("old")
+    save_pipeline_atomically(tiny_pipe, tmp_path / "empty")  # a model folder: replaced whole
+    assert not (tmp_path / "empty" / "unet" / "marker").exists() and (tmp_path / "empty" / "model_index.json").is_file()
+
+
 # --- 4. a write that fails part-way keeps what was done ---------------------------------------
 
 def _fail_writes_to(monkeypatch, name: str) -> None:

@@ -112,8 +112,23 @@ def save_image_atomically(image, path: str | os.PathLike, format: str = "PNG") -
     return Path(path)
 
 
+def check_model_target(path: str | os.PathLike) -> Path:
+    """``path`` when a model may be saved there: nothing there yet, an empty folder, or a
+    diffusers model folder (a rerun replaces its own model). Saving swaps the whole folder, so a
+    folder holding anything else (a user's project, a folder of several models) is an error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; a model is saved as a folder: choose another path")
+    if path.is_dir() and not (path / "model_index.json").is_file() and any(path.iterdir()):
+        raise FileExistsError(f"{path} holds files and is not a model folder (no model_index.json); saving a model "
+                              "there would replace the whole folder: choose a new or empty folder")
+    return path
+
+
 def save_pipeline_atomically(pipe, path: str | os.PathLike) -> Path:
-    """``save_pretrained`` into a temporary folder swapped in at the end: the old model survives a failure."""
+    """``save_pretrained`` into a temporary folder swapped in at the end: the old model survives a
+    failure. Only a model folder (or nothing) is replaced (:func:`check_model_target`)."""
+    check_model_target(path)
     with atomic_path(path, directory=True) as tmp:
         pipe.save_pretrained(tmp)
     return Path(path)
