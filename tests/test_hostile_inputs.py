@@ -182,6 +182,9 @@ def _hostile_model(run: Path, tiny_path, variant: str) -> Path:
         model = run / "model.ckpt"
         model.write_bytes(pickle.dumps({"state_dict": _Bomb(str(marker))}))
         return model
+    elif variant == "truncated weights":
+        weights = model / "text_encoder" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif variant == "damaged model_index.json":
         index_file.write_text("{not json")
         return model
@@ -198,6 +201,7 @@ MODEL_CASES = {
     "pickled weights only": "unet has only pickled weights (diffusion_pytorch_model.bin), which are never loaded; convert",
     "single checkpoint file": "is a single file; a model is a diffusers folder: convert",
     "damaged model_index.json": "model_index.json: not a readable JSON file",
+    "truncated weights": "model.safetensors: not a readable safetensors file",
 }
 
 

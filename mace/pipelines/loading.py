@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from safetensors import SafetensorError, safe_open
 
 from mace.pipelines.builtin import BUILTIN_PREFIX, builtin_model_path
 from mace.pipelines.components import cross_attention_projections
@@ -114,6 +115,9 @@ def _check_weights(folder: Path, components: list[str]) -> None:
             continue
         files = [f for f in sub.iterdir() if f.is_file()]
         if any(f.name.endswith((".safetensors", ".safetensors.index.json")) for f in files):
+            for f in sorted(files):
+                if f.suffix == ".safetensors":
+                    _check_safetensors(f)
             continue
         pickled = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES or f.name.endswith(".bin.index.json"))
         if pickled:
@@ -121,6 +125,16 @@ def _check_weights(folder: Path, components: list[str]) -> None:
                 f"model folder {folder}: {key} has only pickled weights ({', '.join(pickled)}), which are never loaded; "
                 "convert the folder to safetensors once where you trust it: "
                 f"DiffusionPipeline.from_pretrained(FOLDER).save_pretrained(NEW_FOLDER, safe_serialization=True)")
+
+
+def _check_safetensors(file: Path) -> None:
+    """A damaged or truncated weights file is a one-line error naming it (safetensors reads the
+    header and checks it against the file's size; no tensor is read)."""
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err}); the model folder is damaged") from None
 
 
 def _hub_model_index(repo_id: str, revision: str | None) -> dict:
