@@ -555,4 +555,21 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *, 
         conf = conf.MACE
     if overrides:
         conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
-    return config_from_dict(OmegaConf.to_container(conf, resolve=True), check_paths=check_paths)
+    values = OmegaConf.to_container(conf, resolve=False)
+    _refuse_interpolations(values)
+    return config_from_dict(values, check_paths=check_paths)
+
+
+def _refuse_interpolations(values: Any, key: str = "") -> None:
+    """Config values are data, taken as written: an OmegaConf interpolation (``${oc.env:...}``
+    would put an environment variable, a token say, into a concept's prompts and folder names)
+    is an error naming its key. The original code's configs use none."""
+    if isinstance(values, dict):
+        for k, v in values.items():
+            _refuse_interpolations(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(values, list):
+        for i, v in enumerate(values):
+            _refuse_interpolations(v, f"{key}[{i}]")
+    elif isinstance(values, str) and "${" in values:
+        raise ConfigError(f"{key}: {values!r} is an interpolation; config values are taken as written, "
+                          "so write the value itself")

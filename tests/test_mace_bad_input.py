@@ -55,6 +55,21 @@ def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_key(tmp_path, c
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize(("changes", "overrides", "message"), [
+    ({"multi_concept": [["${oc.env:HOME}", "object"]]}, [], "multi_concept[0][0]: '${oc.env:HOME}' is an interpolation"),
+    ({"mapping_concept": "${MACE.multi_concept}"}, [], "mapping_concept: '${MACE.multi_concept}' is an interpolation"),
+    ({}, ["output_dir=${oc.env:HOME}/runs"], "output_dir: '${oc.env:HOME}/runs' is an interpolation"),
+])
+def test_an_interpolation_is_refused_naming_its_key(tmp_path, capsys, monkeypatch, changes, overrides, message):
+    """Values are data: OmegaConf would put an environment variable (a token) into prompts and
+    folder names, or resolve a loop with an exception of its own."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = _config(tmp_path, **changes)
+    argv = ["erase", str(config), "--quiet"] + (["--set", *overrides] if overrides else [])
+    assert message in _cli_error(capsys, argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["erase.yaml"]
+
+
 def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
     """PyYAML reads 1e-3 (no dot) as a string; a whole float is taken for an int key."""
     from mace.config import load_config
