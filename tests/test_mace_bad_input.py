@@ -111,6 +111,18 @@ def test_damaged_image_and_mask(tmp_path):
         load_concept_data(tmp_path, "ship", "style", 16)
 
 
+def test_a_decompression_bomb_is_an_unreadable_image(tmp_path, monkeypatch):
+    """An image whose header claims more pixels than PIL's cap (a few kB that decode to GBs)."""
+    images, masks = tmp_path / "ship", tmp_path / "ship mask"
+    images.mkdir()
+    masks.mkdir()
+    Image.new("RGB", (16, 16)).save(images / "0.png")
+    Image.new("L", (16, 16)).save(masks / "0.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels: over twice the cap, PIL's bomb error
+    with pytest.raises(ImageFileError, match=r"ship/0.png: not a readable image \(DecompressionBombError"):
+        load_concept_data(tmp_path, "ship", "object", 16)
+
+
 def test_prompt_file_that_is_not_text(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(GARBAGE)

@@ -32,7 +32,7 @@ def read_image(path: str | os.PathLike, mode: str = "RGB", size: int | None = No
             image = im.convert(mode)
     except FileNotFoundError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:  # bomb: PIL's pixel cap
         raise ImageFileError(f"{path}: not a readable image ({err.__class__.__name__}: {err})") from None
     if size is not None:
         image = image.resize((size, size), resample)
