@@ -172,6 +172,24 @@ def _models_and_concepts(args, what: str = "evaluated") -> tuple[str, str | None
     return model, original, erased
 
 
+def _judging_world(args, model: str, original: str | None, names: list[str]):
+    """The glyph world whose classifier judges: --world, else the one whose builtin model the
+    original (or the evaluated model) is, else builtin:world, assumed. Every name is looked up
+    before a model loads; an unknown one under the assumed world says why that world."""
+    from mace.world import WORLD, get_world, world_of
+
+    world = get_world(args.world) if args.world else (world_of(str(original)) or world_of(str(model)))
+    for name in names:
+        try:
+            (world or WORLD).concept_by_name(name)
+        except KeyError as err:
+            if world is not None:
+                raise
+            raise ValueError(f"{err.args[0]}; builtin:world was assumed, as neither --model nor --original is a builtin "
+                             "world: pass --world or --original (or --config), or --clip for a real model") from None
+    return world or WORLD
+
+
 def _attack_reports(args, pipe, before, erased: list[str], world=None, clip=None) -> dict:
     """Run the attacks of --attack(s) on ``pipe``; the glyph world's classifier judges, or CLIP
     zero-shot among the erased and --kept names."""
@@ -230,11 +248,7 @@ def _cmd_attack(args) -> int:
             raise ValueError("the soft-prompt attack on a real model needs --original (its images of each concept are the targets)")
         clip = load_clip(args.clip)
     else:
-        from mace.world import WORLD, get_world, world_of
-
-        world = get_world(args.world) if args.world else (world_of(str(original)) or world_of(str(model)) or WORLD)
-        for name in erased:
-            world.concept_by_name(name)  # an unknown concept fails before the model loads
+        world = _judging_world(args, model, original, erased)
     pipe = load_pipeline(model, device=args.device)
     before = load_pipeline(original, device=args.device) if (original and args.clip) else None
     reports = _attack_reports(args, pipe, before, erased, world=world, clip=clip)
@@ -259,10 +273,13 @@ def _cmd_eval(args) -> int:
     _at_least(args.steps, "--steps")
     _finite(args.guidance, "--guidance")
     model, original, erased = _models_and_concepts(args)
+    if not erased:
+        raise ValueError("give --erased (comma-separated concept names) or --config")
+    world = None if args.clip else _judging_world(args, model, original, erased + _split(args.kept))
     out = Path(args.out)
     pipe = load_pipeline(model, device=args.device)
     before = load_pipeline(original, device=args.device) if original else None
-    clip = world = None
+    clip = None
     if args.clip:
         from mace.evaluation.clip_eval import clip_evaluation
         from mace.evaluation.metrics import load_clip
@@ -273,12 +290,8 @@ def _cmd_eval(args) -> int:
                                  guidance_scale=args.guidance, progress=not args.quiet)
         line = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
     else:
-        from mace.world import WORLD, get_world, world_of
-
         from .world.evaluate import evaluate_world
 
-        # The glyph world: --world, else the one the original (or evaluated) model is built on.
-        world = get_world(args.world) if args.world else (world_of(str(original)) or world_of(str(model)) or WORLD)
         scores = evaluate_world(pipe, erased, _split(args.kept) or None, original=before,
                                 images_per_concept=args.images_per_concept, background_images=args.background_images,
                                 steps=args.steps, guidance_scale=args.guidance, csv_path=out / "prompts.csv",
