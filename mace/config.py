@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mace.utils.atomic import check_model_target
 from mace.utils.images import image_files
-from mace.utils.names import control_characters, merge_duplicates
+from mace.utils.names import control_characters, is_hub_id, merge_duplicates
 
 FUSION_TOKENS = ("all", "concept", "name")
 ERASURE_METHODS = ("mace", "refine", "uce", "speed", "rece")  # mace.methods.registry.METHODS, in this order
@@ -399,8 +399,8 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
             if not Path(value).exists():
                 raise ConfigError(f"{key}: {value} does not exist")
         model = str(config.pretrained_model_name_or_path)
-        looks_local = model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
-        if not model.startswith("builtin:") and looks_local and not Path(model).expanduser().exists():
+        looks_local = model.startswith((".", "/", "~")) or os.sep in model
+        if not model.startswith("builtin:") and looks_local and not is_hub_id(model) and not Path(model).expanduser().exists():
             raise ConfigError(f"pretrained_model_name_or_path: {model} does not exist")
         _check_final_save_path(config)
     for key, message in config_warnings(config):
@@ -532,11 +532,6 @@ def report_to_trackers(report_to) -> tuple[list[str], list[str]]:
         elif name not in use:
             use.append(name)
     return use, missing
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *, check_paths: bool = True) -> MACEConfig:

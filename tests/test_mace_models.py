@@ -63,3 +63,28 @@ def test_unknown_builtin_and_missing_folder():
         mace.load_pipeline("builtin:huge")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         mace.load_pipeline("./no/such/model")
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache(tmp_path, tiny_path, monkeypatch):
+    """A hub id ("owner/model", the original configs' CompVis/stable-diffusion-v1-4) is read from
+    the hub's local cache when offline; one that is not there is a one-line error naming it, and
+    a relative path is still a missing folder."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--someone--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    pipe = mace.load_pipeline("someone/tiny-sd")
+    for (_, a), (_, b) in zip(mace.cross_attention_projections(pipe.unet),
+                              mace.cross_attention_projections(mace.load_pipeline(tiny_path).unet), strict=True):
+        assert torch.equal(a.weight, b.weight)
+    with pytest.raises(FileNotFoundError, match="model someone/not-cached: cannot read its model_index.json from a local"):
+        mace.load_pipeline("someone/not-cached")
+    with pytest.raises(FileNotFoundError, match="model folder ./someone/tiny-sd does not exist"):
+        mace.load_pipeline("./someone/tiny-sd")

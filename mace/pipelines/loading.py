@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from mace.pipelines.builtin import BUILTIN_PREFIX, builtin_model_path
 from mace.pipelines.components import cross_attention_projections
 from mace.utils.atomic import save_pipeline_atomically
+from mace.utils.names import is_hub_id
 
 __all__ = ["UnsafeModelError", "check_device", "check_model_index", "load_pipeline", "resolve_model_path", "save_pipeline_atomically"]
 
@@ -168,7 +169,7 @@ def load_pipeline(
     check_device(device)
     path = resolve_model_path(name_or_path)
     local = Path(path).expanduser()
-    if not str(name_or_path).startswith(BUILTIN_PREFIX) and os.sep in path and not local.exists():
+    if not str(name_or_path).startswith(BUILTIN_PREFIX) and os.sep in path and not local.exists() and not is_hub_id(path):
         raise FileNotFoundError(f"model folder {path} does not exist")
     kwargs = {"dtype": torch_dtype, "use_safetensors": True}
     if revision is not None:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mace.utils.names import is_hub_id
+
 _ARTICLES = ("a ", "an ", "the ")
 
 
@@ -73,8 +75,7 @@ def _check_source(name: str | os.PathLike, key: str) -> str:
         return str(path)
     if path.exists():
         raise FileNotFoundError(f"{key}: {path} is a file; expected a model folder or a hub id")
-    parts = name.split("/")
-    if len(parts) != 2 or not all(parts) or name.startswith((".", "/", "~")):
+    if not is_hub_id(name):
         raise FileNotFoundError(f"{key}: model folder {name} does not exist")
     return name
 

@@ -12,6 +12,9 @@ Two concepts that the original's normalisation (``-`` read as a space) and the t
 (CLIP lower-cases and collapses white space) make the same prompt are the same concept: on a
 case-insensitive file system they would also share a folder. ``duplicate_key`` gives that
 identity.
+
+A model name that is not a local folder is read as a Hugging Face hub id only when it can be one
+(``is_hub_id``); anything else that looks like a path is a missing folder.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ NAME_MAX = 255  # bytes of one file name on Linux, macOS and Windows file system
 _MAX_BYTES = NAME_MAX - len(MASK_SUFFIX.encode()) - 1  # the longest name kept as a folder name
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 _KEPT_BYTES = 80  # of an unsafe name's readable part
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a hub id ("owner/model"): two non-empty parts, not a relative,
+    absolute or home path. Loaders try the hub (or its local cache) for such a name when no
+    folder of that name exists."""
+    parts = str(name).split("/")
+    return len(parts) == 2 and all(parts) and not str(name).startswith((".", "/", "~"))
 
 
 def is_plain_name(name: str) -> bool:
