@@ -65,26 +65,38 @@ def test_unknown_builtin_and_missing_folder():
         mace.load_pipeline("./no/such/model")
 
 
-def test_a_hub_id_loads_from_the_hugging_face_cache(tmp_path, tiny_path, monkeypatch):
-    """A hub id ("owner/model", the original configs' CompVis/stable-diffusion-v1-4) is read from
-    the hub's local cache when offline; one that is not there is a one-line error naming it, and
-    a relative path is still a missing folder."""
+def _hub_cache(root, repo_id: str, folder) -> None:
+    """A Hugging Face cache entry for ``repo_id`` holding ``folder`` at its main revision."""
     import shutil
 
-    import huggingface_hub.constants
-
-    repo = tmp_path / "models--someone--tiny-sd"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
     commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tiny_path, repo / "snapshots" / commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache(tmp_path, tiny_path, tiny_clip_path, monkeypatch):
+    """A hub id ("owner/model": the original configs' CompVis/stable-diffusion-v1-4, the docs'
+    --clip openai/clip-vit-large-patch14) is read from the hub's local cache when offline; one
+    that is not there is a one-line error naming it; a relative path is still a missing folder."""
+    import huggingface_hub.constants
+
+    from mace.evaluation.metrics import load_clip
+
+    _hub_cache(tmp_path, "someone/tiny-sd", tiny_path)
+    _hub_cache(tmp_path, "someone/tiny-clip", tiny_clip_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     pipe = mace.load_pipeline("someone/tiny-sd")
     for (_, a), (_, b) in zip(mace.cross_attention_projections(pipe.unet),
                               mace.cross_attention_projections(mace.load_pipeline(tiny_path).unet), strict=True):
         assert torch.equal(a.weight, b.weight)
+    clip = load_clip("someone/tiny-clip")
+    assert torch.equal(clip.model.text_projection.weight, load_clip(tiny_clip_path).model.text_projection.weight)
     with pytest.raises(FileNotFoundError, match="model someone/not-cached: cannot read its model_index.json from a local"):
         mace.load_pipeline("someone/not-cached")
     with pytest.raises(FileNotFoundError, match="model folder ./someone/tiny-sd does not exist"):
         mace.load_pipeline("./someone/tiny-sd")
+    with pytest.raises(FileNotFoundError, match="CLIP model folder ./someone/tiny-clip does not exist"):
+        load_clip("./someone/tiny-clip")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mace.utils.names import is_hub_id
+
 
 @dataclass
 class Clip:
@@ -33,7 +35,7 @@ def load_clip(name_or_path: str | os.PathLike) -> Clip:
     from transformers import CLIPModel, CLIPProcessor
 
     path = str(name_or_path)
-    if os.sep in path and not os.path.exists(path):
+    if os.sep in path and not os.path.exists(path) and not is_hub_id(path):
         raise FileNotFoundError(f"CLIP model folder {path} does not exist")
     model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()  # a pickled checkpoint is never loaded
     processor = CLIPProcessor.from_pretrained(path, backend="pil")
