@@ -144,9 +144,13 @@ def _hub_model_index(repo_id: str, revision: str | None) -> dict:
     try:
         return json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision)).read_text())
     except Exception as err:  # offline, unknown repo, not a pipeline: no pipeline to load either
+        from huggingface_hub import constants
+
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        offline = ("; HF_HUB_OFFLINE is set and it is not in the hub's local cache: download it once where the network "
+                   "is allowed, or pass a local folder") if constants.HF_HUB_OFFLINE else ""
         raise FileNotFoundError(f"model {repo_id}: cannot read its model_index.json from a local folder or the "
-                                f"Hugging Face hub/cache ({first})") from None
+                                f"Hugging Face hub/cache ({first}){offline}") from None
 
 
 def load_pipeline(
