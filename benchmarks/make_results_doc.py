@@ -84,8 +84,11 @@ FILE_COMMANDS = {
 }
 # Per world, MACE's rows under (scales tuned per size, the one per-token value chosen at 10 erased,
 # that value under preserve_count_exponent 0.5), compared under the preservation balance. On
-# builtin:world the value tuned at every size was the one chosen at 10, so one file serves twice.
+# builtin:world the value tuned at every size was the one chosen at 10, so one file serves twice;
+# on the full identity world the one value without the law was not run (None).
 ONE_SETTING = {
+    "world-identity": ("erasure_quality-world-identity-cpu-2cores", None,
+                       "erasure_quality-world-identity-count-law-cpu-2cores"),
     "world-large": ("erasure_quality-world-large-per-token-cpu-2cores", "erasure_quality-world-large-one-setting-cpu-2cores",
                     "erasure_quality-world-large-count-law-cpu-2cores"),
     "world-identity-pilot": ("erasure_quality-world-identity-pilot-cpu-2cores",
@@ -575,14 +578,14 @@ def one_setting_rows(ctx: Context) -> str:
     three files are there."""
     rows = []
     for world, names in ONE_SETTING.items():
-        if not all(n in ctx.results for n in names):
+        if not all(n in ctx.results for n in names if n is not None):
             continue
-        tuned, fixed, law = ({x["concepts"]: x for x in ctx.results[n].data["rows"] if x["method"] == "mace"}
+        tuned, fixed, law = ({x["concepts"]: x for x in ctx.results[n].data["rows"] if x["method"] == "mace"} if n else {}
                              for n in names)
         for size in sorted(law):
-            if size in tuned and size in fixed:
+            if size in tuned and (size in fixed or names[1] is None):
                 rows.append({"world": world, "erased": size, "tuned": f"{tuned[size]['h_o']:.3f} ({tuned[size]['scale']:.2g})",
-                             "fixed": f"{fixed[size]['h_o']:.3f} ({fixed[size]['scale']:.2g})",
+                             "fixed": f"{fixed[size]['h_o']:.3f} ({fixed[size]['scale']:.2g})" if size in fixed else "-",
                              "law": f"{law[size]['h_o']:.3f} ({law[size]['scale']:.2g})",
                              "gap": law[size]["h_o"] - tuned[size]["h_o"]})
     if not rows:
