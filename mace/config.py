@@ -250,6 +250,7 @@ KNOWN_KEYS = tuple(f.name for f in fields(MACEConfig))
 _PATH_KEYS = ("prior_preservation_cache_path", "domain_preservation_cache_path", "concept_prompts_file")
 _NUMBER_KEYS = {f.name: f.type.split(" | ")[0] for f in fields(MACEConfig)
                 if f.type.split(" | ")[0] in ("float", "int")}
+_OPTIONAL_KEYS = {f.name for f in fields(MACEConfig) if "None" in f.type.split(" | ")}
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, Any]:
@@ -258,9 +259,9 @@ def _numbers(values: dict[str, Any]) -> dict[str, Any]:
     error naming the key."""
     out = dict(values)
     for key, kind in _NUMBER_KEYS.items():
-        value = out.get(key)
-        if value is None:
+        if key not in out or (out[key] is None and key in _OPTIONAL_KEYS):
             continue
+        value = out[key]
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = value
@@ -272,9 +273,47 @@ def _numbers(values: dict[str, Any]) -> dict[str, Any]:
         if kind == "int" and number is not None:
             number = int(number) if float(number).is_integer() else None
         if number is None:
-            raise ConfigError(f"{key} must be {'a whole number' if kind == 'int' else 'a number'}, got {value!r}")
+            got = "null" if value is None else repr(value)
+            raise ConfigError(f"{key} must be {'a whole number' if kind == 'int' else 'a number'}, got {got}")
         out[key] = number
     return out
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(MACEConfig)}
+_TEXT_OR_LIST_KEYS = ("mapping_concept",)  # one mapping for every concept, or one each
+
+
+def _kinds(values: dict[str, Any]) -> dict[str, Any]:
+    """Every non-numeric key of the right kind (numbers: ``_numbers``): a switch true or false, a
+    text a text (a number written where a text belongs, a folder called 2024, is taken as one),
+    a list a list; null only where a key may be empty. Anything else is a one-line error naming
+    the key, before any work (it used to surface as a TypeError in the middle of a run)."""
+    out = dict(values)
+    for key, value in values.items():
+        kinds = _FIELD_TYPES[key].split(" | ")
+        if kinds[0] in ("int", "float"):
+            continue
+        if value is None:
+            if "None" not in kinds:
+                raise ConfigError(f"{key} must be {_KIND_WORDS[kinds[0]]}, got null")
+        elif key in _TEXT_OR_LIST_KEYS and isinstance(value, (str, list)):
+            continue
+        elif "bool" in kinds:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
+        elif "list" in kinds and isinstance(value, list):
+            continue
+        elif "str" in kinds:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = str(value)
+            elif not isinstance(value, str):
+                raise ConfigError(f"{key} must be {_KIND_WORDS['str']}, got {value!r}")
+        elif "list" in kinds:
+            raise ConfigError(f"{key} must be {_KIND_WORDS['list']}, got {value!r}")
+    return out
+
+
+_KIND_WORDS = {"bool": "true or false", "str": "a text", "list": "a list"}
 
 
 def check_prior_preservation(
@@ -334,10 +373,11 @@ def config_from_dict(values: dict[str, Any], *, check_paths: bool = True) -> MAC
             close = difflib.get_close_matches(k, KNOWN_KEYS, n=1, cutoff=0.6)
             msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown config key(s): {', '.join(msgs)}")
-    values = _numbers(values)
-    for key in _PATH_KEYS + ("preserve_data_dir", "preserve_prompt"):
-        if values.get(key) in (False, "", "none", "None"):
+    values = dict(values)
+    for key in _PATH_KEYS + ("preserve_data_dir", "preserve_prompt"):  # the original writes `false` for none
+        if key in values and values[key] in (False, "", "none", "None"):
             values[key] = None
+    values = _kinds(_numbers(values))
     config = MACEConfig(**values)
     config.multi_concept = _normalise_concepts(config.multi_concept)
     if not config.multi_concept:
@@ -548,8 +588,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *, 
         raise ConfigError(f"{path}: a config must be a YAML mapping of keys to values")
     if "MACE" in conf:
         conf = conf.MACE
+    for item in overrides or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
     if overrides:
-        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+        try:
+            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+        except Exception as err:  # a value YAML cannot read ('[[ship'), a list merged into a mapping
+            first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+            raise ConfigError(f"--set {' '.join(overrides)}: not a valid override ({first})") from None
     values = OmegaConf.to_container(conf, resolve=False)
     _refuse_interpolations(values)
     return config_from_dict(values, check_paths=check_paths)

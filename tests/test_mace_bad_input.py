@@ -148,3 +148,38 @@ def test_commands_print_no_torchvision_notice():
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
     assert "torchvision" not in out.stderr, out.stderr
+
+
+def test_any_key_of_any_wrong_kind_is_a_config_error(tmp_path):
+    """Every key, given null, a list, a mapping, a text, a negative, a switch, a huge number, an
+    empty list or an empty text, loads or is refused with a ConfigError (one line at the CLI);
+    never a TypeError from deep inside a run."""
+    import warnings
+
+    from mace.config import KNOWN_KEYS, ConfigError, config_from_dict
+
+    base = {"multi_concept": [["ship", "object"]], "mapping_concept": ["ground"], "pretrained_model_name_or_path": "builtin:tiny",
+            "output_dir": str(tmp_path / "out"), "final_save_path": str(tmp_path / "final")}
+    refused = set()
+    for key in KNOWN_KEYS:
+        for value in (None, [1], {"a": 1}, "x", -1, True, 1e30, [], ""):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    config_from_dict({**base, key: value})
+                except ConfigError:
+                    refused.add(key)
+    assert {"lamb", "use_pooler", "final_save_path", "mapping_concept", "report_to", "output_dir"} <= refused
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("lamb", "--set 'lamb': expected KEY=VALUE"),
+    ("=3", "--set '=3': expected KEY=VALUE"),
+    ("multi_concept=[[ship", "--set multi_concept=[[ship: not a valid override"),
+    ("lamb=", "lamb must be a number, got null"),
+    ("use_pooler=3", "use_pooler must be true or false, got 3"),
+])
+def test_a_bad_override_is_one_line(tmp_path, capsys, override, message):
+    assert message in _cli_error(capsys, ["erase", str(_config(tmp_path)), "--quiet", "--set", override])
+    assert not (tmp_path / "out").exists()
