@@ -219,6 +219,19 @@ def test_world_training_script_writes_loadable_weights(tmp_path, capsys):
     assert records["classifier"]["vae"] == records["ldm"]["vae"] and "vae" not in records["vae"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
     assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["step"] == 2
+    # --peek reads the checkpoint's EMA models: those the finished stage saved (as float16).
+    from safetensors.torch import load_file
+
+    from mace.world.train import checkpoint_ema
+
+    unet, text_encoder, step = checkpoint_ema(WORLD, tmp_path / "checkpoints")
+    saved = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert step == 2 and saved.keys() == unet.state_dict().keys()
+    assert all(torch.equal(v.half(), saved[k]) for k, v in unet.state_dict().items())
+    capsys.readouterr()
+    main(["--out", str(tmp_path), "--peek", "40", "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("builtin:world at step 2: ") and " of 3 names " in line and "no concept" in line
     # A rerun skips the stages done under the same settings and runs the one whose settings changed.
     unet_before = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     main(["--out", str(tmp_path), "--vae-steps", "2", "--classifier-steps", "3", "--ldm-steps", "2", "--per-concept", "2",

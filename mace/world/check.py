@@ -92,35 +92,49 @@ def classifier_accuracy(world: GlyphWorld, classifier: GlyphClassifier, images: 
     return {"accuracy": round(float((predicted == labels).float().mean()), 4), "images": images}
 
 
-def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> dict:
-    """What the trained model draws for every concept's name and alias, on held-out templates,
-    read by the classifier: the quality bar the erasure measurements rest on; and, with one image
-    per concept, the same on the training templates."""
-    pipe = StableDiffusionPipeline(**load_world_components(out, world), tokenizer=clip_tokenizer(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = GlyphClassifier.from_pretrained(out / "classifier")
+def held_out_drawing(pipe, classifier: GlyphClassifier, world: GlyphWorld, concepts: list[int],
+                     images_per_concept: int, progress: bool = True) -> dict:
+    """What ``pipe`` draws for ``concepts`` by name and by alias on held-out templates, read by
+    the classifier: the shares right, the five worst names and what the wrong images show."""
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "check.csv"
-        scores = evaluate_world(pipe, list(range(world.num_concepts)), [], classifier=classifier,
-                                images_per_concept=images_per_concept, background_images=0, world=world, csv_path=table)
+        scores = evaluate_world(pipe, concepts, [], classifier=classifier, images_per_concept=images_per_concept,
+                                background_images=0, world=world, csv_path=table, progress=progress)
         with table.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     index = {world.label_name(label): label for label in range(world.num_labels)}
     worst = sorted(scores.per_concept.items(), key=lambda kv: kv[1]["erased"])[:5]
-    record = {"weights": weights_fingerprint_of(out, world), "classifier": classifier_digest(out, world),
-              "name_accuracy": scores.acc_e, "alias_accuracy": scores.acc_g, "images": scores.images,
+    record = {"name_accuracy": scores.acc_e, "alias_accuracy": scores.acc_g, "images": scores.images,
               "images_per_concept": images_per_concept, "seconds": round(scores.seconds, 1),
               "worst_names": {k: v["erased"] for k, v in worst}}
     for kind, key in (("erased", "name_errors"), ("alias", "alias_errors")):
         chosen = [r for r in rows if r["kind"] == kind]
         record[key] = drawing_errors(world, [index[r["concept"]] for r in chosen], [index[r["predicted"]] for r in chosen])
+    return record
+
+
+def world_pipeline(components: dict) -> StableDiffusionPipeline:
+    """A world's text-to-image pipeline from its unet, vae, text_encoder and scheduler."""
+    pipe = StableDiffusionPipeline(**components, tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_model(world: GlyphWorld, out: Path, images_per_concept: int = 5) -> dict:
+    """What the trained model draws for every concept's name and alias, on held-out templates,
+    read by the classifier: the quality bar the erasure measurements rest on; and, with one image
+    per concept, the same on the training templates."""
+    pipe = world_pipeline(load_world_components(out, world))
+    classifier = GlyphClassifier.from_pretrained(out / "classifier")
+    record = {"weights": weights_fingerprint_of(out, world), "classifier": classifier_digest(out, world),
+              **held_out_drawing(pipe, classifier, world, list(range(world.num_concepts)), images_per_concept)}
     record["classifier_fresh_renders"] = classifier_accuracy(world, classifier)
     trained = training_template_accuracy(pipe, classifier, world, list(range(world.num_concepts)))
     record["training_templates"] = {"name_accuracy": trained["name"], "alias_accuracy": trained["alias"],
                                     "images": 2 * world.num_concepts}
-    print(f"{world.model}: classifier finds the requested concept in {scores.acc_e:.3f} of images prompted by name, "
-          f"{scores.acc_g:.3f} by alias ({scores.images} images, held-out templates); on the training templates "
+    print(f"{world.model}: classifier finds the requested concept in {record['name_accuracy']:.3f} of images prompted by "
+          f"name, {record['alias_accuracy']:.3f} by alias ({record['images']} images, held-out templates); on the training templates "
           f"{trained['name']:.3f} and {trained['alias']:.3f}")
     errors = record["name_errors"]
     if world.is_identity:

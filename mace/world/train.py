@@ -18,7 +18,9 @@ the last one, and a checkpoint made under other settings is refused, never reuse
 finished training stage writes its record (``training-STAGE.json``: settings, threads,
 seconds); a rerun skips a stage whose record and folder are there under the same settings (the
 classifier's and the latent diffusion's include the VAE's digest, so a retrained VAE retrains
-them), and ``--retrain`` runs every stage asked for regardless.
+them), and ``--retrain`` runs every stage asked for regardless. While it runs,
+``--peek EVERY`` reports what the last checkpoint's EMA model draws for every EVERY-th concept
+(by name and alias, one image each, held-out templates): a progress reading in a minute.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -40,7 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from mace.utils.atomic import atomic_path, write_json_atomically
 from mace.utils.fingerprint import files_digest
 from mace.utils.tokenizer import clip_tokenizer
-from mace.world.check import check_model, classifier_accuracy
+from mace.world.check import check_model, classifier_accuracy, held_out_drawing, world_pipeline
 from mace.world.classifier import GlyphClassifier
 from mace.world.concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONTEXT_WORDS, TRAIN_TEMPLATES, WORLD, WORLDS, GlyphWorld, fill
 from mace.world.model import weights_dir
@@ -245,6 +248,38 @@ class LdmCheckpoint:
         return int(meta["step"])
 
 
+def checkpoint_ema(world: GlyphWorld, checkpoint_dir: Path) -> tuple[nn.Module, nn.Module, int]:
+    """The EMA UNet and text encoder of the text-to-image checkpoint in ``checkpoint_dir`` (the
+    models a run stopped there would ship, in float32) and its step; the optimiser's state is
+    not read."""
+    meta_file = checkpoint_dir / "checkpoint.json"
+    if not meta_file.is_file():
+        raise SystemExit(f"{checkpoint_dir} holds no text-to-image checkpoint (no checkpoint.json)")
+    step = int(json.loads(meta_file.read_text())["step"])
+    unet, text_encoder = build_unet(world), build_text_encoder(world)
+    with safe_open(str(checkpoint_dir / "state.safetensors"), framework="pt") as f:
+        for name, module in (("ema_unet", unet), ("ema_text_encoder", text_encoder)):
+            keys = [k for k in f.keys() if k.startswith(name + ".")]
+            module.load_state_dict({k[len(name) + 1:]: f.get_tensor(k) for k in keys})
+    return unet.eval(), text_encoder.eval(), step
+
+
+def peek(world: GlyphWorld, out: Path, checkpoint_dir: Path, every: int) -> dict:
+    """Progress of a text-to-image training that has hours to go: what the checkpoint's EMA model
+    draws for every ``every``-th concept, one image by name and one by alias on held-out
+    templates, read by the world's classifier (a minute where the check stage takes an hour)."""
+    unet, text_encoder, step = checkpoint_ema(world, checkpoint_dir)
+    pipe = world_pipeline({"unet": unet, "vae": _load_vae(out), "text_encoder": text_encoder,
+                           "scheduler": DDIMScheduler.from_config(build_scheduler().config)})
+    concepts = list(range(0, world.num_concepts, every))
+    record = {"step": step, "concepts": len(concepts),
+              **held_out_drawing(pipe, GlyphClassifier.from_pretrained(out / "classifier"), world, concepts, 1, progress=False)}
+    errors = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in record["name_errors"].items() if k != "by_shape")
+    print(f"{world.model} at step {step}: {record['name_accuracy']:.3f} of {len(concepts)} names and "
+          f"{record['alias_accuracy']:.3f} of aliases drawn right (held-out templates); name prompts: {errors}")
+    return record
+
+
 def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: int = 192, batch: int = 64,
               checkpoint_dir: Path | None = None, checkpoint_every: int = 250, cycles: int = 1,
               context_from: int | None = None) -> None:
@@ -365,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the text-to-image stage keeps its checkpoints (default: outputs/world-training/WORLD)")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--peek", type=int, default=None, metavar="EVERY",
+                        help="only report what the text-to-image checkpoint's EMA model draws for every EVERY-th concept "
+                             "(a minute; the training may go on meanwhile)")
     parser.add_argument("--retrain", action="store_true",
                         help="run the stages asked for even when their records say they are done under these settings")
     args = parser.parse_args(argv)
@@ -382,6 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_dir = args.checkpoint_dir or Path("outputs") / "world-training" / world.key
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peek is not None:
+        if args.peek < 1:
+            parser.error(f"--peek must be at least 1, got {args.peek}")
+        peek(world, out, checkpoint_dir, args.peek)
+        return
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
