@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mace
+from mace.utils.fingerprint import files_digest
 from mace.utils.sampling import generate_images
 from mace.utils.tokenizer import clip_tokenizer
 from mace.world import (
@@ -241,3 +242,37 @@ def test_world_training_script_writes_loadable_weights(tmp_path, capsys):
     assert json.loads((tmp_path / "training-classifier.json").read_text())["steps"] == {"classifier": 3}
     assert json.loads((tmp_path / "training-vae.json").read_text()) == records["vae"]
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_before
+
+
+@pytest.mark.slow
+def test_text_encoder_pretraining_then_a_unet_on_it_frozen(tmp_path, capsys):
+    """With a text stage the text encoder is pretrained on naming the concept of a caption; the
+    text-to-image stage then trains the UNet alone and leaves that encoder as it was."""
+    from safetensors.torch import load_file
+
+    from mace.world.train import checkpoint_ema, main
+
+    main(["--out", str(tmp_path), "--vae-steps", "2", "--text-steps", "120", "--ldm-steps", "2", "--per-concept", "2",
+          "--stages", "vae,text,ldm", "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    text_record = json.loads((tmp_path / "training-text.json").read_text())
+    ldm_record = json.loads((tmp_path / "training-ldm.json").read_text())
+    assert text_record["steps"] == {"text": 120}
+    # 120 steps of 256 captions: the head already names most of the 120 concepts on templates it never saw.
+    assert text_record["held_out_templates"]["name_accuracy"] > 0.5
+    encoder_file = tmp_path / "text_encoder" / "model.safetensors"
+    assert ldm_record["text_encoder"] == files_digest([encoder_file])
+    state = load_file(tmp_path / "checkpoints" / "state.safetensors")
+    assert not [k for k in state if "text_encoder" in k]  # frozen: neither trained nor kept in the checkpoint
+    unet, text_encoder, step = checkpoint_ema(WORLD, tmp_path / "checkpoints", tmp_path)
+    pretrained = load_file(encoder_file)
+    assert step == 2 and all(torch.equal(v.half(), pretrained[k]) for k, v in text_encoder.state_dict().items() if k in pretrained)
+    with pytest.raises(SystemExit, match="frozen pretrained text encoder"):
+        checkpoint_ema(WORLD, tmp_path / "checkpoints", tmp_path / "elsewhere")
+    # A retrained text encoder is a new input of the text-to-image stage: its record no longer matches.
+    capsys.readouterr()
+    main(["--out", str(tmp_path), "--vae-steps", "2", "--text-steps", "121", "--ldm-steps", "2", "--per-concept", "2",
+          "--stages", "vae,text,ldm", "--checkpoint-dir", str(tmp_path / "other-checkpoints")])
+    out = capsys.readouterr().out
+    assert "vae: already trained" in out and "ldm: already trained" not in out
+    assert json.loads((tmp_path / "training-ldm.json").read_text())["text_encoder"] == files_digest([encoder_file])
+    assert files_digest([encoder_file]) != ldm_record["text_encoder"]

@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,11 +46,21 @@ from mace.utils.fingerprint import files_digest
 from mace.utils.tokenizer import clip_tokenizer
 from mace.world.check import check_model, classifier_accuracy, held_out_drawing, world_pipeline
 from mace.world.classifier import GlyphClassifier
-from mace.world.concepts import BACKGROUND_TEMPLATES, BACKGROUNDS, CONTEXT_WORDS, TRAIN_TEMPLATES, WORLD, WORLDS, GlyphWorld, fill
+from mace.world.concepts import (
+    BACKGROUND_TEMPLATES,
+    BACKGROUNDS,
+    CONTEXT_WORDS,
+    EVAL_TEMPLATES,
+    TRAIN_TEMPLATES,
+    WORLD,
+    WORLDS,
+    GlyphWorld,
+    fill,
+)
 from mace.world.model import weights_dir
 from mace.world.render import IMAGE_SIZE, render
 
-STAGES = ("vae", "classifier", "ldm", "check")
+STAGES = ("vae", "classifier", "text", "ldm", "check")
 _BACKGROUND_NAMES = list(BACKGROUNDS)
 
 
@@ -200,6 +211,56 @@ def caption(concept: int, background: int, g: torch.Generator, world: GlyphWorld
     return text
 
 
+def train_text_encoder(world: GlyphWorld, out: Path, steps: int, seed: int, batch: int = 256) -> dict:
+    """Pretrain the text encoder as CLIP's was, on what an image shows: a linear head on the
+    end-of-text output (CLIP's pooled output) names the identity a training caption is about, or
+    "no concept" for a background caption; the identity's label stands in for CLIP's image tower.
+    The head is then dropped and the text-to-image stage trains the UNet on this encoder, frozen,
+    as Stable Diffusion's UNet was trained on CLIP's. Nothing in the objective ties two identities
+    together (no family, no tone), so each identity's embedding is its own. Returns the record's
+    measurements: the head's accuracy on held-out templates, by name and by alias."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    text_encoder = build_text_encoder(world)
+    head = nn.Linear(world.text_width, world.num_concepts + 1)
+    params = list(text_encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, fused=True)
+
+    def logits(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(texts, padding="longest", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return head(text_encoder(ids).pooler_output)
+
+    bar = tqdm(range(steps), desc="text encoder")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * _cosine(step, steps, 100)
+        labels = _random_concepts(world, batch, g, 0.05)
+        backgrounds = torch.randint(len(BACKGROUNDS), (batch,), generator=g)
+        texts = [caption(int(c), int(b), g, world, context=True) for c, b in zip(labels, backgrounds, strict=True)]
+        loss = nn.functional.cross_entropy(logits(texts), torch.where(labels == world.none_class, world.num_concepts, labels))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    text_encoder.eval()
+    accuracy = {}
+    with torch.no_grad():
+        for kind in ("name", "alias"):
+            right = 0
+            for i, template in enumerate(EVAL_TEMPLATES):
+                subjects = [c.name if kind == "name" else c.alias for c in world.concepts]
+                texts = [fill(template, s, _BACKGROUND_NAMES[(j + i) % len(_BACKGROUND_NAMES)]) for j, s in enumerate(subjects)]
+                right += int((logits(texts).argmax(-1) == torch.arange(world.num_concepts)).sum())
+            accuracy[f"{kind}_accuracy"] = round(right / (len(EVAL_TEMPLATES) * world.num_concepts), 4)
+    print(f"text encoder: the head names {accuracy['name_accuracy']:.3f} of names and {accuracy['alias_accuracy']:.3f} "
+          "of aliases right on held-out templates")
+    _save_stage(out, "text_encoder", lambda d: _half(text_encoder).save_pretrained(d))
+    return {"held_out_templates": accuracy}
+
+
 class LdmCheckpoint:
     """The latent diffusion stage's resumable state in one folder: ``state.safetensors`` (models,
     EMA copies, AdamW moments, the data generator's state) and ``checkpoint.json`` (the step and
@@ -248,19 +309,26 @@ class LdmCheckpoint:
         return int(meta["step"])
 
 
-def checkpoint_ema(world: GlyphWorld, checkpoint_dir: Path) -> tuple[nn.Module, nn.Module, int]:
+def checkpoint_ema(world: GlyphWorld, checkpoint_dir: Path, out: Path | None = None) -> tuple[nn.Module, nn.Module, int]:
     """The EMA UNet and text encoder of the text-to-image checkpoint in ``checkpoint_dir`` (the
     models a run stopped there would ship, in float32) and its step; the optimiser's state is
-    not read."""
+    not read. A run on a frozen pretrained text encoder keeps none in its checkpoint: it is read
+    from ``out/text_encoder``."""
     meta_file = checkpoint_dir / "checkpoint.json"
     if not meta_file.is_file():
         raise SystemExit(f"{checkpoint_dir} holds no text-to-image checkpoint (no checkpoint.json)")
     step = int(json.loads(meta_file.read_text())["step"])
     unet, text_encoder = build_unet(world), build_text_encoder(world)
     with safe_open(str(checkpoint_dir / "state.safetensors"), framework="pt") as f:
-        for name, module in (("ema_unet", unet), ("ema_text_encoder", text_encoder)):
+        frozen = not any(k.startswith("ema_text_encoder.") for k in f.keys())
+        for name, module in (("ema_unet", unet),) + (() if frozen else (("ema_text_encoder", text_encoder),)):
             keys = [k for k in f.keys() if k.startswith(name + ".")]
             module.load_state_dict({k[len(name) + 1:]: f.get_tensor(k) for k in keys})
+    if frozen:
+        if out is None or not (out / "text_encoder").is_dir():
+            raise SystemExit(f"{checkpoint_dir} was trained on a frozen pretrained text encoder; it is missing from "
+                             f"{out}/text_encoder")
+        text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32)
     return unet.eval(), text_encoder.eval(), step
 
 
@@ -268,7 +336,7 @@ def peek(world: GlyphWorld, out: Path, checkpoint_dir: Path, every: int) -> dict
     """Progress of a text-to-image training that has hours to go: what the checkpoint's EMA model
     draws for every ``every``-th concept, one image by name and one by alias on held-out
     templates, read by the world's classifier (a minute where the check stage takes an hour)."""
-    unet, text_encoder, step = checkpoint_ema(world, checkpoint_dir)
+    unet, text_encoder, step = checkpoint_ema(world, checkpoint_dir, out)
     pipe = world_pipeline({"unet": unet, "vae": _load_vae(out), "text_encoder": text_encoder,
                            "scheduler": DDIMScheduler.from_config(build_scheduler().config)})
     concepts = list(range(0, world.num_concepts, every))
@@ -282,14 +350,16 @@ def peek(world: GlyphWorld, out: Path, checkpoint_dir: Path, every: int) -> dict
 
 def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: int = 192, batch: int = 64,
               checkpoint_dir: Path | None = None, checkpoint_every: int = 250, cycles: int = 1,
-              context_from: int | None = None) -> None:
+              context_from: int | None = None, frozen_text_encoder: bool = False) -> None:
     """Train the UNet and text encoder for ``cycles`` cosine cycles of ``steps`` steps each (warm
     restarts: the learning rate warms up again at the start of every cycle). A step's learning
     rate does not depend on how many cycles follow, so the first k cycles of a longer run are a
     run of k cycles: a finished run's checkpoint continues into more cycles, bit for bit as if
     they had been asked for from the start. From step ``context_from`` on, half the captions are
     padded with random everyday words (see :func:`caption`); the steps before it are unchanged,
-    so a checkpoint made before it continues into a run that uses them."""
+    so a checkpoint made before it continues into a run that uses them. With
+    ``frozen_text_encoder``, the UNet alone is trained, on the text encoder the text stage
+    pretrained (``out/text_encoder``, left as it is)."""
     if cycles < 1:
         raise ValueError(f"cycles must be >= 1, got {cycles}")
     total = steps * cycles
@@ -308,24 +378,33 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
             latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
     latents = torch.cat(latents)
 
-    unet, text_encoder = build_unet(world), build_text_encoder(world)
+    unet = build_unet(world)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+    if frozen_text_encoder:
+        text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32).eval().requires_grad_(False)
+    else:
+        text_encoder = build_text_encoder(world)
+        ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + ([] if frozen_text_encoder else list(text_encoder.parameters()))
     # fused: one kernel over all parameters (the text encoder's 49408-row embedding dominates); on
     # 2 CPU cores the optimiser step took about 110 ms of a 0.9 s step unfused, 38 ms fused.
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, fused=True)
-    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema, "ema_text_encoder": ema_text}
-    pairs = [(list(model.parameters()), list(shadow.parameters())) for model, shadow in ((unet, ema), (text_encoder, ema_text))]
+    modules = {"unet": unet, "ema_unet": ema}
+    if not frozen_text_encoder:
+        modules.update(text_encoder=text_encoder, ema_text_encoder=ema_text)
+    pairs = [(list(model.parameters()), list(shadow.parameters())) for model, shadow in
+             ((unet, ema),) + (() if frozen_text_encoder else ((text_encoder, ema_text),))]
     checkpoint = None
     first = 0
     if checkpoint_dir is not None:
         settings = {"world": world.key, "seed": seed, "steps": steps, "per_concept": per_concept, "batch": batch,
                     "vae": files_digest(sorted((out / "vae").glob("*.safetensors"))),
-                    **({"context_from": context_from} if context_from is not None else {})}
+                    **({"context_from": context_from} if context_from is not None else {}),
+                    **({"text_encoder": files_digest(sorted((out / "text_encoder").glob("*.safetensors")))}
+                       if frozen_text_encoder else {})}
         checkpoint = LdmCheckpoint(checkpoint_dir, settings)
         first = checkpoint.load(modules, opt, g)
         if first > total:
@@ -346,7 +425,9 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(1000, (batch,), generator=g)
         xt = noise_scheduler.add_noise(x0, noise, t)
-        pred = unet(xt, t, text_encoder(ids)[0]).sample
+        with torch.set_grad_enabled(not frozen_text_encoder):
+            encoded = text_encoder(ids)[0]
+        pred = unet(xt, t, encoded).sample
         weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR weighting (gamma 5) for epsilon prediction
         loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -362,22 +443,43 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or (step + 1) % steps == 0):
             checkpoint.save(step + 1, modules, opt, g)
     _save_stage(out, "unet", lambda d: _half(ema).save_pretrained(d))
-    _save_stage(out, "text_encoder", lambda d: _half(ema_text).save_pretrained(d))
+    if not frozen_text_encoder:
+        _save_stage(out, "text_encoder", lambda d: _half(ema_text).save_pretrained(d))
     _save_stage(out, "scheduler", lambda d: build_scheduler().save_pretrained(d))
 
 
-# Per world: (VAE, classifier, latent diffusion) steps (the latter per cosine cycle), rendered images
-# per concept, check images per concept, latent diffusion cycles, the step context words start at.
+@dataclass(frozen=True)
+class Recipe:
+    """How a world's models are trained: steps per stage (the text-to-image ones per cosine
+    cycle), rendered images per concept, check images per name and alias, cosine cycles, the
+    step context words start at, and the text encoder's pretraining steps (0: the text encoder
+    is trained with the UNet on the denoising loss alone)."""
+
+    vae_steps: int
+    classifier_steps: int
+    ldm_steps: int
+    per_concept: int
+    check_images: int
+    ldm_cycles: int
+    context_from: int | None
+    text_steps: int = 0
+
+
 # The large world's recipe is three cycles of plain captions, then a fourth with context words:
 # after three the model drew 96% of the names and aliases right on the training templates but
 # 81% / 63% on the held-out ones (docs/design.md, section 7).
 # The identity worlds read held-out templates from the start (context words from step 0). The
 # pilot is the full world's first 25 families: after one cycle of 3000 steps (about 1,900 captions
 # per identity) it drew 32% of the names right, nearly all as clean but wrong identities; after a
-# second, 95% (about 3,800 per identity). The full world's recipe gives each of its 656 identities
-# as many (3 cycles of 13000 steps at batch 64).
-DEFAULTS = {"world": (1500, 1200, 4000, 192, 5, 1, None), "world-large": (1500, 2500, 6000, 96, 3, 4, 18000),
-            "world-identity": (1500, 3000, 13000, 96, 3, 3, 0), "world-identity-pilot": (800, 1200, 3000, 192, 5, 2, 0)}
+# second, 95% (about 3,800 per identity). Given each of its 656 identities as many captions (3
+# cycles of 13000 steps), the full world trained jointly drew 0-6% of names right through step
+# 20000 of 39000: the denoising loss alone taught its text encoder too slowly which name is
+# which identity. Its recipe therefore pretrains the text encoder first, as Stable Diffusion's
+# came pretrained from CLIP (train_text_encoder), and trains the UNet on it frozen.
+DEFAULTS = {"world": Recipe(1500, 1200, 4000, 192, 5, 1, None),
+            "world-large": Recipe(1500, 2500, 6000, 96, 3, 4, 18000),
+            "world-identity": Recipe(1500, 3000, 13000, 96, 3, 3, 0, text_steps=1500),
+            "world-identity-pilot": Recipe(800, 1200, 3000, 192, 5, 2, 0)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -388,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--classifier-steps", type=int, default=None)
+    parser.add_argument("--text-steps", type=int, default=None,
+                        help="text encoder pretraining steps (0: trained with the UNet instead; default: the world's recipe)")
     parser.add_argument("--ldm-steps", type=int, default=None, help="text-to-image steps per cosine cycle")
     parser.add_argument("--ldm-cycles", type=int, default=None,
                         help="cosine cycles (warm restarts); a finished run's checkpoint continues into more")
@@ -407,15 +511,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="run the stages asked for even when their records say they are done under these settings")
     args = parser.parse_args(argv)
     world = WORLDS[args.world]
-    vae_steps, classifier_steps, ldm_steps, per_concept, check_images, ldm_cycles, context_from = DEFAULTS[world.key]
+    recipe = DEFAULTS[world.key]
+    overrides = {k: getattr(args, k) for k in ("vae_steps", "classifier_steps", "text_steps", "ldm_steps", "ldm_cycles",
+                                               "per_concept", "check_images") if getattr(args, k) is not None}
+    for key, value in overrides.items():
+        if value < (0 if key == "text_steps" else 1):
+            parser.error(f"--{key.replace('_', '-')} must be at least {0 if key == 'text_steps' else 1}, got {value}")
     if args.context_from is not None:
-        context_from = None if args.context_from < 0 else args.context_from
-    ldm_cycles = args.ldm_cycles or ldm_cycles
-    vae_steps = args.vae_steps or vae_steps
-    classifier_steps = args.classifier_steps or classifier_steps
-    ldm_steps = args.ldm_steps or ldm_steps
-    per_concept = args.per_concept or per_concept
-    check_images = args.check_images or check_images
+        overrides["context_from"] = None if args.context_from < 0 else args.context_from
+    recipe = replace(recipe, **overrides)
     out = args.out or weights_dir(world)
     checkpoint_dir = args.checkpoint_dir or Path("outputs") / "world-training" / world.key
     if args.threads:
@@ -429,42 +533,54 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    if "text" in stages and not recipe.text_steps:
+        print("text: this recipe trains the text encoder with the UNet (text_steps 0); nothing to pretrain")
+        stages.remove("text")
     times = {}
     for stage in STAGES:
         if stage not in stages:
             continue
         if stage != "check":
-            steps = {"vae": vae_steps, "classifier": classifier_steps, "ldm": ldm_steps}[stage]
-            record = stage_record(world, out, stage, args.seed, steps, per_concept, ldm_cycles, context_from)
+            record = stage_record(world, out, stage, args.seed, recipe)
             record_file = out / f"training-{stage}.json"
-            if not args.retrain and (out / ("unet" if stage == "ldm" else stage)).is_dir() and _same_settings(record_file, record):
+            if not args.retrain and (out / _STAGE_FOLDERS[stage]).is_dir() and _same_settings(record_file, record):
                 print(f"{stage}: already trained under these settings ({record_file}); skipped (--retrain runs it again)")
                 continue
         start = time.perf_counter()
+        extra: dict = {}
         if stage == "vae":
-            train_vae(world, out, vae_steps, args.seed)
+            train_vae(world, out, recipe.vae_steps, args.seed)
         elif stage == "classifier":
-            train_classifier(world, out, classifier_steps, args.seed + 1)
+            train_classifier(world, out, recipe.classifier_steps, args.seed + 1)
+        elif stage == "text":
+            extra = train_text_encoder(world, out, recipe.text_steps, args.seed + 3)
         elif stage == "ldm":
-            train_ldm(world, out, ldm_steps, args.seed + 2, per_concept=per_concept, checkpoint_dir=checkpoint_dir,
-                      checkpoint_every=args.checkpoint_every, cycles=ldm_cycles, context_from=context_from)
+            train_ldm(world, out, recipe.ldm_steps, args.seed + 2, per_concept=recipe.per_concept, checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=args.checkpoint_every, cycles=recipe.ldm_cycles, context_from=recipe.context_from,
+                      frozen_text_encoder=recipe.text_steps > 0)
         else:
-            quality = check_model(world, out, check_images)
+            quality = check_model(world, out, recipe.check_images)
             write_json_atomically(out / "quality.json", quality)
         times[stage] = time.perf_counter() - start
         if stage != "check":  # how the shipped weights were made
-            write_json_atomically(record_file, {**record, "threads": torch.get_num_threads(),
+            write_json_atomically(record_file, {**record, **extra, "threads": torch.get_num_threads(),
                                                 "seconds": {stage: round(times[stage], 1)}})
     print("ran " + (", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) or "nothing") + f"; weights in {out}")
 
 
-def stage_record(world: GlyphWorld, out: Path, stage: str, seed: int, steps: int, per_concept: int, ldm_cycles: int,
-                 context_from: int | None) -> dict:
+_STAGE_FOLDERS = {"vae": "vae", "classifier": "classifier", "text": "text_encoder", "ldm": "unet"}
+
+
+def stage_record(world: GlyphWorld, out: Path, stage: str, seed: int, recipe: Recipe) -> dict:
     """The settings a training stage's output depends on (its record, without threads and seconds)."""
+    steps = {"vae": recipe.vae_steps, "classifier": recipe.classifier_steps, "text": recipe.text_steps,
+             "ldm": recipe.ldm_steps}[stage]
     record: dict = {"world": world.key, "seed": seed, "steps": {stage: steps}}
     if stage == "ldm":
-        record.update(ldm_cycles=ldm_cycles, context_from=context_from, images_per_concept=per_concept)
-    if stage != "vae":  # trained on the VAE's latents (the classifier: on its reconstructions)
+        record.update(ldm_cycles=recipe.ldm_cycles, context_from=recipe.context_from, images_per_concept=recipe.per_concept)
+        if recipe.text_steps:  # trained on the pretrained text encoder, frozen
+            record["text_encoder"] = files_digest(sorted((out / "text_encoder").glob("*.safetensors")))
+    if stage in ("classifier", "ldm"):  # trained on the VAE's latents (the classifier: on its reconstructions)
         record["vae"] = files_digest(sorted((out / "vae").glob("*.safetensors")))
     return record
 
