@@ -276,3 +276,48 @@ def test_text_encoder_pretraining_then_a_unet_on_it_frozen(tmp_path, capsys):
     assert "vae: already trained" in out and "ldm: already trained" not in out
     assert json.loads((tmp_path / "training-ldm.json").read_text())["text_encoder"] == files_digest([encoder_file])
     assert files_digest([encoder_file]) != ldm_record["text_encoder"]
+
+
+@pytest.mark.slow
+def test_text_to_image_stage_over_two_ranks(tmp_path):
+    """Under torchrun the ranks split each batch (DistributedDataParallel), each with a data
+    stream of its own kept in the checkpoint; rank 0 writes; a resume needs the same ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from mace.world.train import main
+
+    main(["--out", str(tmp_path), "--vae-steps", "2", "--stages", "vae"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+
+    def torchrun(*args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                   "mace.world.train", "--out", str(tmp_path), "--per-concept", "2", "--ldm-steps", "3",
+                   "--checkpoint-dir", str(tmp_path / "checkpoints"), *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    run = torchrun("--stages", "ldm")
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "training-ldm.json").read_text())
+    assert record["ranks"] == 2 and record["steps"] == {"ldm": 3}
+    meta = json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())
+    assert meta["step"] == 3 and meta["settings"]["ranks"] == 2 and meta["settings"]["batch"] == 64
+    state = load_file(tmp_path / "checkpoints" / "state.safetensors")
+    assert not torch.equal(state["generator"], state["generator.1"])  # each rank drew its own share
+    saved = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(state[f"ema_unet.{k}"].half(), v) for k, v in saved.items())
+    # One more cycle continues the two ranks' checkpoint; one process may not resume it.
+    run = torchrun("--stages", "ldm", "--ldm-cycles", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("resuming the text-to-image training at step 3 of 6") == 1  # rank 0 speaks
+    assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["step"] == 6
+    with pytest.raises(SystemExit, match="made under other settings"):
+        main(["--out", str(tmp_path), "--per-concept", "2", "--ldm-steps", "3", "--ldm-cycles", "3", "--stages", "ldm",
+              "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    run = torchrun("--stages", "vae,ldm")
+    assert run.returncode != 0 and "only the text-to-image stage runs" in run.stderr

@@ -38,9 +38,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from mace import distributed
 from mace.utils.atomic import atomic_path, write_json_atomically
 from mace.utils.fingerprint import files_digest
 from mace.utils.tokenizer import clip_tokenizer
@@ -271,11 +273,21 @@ class LdmCheckpoint:
         self.settings = settings
 
     def save(self, step: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, g: torch.Generator) -> None:
+        """Every rank calls it (their data generators' states are gathered); rank 0 writes."""
+        states = _gather_generator_states(g)
+        if not distributed.is_main():
+            distributed.barrier()
+            return
         tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
         for i, state in opt.state_dict()["state"].items():
             for k, v in state.items():
                 tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous()
-        tensors["generator"] = g.get_state()
+        tensors["generator"] = states[0]
+        tensors.update({f"generator.{r}": state for r, state in enumerate(states) if r})
+        self._write(step, tensors)
+        distributed.barrier()
+
+    def _write(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
         with atomic_path(self.directory, directory=True) as staging:
             save_file(tensors, staging / "state.safetensors")
             (staging / "checkpoint.json").write_text(json.dumps({"step": step, "settings": self.settings}, indent=2))
@@ -305,8 +317,19 @@ class LdmCheckpoint:
                 _, i, k = key.split(".", 2)
                 state.setdefault(int(i), {})[k] = v
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-        g.set_state(tensors["generator"])
+        r = distributed.rank()
+        g.set_state(tensors["generator" if r == 0 else f"generator.{r}"])
         return int(meta["step"])
+
+
+def _gather_generator_states(g: torch.Generator) -> list[torch.Tensor]:
+    """The data generators' states of every rank, in rank order (on every rank)."""
+    state = g.get_state()
+    if not distributed.is_distributed():
+        return [state]
+    states = [torch.empty_like(state) for _ in range(distributed.world_size())]
+    torch.distributed.all_gather(states, state)
+    return states
 
 
 def checkpoint_ema(world: GlyphWorld, checkpoint_dir: Path, out: Path | None = None) -> tuple[nn.Module, nn.Module, int]:
@@ -362,6 +385,13 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
     pretrained (``out/text_encoder``, left as it is)."""
     if cycles < 1:
         raise ValueError(f"cycles must be >= 1, got {cycles}")
+    # Under torchrun the ranks split each batch (DistributedDataParallel averages their
+    # gradients, so a step is one step on the whole batch); each draws its share from a stream
+    # of its own. On 2 CPU cores two one-thread ranks train about twice as fast as one process:
+    # one process gains only ~1.25x from a second thread on this small UNet.
+    ranks, me = distributed.world_size(), distributed.rank()
+    if batch % ranks:
+        raise SystemExit(f"the batch of {batch} does not split over {ranks} ranks")
     total = steps * cycles
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -373,10 +403,13 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
     backgrounds = torch.randint(len(BACKGROUNDS), (labels.numel(),), generator=g)
     latents = []
     with torch.no_grad():
-        for idx, bgs in tqdm(zip(labels.split(512), backgrounds.split(512), strict=True), total=-(-labels.numel() // 512), desc="encode"):
+        for idx, bgs in tqdm(zip(labels.split(512), backgrounds.split(512), strict=True), total=-(-labels.numel() // 512), desc="encode",
+                             disable=me != 0):
             images = render(idx, backgrounds=bgs, generator=g, world=world)
             latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
     latents = torch.cat(latents)
+    if ranks > 1:  # every rank has the same images; from here on each draws its own share
+        g.manual_seed(seed * 1_000_003 + me)
 
     unet = build_unet(world)
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -404,15 +437,20 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
                     "vae": files_digest(sorted((out / "vae").glob("*.safetensors"))),
                     **({"context_from": context_from} if context_from is not None else {}),
                     **({"text_encoder": files_digest(sorted((out / "text_encoder").glob("*.safetensors")))}
-                       if frozen_text_encoder else {})}
+                       if frozen_text_encoder else {}),
+                    **({"ranks": ranks} if ranks > 1 else {})}
         checkpoint = LdmCheckpoint(checkpoint_dir, settings)
         first = checkpoint.load(modules, opt, g)
         if first > total:
             raise SystemExit(f"{checkpoint_dir} holds a checkpoint at step {first}, past the {total} steps asked for "
                              f"({cycles} cycle(s) of {steps}); ask for more cycles or pass another --checkpoint-dir")
-        if first:
+        if first and me == 0:
             print(f"resuming the text-to-image training at step {first} of {total} from {checkpoint_dir}")
-    bar = tqdm(range(first, total), desc="text-to-image", initial=first, total=total)
+    # The models the ranks step: wrapped, their gradients are averaged over ranks in backward.
+    denoiser = DistributedDataParallel(unet) if ranks > 1 else unet
+    encoder = DistributedDataParallel(text_encoder) if ranks > 1 and not frozen_text_encoder else text_encoder
+    batch //= ranks
+    bar = tqdm(range(first, total), desc="text-to-image", initial=first, total=total, disable=me != 0)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = 1e-3 * _cosine(step % steps, steps, 200)
@@ -426,8 +464,8 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
         t = torch.randint(1000, (batch,), generator=g)
         xt = noise_scheduler.add_noise(x0, noise, t)
         with torch.set_grad_enabled(not frozen_text_encoder):
-            encoded = text_encoder(ids)[0]
-        pred = unet(xt, t, encoded).sample
+            encoded = encoder(ids)[0]
+        pred = denoiser(xt, t, encoded).sample
         weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR weighting (gamma 5) for epsilon prediction
         loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -442,10 +480,12 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or (step + 1) % steps == 0):
             checkpoint.save(step + 1, modules, opt, g)
-    _save_stage(out, "unet", lambda d: _half(ema).save_pretrained(d))
-    if not frozen_text_encoder:
-        _save_stage(out, "text_encoder", lambda d: _half(ema_text).save_pretrained(d))
-    _save_stage(out, "scheduler", lambda d: build_scheduler().save_pretrained(d))
+    if me == 0:
+        _save_stage(out, "unet", lambda d: _half(ema).save_pretrained(d))
+        if not frozen_text_encoder:
+            _save_stage(out, "text_encoder", lambda d: _half(ema_text).save_pretrained(d))
+        _save_stage(out, "scheduler", lambda d: build_scheduler().save_pretrained(d))
+    distributed.barrier()
 
 
 @dataclass(frozen=True)
@@ -533,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    if distributed.launched():
+        if stages != ["ldm"] or args.peek is not None:
+            parser.error("under torchrun only the text-to-image stage runs (--stages ldm); run the others in one process")
+        distributed.init_from_env()
     if "text" in stages and not recipe.text_steps:
         print("text: this recipe trains the text encoder with the UNet (text_steps 0); nothing to pretrain")
         stages.remove("text")
@@ -544,6 +588,8 @@ def main(argv: list[str] | None = None) -> None:
             record = stage_record(world, out, stage, args.seed, recipe)
             record_file = out / f"training-{stage}.json"
             if not args.retrain and (out / _STAGE_FOLDERS[stage]).is_dir() and _same_settings(record_file, record):
+                if not distributed.is_main():
+                    continue
                 print(f"{stage}: already trained under these settings ({record_file}); skipped (--retrain runs it again)")
                 continue
         start = time.perf_counter()
@@ -562,9 +608,11 @@ def main(argv: list[str] | None = None) -> None:
             quality = check_model(world, out, recipe.check_images)
             write_json_atomically(out / "quality.json", quality)
         times[stage] = time.perf_counter() - start
-        if stage != "check":  # how the shipped weights were made
+        if stage != "check" and distributed.is_main():  # how the shipped weights were made
             write_json_atomically(record_file, {**record, **extra, "threads": torch.get_num_threads(),
                                                 "seconds": {stage: round(times[stage], 1)}})
+    if not distributed.is_main():
+        return
     print("ran " + (", ".join(f"{k} in {v / 60:.1f} min" for k, v in times.items()) or "nothing") + f"; weights in {out}")
 
 
@@ -580,6 +628,8 @@ def stage_record(world: GlyphWorld, out: Path, stage: str, seed: int, recipe: Re
         record.update(ldm_cycles=recipe.ldm_cycles, context_from=recipe.context_from, images_per_concept=recipe.per_concept)
         if recipe.text_steps:  # trained on the pretrained text encoder, frozen
             record["text_encoder"] = files_digest(sorted((out / "text_encoder").glob("*.safetensors")))
+        if distributed.world_size() > 1:  # the ranks draw other batches than one process
+            record["ranks"] = distributed.world_size()
     if stage in ("classifier", "ldm"):  # trained on the VAE's latents (the classifier: on its reconstructions)
         record["vae"] = files_digest(sorted((out / "vae").glob("*.safetensors")))
     return record
