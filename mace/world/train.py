@@ -21,6 +21,13 @@ classifier's and the latent diffusion's include the VAE's digest, so a retrained
 them), and ``--retrain`` runs every stage asked for regardless. While it runs,
 ``--peek EVERY`` reports what the last checkpoint's EMA model draws for every EVERY-th concept
 (by name and alias, one image each, held-out templates): a progress reading in a minute.
+
+A recipe with ``text_steps`` (the full identity world's) first pretrains the text encoder on
+naming the concept of a caption (``train_text_encoder``) and then trains the UNet alone on it,
+frozen. The text-to-image stage also runs over torchrun ranks, each batch split over them:
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m mace.world.train \
+        --world world-identity --stages ldm --threads 1
 """
 
 from __future__ import annotations
