@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from mace.utils.fingerprint import files_digest
@@ -65,6 +65,11 @@ def load_world_components(directory: Path | None = None, world: GlyphWorld = WOR
         "text_encoder": CLIPTextModel.from_pretrained(need("text_encoder"), dtype=torch.float32),
         "scheduler": DDIMScheduler.from_pretrained(need("scheduler")),
     }
+
+
+def training_noise_scheduler() -> DDPMScheduler:
+    """The noise schedule the world models are trained under (Stable Diffusion's)."""
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
 def load_classifier(world: GlyphWorld = WORLD) -> GlyphClassifier:

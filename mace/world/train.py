@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -53,7 +53,7 @@ from mace import distributed
 from mace.utils.atomic import atomic_path, write_json_atomically
 from mace.utils.fingerprint import files_digest
 from mace.utils.tokenizer import clip_tokenizer
-from mace.world.check import check_model, classifier_accuracy, held_out_drawing, world_pipeline
+from mace.world.check import binding_gap, check_model, classifier_accuracy, held_out_drawing, world_pipeline
 from mace.world.classifier import GlyphClassifier
 from mace.world.concepts import (
     BACKGROUND_TEMPLATES,
@@ -66,7 +66,7 @@ from mace.world.concepts import (
     GlyphWorld,
     fill,
 )
-from mace.world.model import weights_dir
+from mace.world.model import training_noise_scheduler, weights_dir
 from mace.world.render import IMAGE_SIZE, render
 
 STAGES = ("vae", "classifier", "text", "ldm", "check")
@@ -371,10 +371,13 @@ def peek(world: GlyphWorld, out: Path, checkpoint_dir: Path, every: int) -> dict
                            "scheduler": DDIMScheduler.from_config(build_scheduler().config)})
     concepts = list(range(0, world.num_concepts, every))
     record = {"step": step, "concepts": len(concepts),
-              **held_out_drawing(pipe, GlyphClassifier.from_pretrained(out / "classifier"), world, concepts, 1, progress=False)}
+              **held_out_drawing(pipe, GlyphClassifier.from_pretrained(out / "classifier"), world, concepts, 1, progress=False),
+              "binding_gap": binding_gap(unet, pipe.vae, text_encoder, world, concepts)}
     errors = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in record["name_errors"].items() if k != "by_shape")
+    gaps = ", ".join(f"{k} {v:+.3f}" for k, v in record["binding_gap"].items())
     print(f"{world.model} at step {step}: {record['name_accuracy']:.3f} of {len(concepts)} names and "
-          f"{record['alias_accuracy']:.3f} of aliases drawn right (held-out templates); name prompts: {errors}")
+          f"{record['alias_accuracy']:.3f} of aliases drawn right (held-out templates); name prompts: {errors}; "
+          f"binding gap {gaps}")
     return record
 
 
@@ -425,7 +428,7 @@ def train_ldm(world: GlyphWorld, out: Path, steps: int, seed: int, per_concept: 
     else:
         text_encoder = build_text_encoder(world)
         ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
-    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    noise_scheduler = training_noise_scheduler()
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
     params = list(unet.parameters()) + ([] if frozen_text_encoder else list(text_encoder.parameters()))
