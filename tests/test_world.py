@@ -327,13 +327,28 @@ def test_binding_gap_tells_a_model_that_reads_names_from_one_that_does_not():
     """The peek's binding gap: the shipped world model's denoising error rises several-fold when
     the caption names another concept; an untrained UNet's does not move."""
     from mace.world import load_world_components
-    from mace.world.check import binding_gap
+    from mace.world.check import binding_gap, world_pipeline
     from mace.world.train import build_unet
 
     components = load_world_components()
     concepts = list(range(0, len(CONCEPTS), 8))
-    trained = binding_gap(components["unet"], components["vae"], components["text_encoder"], WORLD, concepts)
+    trained = binding_gap(world_pipeline(components), WORLD, concepts)
     torch.manual_seed(0)
-    untrained = binding_gap(build_unet(WORLD), components["vae"], components["text_encoder"], WORLD, concepts)
+    untrained = binding_gap(world_pipeline({**components, "unet": build_unet(WORLD)}), WORLD, concepts)
     assert trained["t300"] > 2 and trained["t600"] > 0.5
     assert all(abs(v) < 0.05 for v in untrained.values())
+
+
+def test_training_recipe_overrides_are_checked(tmp_path, capsys):
+    """A step count below its minimum is a one-line usage error; a text stage asked of a recipe
+    that trains its text encoder with the UNet runs nothing."""
+    from mace.world.train import main
+
+    for flag, value in (("--ldm-steps", "0"), ("--text-steps", "-1"), ("--per-concept", "0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--out", str(tmp_path), "--stages", "check", flag, value])
+        assert exit_info.value.code == 2
+        assert f"{flag} must be at least" in capsys.readouterr().err
+    main(["--out", str(tmp_path), "--stages", "text"])
+    assert "nothing to pretrain" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from mace.pipelines.components import encode_prompts
 from mace.utils.sampling import generate_images
 from mace.utils.tokenizer import clip_tokenizer
 from mace.world.classifier import GlyphClassifier
@@ -113,7 +114,7 @@ def held_out_drawing(pipe, classifier: GlyphClassifier, world: GlyphWorld, conce
     return record
 
 
-def binding_gap(unet, vae, text_encoder, world: GlyphWorld, concepts: list[int], timesteps: tuple[int, ...] = (300, 600),
+def binding_gap(pipe, world: GlyphWorld, concepts: list[int], timesteps: tuple[int, ...] = (300, 600),
                 seed: int = 777) -> dict[str, float]:
     """How much the UNet's denoising depends on which name it reads: renders of ``concepts``,
     noised to each timestep, and the relative rise of its noise-prediction error when the
@@ -123,23 +124,20 @@ def binding_gap(unet, vae, text_encoder, world: GlyphWorld, concepts: list[int],
     g = torch.Generator().manual_seed(seed)
     wanted = torch.tensor(concepts)
     others = (wanted + 1 + torch.randint(world.num_concepts - 1, wanted.shape, generator=g)) % world.num_concepts
-    tokenizer = clip_tokenizer()
     scheduler = training_noise_scheduler()
 
     def encode(labels: torch.Tensor) -> torch.Tensor:
-        prompts = [fill(EVAL_TEMPLATES[0], world.concepts[int(c)].name) for c in labels]
-        return text_encoder(tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                                      return_tensors="pt").input_ids)[0]
+        return encode_prompts(pipe, [fill(EVAL_TEMPLATES[0], world.concepts[int(c)].name) for c in labels])
 
     gaps = {}
     with torch.no_grad():
-        x0 = vae.encode(render(wanted, generator=g, world=world)).latent_dist.mean * vae.config.scaling_factor
+        latents = pipe.vae.encode(render(wanted, generator=g, world=world)).latent_dist.mean * pipe.vae.config.scaling_factor
         right, wrong = encode(wanted), encode(others)
         for step in timesteps:
-            noise = torch.randn(x0.shape, generator=g)
+            noise = torch.randn(latents.shape, generator=g)
             t = torch.full((len(concepts),), step)
-            noisy = scheduler.add_noise(x0, noise, t)
-            error_right, error_wrong = ((unet(noisy, t, e).sample - noise).pow(2).mean() for e in (right, wrong))
+            noisy = scheduler.add_noise(latents, noise, t)
+            error_right, error_wrong = ((pipe.unet(noisy, t, e).sample - noise).pow(2).mean() for e in (right, wrong))
             gaps[f"t{step}"] = round(float((error_wrong - error_right) / error_right), 4)
     return gaps
 
