@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 R=benchmarks/results
 W=world-identity
 # Finished stages are skipped. The text-to-image stage, the long one, runs as two one-thread
-# ranks (twice one process's speed on 2 cores); its checkpoint resumes only under as many.
+# ranks (faster than one process with two threads on 2 cores); its checkpoint resumes only under as many.
 python -m mace.world.train --world $W --stages vae,classifier,text
 OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc-per-node "${RANKS:-2}" \
   -m mace.world.train --world $W --stages ldm --threads 1
