@@ -44,6 +44,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
+import sys
 
 import torch
 from _results import RESULTS
@@ -263,8 +265,10 @@ def main(argv=None) -> int:
             oracle += oracle_edit_scores(world, split, n, [float(s) for s in args.oracle_scales.split(",")],
                                          images_per_concept=args.images_per_concept, steps=args.steps)
     out = args.out or RESULTS / "concept_geometry.json"
-    write_json_atomically(out, {"templates": TEMPLATES, "shuffles": args.shuffles, "rows": results, "drawn": drawn, "oracle": oracle,
-                                "images_per_concept": args.images_per_concept, "steps": args.steps})
+    command = shlex.join(["python", "benchmarks/bench_concept_geometry.py", *(sys.argv[1:] if argv is None else argv)])
+    write_json_atomically(out, {"command": command, "templates": TEMPLATES, "shuffles": args.shuffles, "rows": results,
+                                "drawn": drawn, "oracle": oracle, "images_per_concept": args.images_per_concept,
+                                "steps": args.steps})
     print(f"wrote {out}")
     return 0
 

@@ -49,7 +49,9 @@ import argparse
 import os
 import random
 import re
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -244,14 +246,15 @@ def asr_line(scores: dict) -> str:
     return "  ".join(f"{k} {v:.2f}" for k, v in scores.items() if k.startswith("asr_") and not k.endswith("_seeds"))
 
 
-def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float, dict | None]:
+def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float, dict | None, list[str]]:
     """The tuning trials and reported rows already in ``out``, keyed by (size, method, scale) and
-    (size, method), the seconds they took and the attacks' control; none when ``out`` does not exist. A file measured
-    under other settings is refused with a one-line error, never mixed in."""
+    (size, method), the seconds they took, the attacks' control and the commands that wrote them;
+    none when ``out`` does not exist. A file measured under other settings is refused with a
+    one-line error, never mixed in."""
     import json
 
     if not out.exists():
-        return {}, {}, 0.0, None
+        return {}, {}, 0.0, None, []
     try:
         data = json.loads(out.read_text())
         old = data.get("settings")
@@ -265,7 +268,7 @@ def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float, dict | No
         raise SystemExit(f"error: {out} holds results measured under other settings ({key} differs); "
                          f"pass --fresh to replace them or choose another --out")
     print(f"resuming from {out}: {len(trials)} tuning trials and {len(rows)} rows measured under these settings")
-    return trials, rows, float(data.get("seconds", 0.0)), data.get("attack_control")
+    return trials, rows, float(data.get("seconds", 0.0)), data.get("attack_control"), list(data.get("commands", []))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -388,7 +391,12 @@ def main(argv=None) -> int:
         settings["centres"] = centres
     if args.count_exponent is not None:
         settings["count_exponent"] = args.count_exponent
-    done_trials, done_rows, seconds_before, control = ({}, {}, 0.0, None) if args.fresh else resume_from(out, settings)
+    done_trials, done_rows, seconds_before, control, commands = (({}, {}, 0.0, None, []) if args.fresh
+                                                                 else resume_from(out, settings))
+    # Each run that adds to a file is one of the commands that made it (results files gather
+    # sizes and methods over several runs); the results document prints them.
+    command = shlex.join(["python", "benchmarks/bench_erasure_quality.py", *(sys.argv[1:] if argv is None else argv)])
+    commands = [c for c in commands if c != command] + [command]
     original = mace.load_pipeline(world.model)
     original_background = background_images_of(original, background_images=args.background_images, steps=args.steps,
                                                progress=False)
@@ -397,7 +405,7 @@ def main(argv=None) -> int:
     def write(final: bool = False) -> None:
         order = {m: i for i, m in enumerate(METHODS)}
         write_json_atomically(out, {
-            "model": world.model, "complete": final, "settings": settings,
+            "model": world.model, "complete": final, "settings": settings, "commands": commands,
             "images_per_concept": args.images_per_concept,
             "tuning_images_per_concept": args.tuning_images_per_concept, "steps": args.steps, "grid": args.grid,
             "extend": args.extend, "mace_options": overrides,

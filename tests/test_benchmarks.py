@@ -40,6 +40,16 @@ def test_bench_erasure_quality_resumes_only_under_the_same_settings(tmp_path):
     resumed = json.loads(out.read_text())
     assert resumed["rows"] == measured["rows"] and resumed["tuning"] == measured["tuning"]
     assert resumed["settings"] == measured["settings"] and resumed["complete"] is True
+    # The file names the command that made it, once however often it was rerun; a run adding a
+    # method is appended.
+    assert resumed["commands"] == measured["commands"] and len(measured["commands"]) == 1
+    assert measured["commands"][0].startswith("python benchmarks/bench_erasure_quality.py --sizes 1 --methods none,uce")
+    # Another run under the same settings (here: fewer methods, nothing new to measure) adds its command.
+    fewer = bench("--methods", "none")
+    assert fewer.returncode == 0, fewer.stderr
+    resumed = json.loads(out.read_text())
+    assert resumed["rows"] == measured["rows"] and resumed["commands"][0] == measured["commands"][0]
+    assert len(resumed["commands"]) == 2 and resumed["commands"][1].endswith("--methods none")
     # Other settings: a one-line error naming the file and the setting; the results stay as they were.
     other = bench("--steps", "4")
     assert other.returncode != 0 and "Traceback" not in other.stderr
@@ -155,6 +165,18 @@ def test_concept_geometry_counts_the_fit_parts_and_shuffles_attributes_together(
     assert control != factors and all(sorted(a) == sorted(b) for a, b in zip(control, factors, strict=True))
     pairs = set(zip(*factors, strict=True))
     assert set(zip(*control, strict=True)) <= pairs and len(set(zip(*control, strict=True))) == len(pairs)
+
+
+def test_concept_geometry_reproduces_the_committed_fits_and_names_its_command(tmp_path):
+    """The bench run end to end on builtin:world at 10 erased gives the R^2 of its committed
+    results file (the fit is deterministic), and the file names the command that made it."""
+    data = _run("bench_concept_geometry.py", "--worlds", "world", "--sizes", "10", "--shuffles", "1", tmp_path=tmp_path)
+    committed = json.loads((ROOT / "benchmarks" / "results" / "concept_geometry-world.json").read_text())
+    key = ("world", "erased", "template", "position", "factors")
+    reference = {tuple(r[k] for k in key): r["r2"] for r in committed["rows"]}
+    assert len(data["rows"]) == 4 and all(r["r2"] > 0.8 > 0 > r["r2_shuffled"] for r in data["rows"])
+    assert all(abs(r["r2"] - reference[tuple(r[k] for k in key)]) < 2e-3 for r in data["rows"])
+    assert data["command"].startswith("python benchmarks/bench_concept_geometry.py --worlds world --sizes 10")
 
 
 @pytest.mark.slow

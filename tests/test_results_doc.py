@@ -75,6 +75,14 @@ def test_a_changed_number_changes_the_document(tmp_path):
     assert doc2 != doc and "| batched | 4.2 | 8.06 |" in doc2
 
 
+def test_a_file_made_by_several_runs_shows_each_command_in_order(tmp_path):
+    runs = ["python benchmarks/bench_lora_training.py --concepts 8", "python benchmarks/bench_lora_training.py --steps 10"]
+    doc, _ = generate(tmp_path, {"lora_training-cpu-2cores": {**LORA_TRAINING, "commands": runs}})
+    assert f"    {runs[0]}\n    {runs[1]}\n\nJSON:" in doc
+    doc, _ = generate(tmp_path, {"lora_training-cpu-2cores": {**LORA_TRAINING, "command": runs[1]}})
+    assert f"    {runs[1]}\n\nJSON:" in doc and runs[0] not in doc
+
+
 def test_results_without_a_renderer_are_listed_by_name(tmp_path, capsys):
     doc, _ = generate(tmp_path, {"lora_training-cpu-2cores": LORA_TRAINING, "brand_new_bench-cpu": {"x": 1},
                                  "lora_training-odd-layout": {"rows": []}})
@@ -124,3 +132,11 @@ def test_the_attacks_control_is_rendered_beside_the_attacked_rows(tmp_path):
     assert "Control: 10 held-out identities" in doc and "ASR plain 0.00, ASR text 0.00, ASR soft 0.40." in doc
     assert "10 erased, ASR text / soft: mace 0.10 / 0.60; on identities the model never learned" in readme
     assert "0.00 / 0.40." in readme
+
+
+def test_the_quality_headline_shows_the_paper_count_beside_the_largest():
+    rows = [{"concepts": n, "method": m, "h_o": h + n / 1000} for n in (10, 100, 300) for m, h in (("none", 0.1), ("mace", 0.5))]
+    line = make_results_doc.headline_quality({"model": "builtin:w", "rows": rows, "report_kept": ["a"] * 7})
+    assert "H_o at 100 erased: mace 0.600; at 300 erased: mace 0.800 (the paper: 0.898" in line and "none" not in line
+    line = make_results_doc.headline_quality({"model": "builtin:w", "rows": rows[:2], "report_kept": ["a"] * 7})
+    assert "H_o at 10 erased: mace 0.510 (the paper's bar" in line
