@@ -242,6 +242,18 @@ def test_world_training_script_writes_loadable_weights(tmp_path, capsys):
     assert json.loads((tmp_path / "training-classifier.json").read_text())["steps"] == {"classifier": 3}
     assert json.loads((tmp_path / "training-vae.json").read_text()) == records["vae"]
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_before
+    # The reading is kept beside the checkpoint folder; a reading of another run's checkpoint
+    # (other settings) is kept there too but never taken into this run's record.
+    from mace.world.train import peeks_file
+
+    kept = json.loads(peeks_file(tmp_path / "checkpoints").read_text())["readings"]
+    assert [(r["step"], r["every"], r["concepts"]) for r in kept] == [(2, 40, 3)] and set(kept[0]["binding_gap"]) == {"t300", "t600"}
+    other = {**kept[0], "settings": {**kept[0]["settings"], "seed": 99}}
+    peeks_file(tmp_path / "checkpoints").write_text(json.dumps({"readings": [other, *kept]}))
+    # One more cycle resumes at step 2; its record carries the run's reading, not the other's.
+    main(["--out", str(tmp_path), "--ldm-steps", "2", "--per-concept", "2", "--ldm-cycles", "2", "--stages", "ldm",
+          "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    assert json.loads((tmp_path / "training-ldm.json").read_text())["peeks"] == kept
 
 
 @pytest.mark.slow

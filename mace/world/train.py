@@ -20,7 +20,8 @@ seconds); a rerun skips a stage whose record and folder are there under the same
 classifier's and the latent diffusion's include the VAE's digest, so a retrained VAE retrains
 them), and ``--retrain`` runs every stage asked for regardless. While it runs,
 ``--peek EVERY`` reports what the last checkpoint's EMA model draws for every EVERY-th concept
-(by name and alias, one image each, held-out templates): a progress reading in a minute.
+(by name and alias, one image each, held-out templates) and its binding gap: a progress
+reading in a minute, kept beside the checkpoint folder and carried into the stage's record.
 
 A recipe with ``text_steps`` (the full identity world's) first pretrains the text encoder on
 naming the concept of a caption (``train_text_encoder``) and then trains the UNet alone on it,
@@ -361,11 +362,33 @@ def checkpoint_ema(world: GlyphWorld, checkpoint_dir: Path, out: Path | None = N
     return unet.eval(), text_encoder.eval(), step
 
 
+def peeks_file(checkpoint_dir: Path) -> Path:
+    """Where --peek keeps its readings: beside the checkpoint folder, which every save replaces."""
+    return checkpoint_dir.parent / f"{checkpoint_dir.name}-peeks.json"
+
+
+def peeks_of_run(checkpoint_dir: Path) -> list[dict]:
+    """The peek readings of the run whose checkpoint is in ``checkpoint_dir`` (made under its
+    settings, at steps it has passed), by step; readings of other runs are left out."""
+    path, meta_file = peeks_file(checkpoint_dir), checkpoint_dir / "checkpoint.json"
+    if not path.is_file() or not meta_file.is_file():
+        return []
+    meta = json.loads(meta_file.read_text())
+    try:
+        readings = json.loads(path.read_text())["readings"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return sorted((r for r in readings if r.get("settings") == meta["settings"] and r.get("step", 0) <= meta["step"]),
+                  key=lambda r: (r["step"], r.get("every", 0)))
+
+
 def peek(world: GlyphWorld, out: Path, checkpoint_dir: Path, every: int) -> dict:
     """Progress of a text-to-image training that has hours to go: what the checkpoint's EMA model
     draws for every ``every``-th concept, one image by name and one by alias on held-out
-    templates, read by the world's classifier (a minute where the check stage takes an hour)."""
+    templates, read by the world's classifier (a minute where the check stage takes an hour).
+    The reading is kept (peeks_file); the stage's record, when the run ends, carries its run's."""
     unet, text_encoder, step = checkpoint_ema(world, checkpoint_dir, out)
+    settings = json.loads((checkpoint_dir / "checkpoint.json").read_text())["settings"]
     pipe = world_pipeline({"unet": unet, "vae": _load_vae(out), "text_encoder": text_encoder,
                            "scheduler": DDIMScheduler.from_config(build_scheduler().config)})
     concepts = list(range(0, world.num_concepts, every))
@@ -377,6 +400,16 @@ def peek(world: GlyphWorld, out: Path, checkpoint_dir: Path, every: int) -> dict
     print(f"{world.model} at step {step}: {record['name_accuracy']:.3f} of {len(concepts)} names and "
           f"{record['alias_accuracy']:.3f} of aliases drawn right (held-out templates); name prompts: {errors}; "
           f"binding gap {gaps}")
+    reading = {"step": step, "every": every, "settings": settings,
+               **{k: record[k] for k in ("concepts", "name_accuracy", "alias_accuracy", "binding_gap")},
+               "name_errors": {k: v for k, v in record["name_errors"].items() if k != "by_shape"}}
+    path = peeks_file(checkpoint_dir)
+    try:
+        readings = json.loads(path.read_text())["readings"] if path.is_file() else []
+    except (ValueError, KeyError, TypeError):
+        readings = []
+    readings = [r for r in readings if (r.get("step"), r.get("every"), r.get("settings")) != (step, every, settings)]
+    write_json_atomically(path, {"readings": [*readings, reading]})
     return record
 
 
@@ -614,6 +647,7 @@ def main(argv: list[str] | None = None) -> None:
             train_ldm(world, out, recipe.ldm_steps, args.seed + 2, per_concept=recipe.per_concept, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=args.checkpoint_every, cycles=recipe.ldm_cycles, context_from=recipe.context_from,
                       frozen_text_encoder=recipe.text_steps > 0)
+            extra = {"peeks": peeks_of_run(checkpoint_dir)}  # how the drawing was learned, where peeked
         else:
             quality = check_model(world, out, recipe.check_images)
             write_json_atomically(out / "quality.json", quality)
