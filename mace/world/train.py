@@ -400,8 +400,9 @@ def peek(world: GlyphWorld, out: Path, checkpoint_dir: Path, every: int) -> dict
     print(f"{world.model} at step {step}: {record['name_accuracy']:.3f} of {len(concepts)} names and "
           f"{record['alias_accuracy']:.3f} of aliases drawn right (held-out templates); name prompts: {errors}; "
           f"binding gap {gaps}")
-    reading = {"step": step, "every": every, "settings": settings,
-               **{k: record[k] for k in ("concepts", "name_accuracy", "alias_accuracy", "binding_gap")},
+    reading = {"step": step, "every": every, "settings": settings, "concepts": record["concepts"],
+               **{k: round(float(record[k]), 4) for k in ("name_accuracy", "alias_accuracy")},
+               "binding_gap": record["binding_gap"],
                "name_errors": {k: v for k, v in record["name_errors"].items() if k != "by_shape"}}
     path = peeks_file(checkpoint_dir)
     try:
