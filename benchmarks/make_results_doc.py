@@ -642,7 +642,7 @@ def triton_compile(ctx: Context, r: Result) -> str:
 def render_worlds(ctx: Context) -> str:
     if not ctx.worlds:
         return ""
-    rows, notes, training = [], [], []
+    rows, notes, training, peeks = [], [], [], []
     for key, w in ctx.worlds.items():
         q = w["quality"]
         rows.append({**q, "world": f"builtin:{key}", "json": ctx.link(w["quality_path"], "quality.json")})
@@ -658,6 +658,7 @@ def render_worlds(ctx: Context) -> str:
                 training.append({"world": f"builtin:{key}", "stage": stage, "minutes": seconds / 60,
                                  "steps": f"{record['steps'].get(stage):,}" + (f" x {cycles} cycles" if cycles else ""),
                                  "threads": record.get("threads"), "json": ctx.link(path)})
+            peeks += [{"world": f"builtin:{key}", **p, "json": ctx.link(path)} for p in record.get("peeks", [])]
     parts = ["## The glyph worlds' own records", "",
              "What each shipped world's model draws before any erasure, read by its classifier on templates held out "
              "from training (`python -m mace.world.train --world WORLD --stages check` writes quality.json; a test "
@@ -673,6 +674,14 @@ def render_worlds(ctx: Context) -> str:
                   "command that wrote the record (for a stage resumed across runs, the last run's).", "",
                   table([("world", "world", None), ("stage", "stage", None), ("steps", "steps", ""),
                          ("threads", "threads", "d"), ("minutes", "minutes", ".1f"), ("JSON", "json", None)], training)]
+    if peeks:
+        parts += ["", "How the text-to-image stage learned, as its run was peeked at (`--peek EVERY`: the checkpoint's "
+                  "EMA model, one image by name and one by alias for every EVERY-th concept, held-out templates; the "
+                  "binding gap is the relative rise of its denoising error when the caption names another concept).", "",
+                  table([("world", "world", None), ("step", "step", ",d"), ("concepts", "concepts", "d"),
+                         ("by name", "name_accuracy", pct), ("by alias", "alias_accuracy", pct),
+                         ("gap, t = 300", "binding_gap.t300", "+.3f"), ("gap, t = 600", "binding_gap.t600", "+.3f"),
+                         ("JSON", "json", None)], peeks)]
     return "\n".join(parts)
 
 

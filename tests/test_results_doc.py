@@ -140,3 +140,21 @@ def test_the_quality_headline_shows_the_paper_count_beside_the_largest():
     assert "H_o at 100 erased: mace 0.600; at 300 erased: mace 0.800 (the paper: 0.898" in line and "none" not in line
     line = make_results_doc.headline_quality({"model": "builtin:w", "rows": rows[:2], "report_kept": ["a"] * 7})
     assert "H_o at 10 erased: mace 0.510 (the paper's bar" in line
+
+
+def test_a_worlds_peek_readings_are_tabled_from_its_training_record(tmp_path):
+    weights = tmp_path / "worlds" / "weights_identity"
+    weights.mkdir(parents=True)
+    (weights / "quality.json").write_text(json.dumps({"images": 10, "name_accuracy": 0.9, "alias_accuracy": 0.8}))
+    readings = [{"step": s, "every": 12, "settings": {}, "concepts": 55, "name_accuracy": a, "alias_accuracy": a / 2,
+                 "binding_gap": {"t300": gap, "t600": gap / 3}} for s, a, gap in ((8000, 0.0182, 0.425), (12000, 0.1091, 1.482))]
+    (weights / "training-ldm.json").write_text(json.dumps({"steps": {"ldm": 13000}, "ldm_cycles": 3, "threads": 1,
+                                                           "seconds": {"ldm": 600.0}, "peeks": readings}))
+    (tmp_path / "results").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{make_results_doc.BEGIN}\n{make_results_doc.END}\n")
+    doc = make_results_doc.generate(tmp_path / "results", tmp_path / "docs" / "results.md", readme, tmp_path / "worlds")[
+        tmp_path / "docs" / "results.md"]
+    assert "| builtin:world-identity | ldm | 13,000 x 3 cycles | 1 | 10.0 |" in doc
+    assert "| builtin:world-identity | 8,000 | 55 | 1.8% | 0.9% | +0.425 | +0.142 |" in doc
+    assert "| builtin:world-identity | 12,000 | 55 | 10.9% | 5.5% | +1.482 | +0.494 |" in doc
