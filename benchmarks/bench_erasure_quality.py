@@ -271,6 +271,13 @@ def resume_from(out: Path, settings: dict) -> tuple[dict, dict, float, dict | No
     return trials, rows, float(data.get("seconds", 0.0)), data.get("attack_control"), list(data.get("commands", []))
 
 
+def with_command(commands: list[str], command: str) -> list[str]:
+    """The commands that made a results file once ``command`` has run on it: a file gathers sizes
+    and methods over several runs, and the results document prints each, in the order they last
+    ran (a rerun of the same command moves it last rather than repeating it)."""
+    return [c for c in commands if c != command] + [command]
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -393,10 +400,8 @@ def main(argv=None) -> int:
         settings["count_exponent"] = args.count_exponent
     done_trials, done_rows, seconds_before, control, commands = (({}, {}, 0.0, None, []) if args.fresh
                                                                  else resume_from(out, settings))
-    # Each run that adds to a file is one of the commands that made it (results files gather
-    # sizes and methods over several runs); the results document prints them.
-    command = shlex.join(["python", "benchmarks/bench_erasure_quality.py", *(sys.argv[1:] if argv is None else argv)])
-    commands = [c for c in commands if c != command] + [command]
+    commands = with_command(commands, shlex.join(["python", "benchmarks/bench_erasure_quality.py",
+                                                  *(sys.argv[1:] if argv is None else argv)]))
     original = mace.load_pipeline(world.model)
     original_background = background_images_of(original, background_images=args.background_images, steps=args.steps,
                                                progress=False)
