@@ -44,11 +44,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shlex
-import sys
 
 import torch
-from _results import RESULTS
+from _results import RESULTS, command_line
 from bench_erasure_quality import default_kept, split_concepts
 
 from mace.utils.atomic import write_json_atomically
@@ -265,8 +263,7 @@ def main(argv=None) -> int:
             oracle += oracle_edit_scores(world, split, n, [float(s) for s in args.oracle_scales.split(",")],
                                          images_per_concept=args.images_per_concept, steps=args.steps)
     out = args.out or RESULTS / "concept_geometry.json"
-    command = shlex.join(["python", "benchmarks/bench_concept_geometry.py", *(sys.argv[1:] if argv is None else argv)])
-    write_json_atomically(out, {"command": command, "templates": TEMPLATES, "shuffles": args.shuffles, "rows": results,
+    write_json_atomically(out, {"command": command_line(__file__, argv), "templates": TEMPLATES, "shuffles": args.shuffles, "rows": results,
                                 "drawn": drawn, "oracle": oracle, "images_per_concept": args.images_per_concept,
                                 "steps": args.steps})
     print(f"wrote {out}")

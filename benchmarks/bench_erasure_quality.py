@@ -49,15 +49,13 @@ import argparse
 import os
 import random
 import re
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _results import RESULTS
+from _results import RESULTS, command_line
 
 from mace.utils.atomic import write_json_atomically
 
@@ -400,8 +398,7 @@ def main(argv=None) -> int:
         settings["count_exponent"] = args.count_exponent
     done_trials, done_rows, seconds_before, control, commands = (({}, {}, 0.0, None, []) if args.fresh
                                                                  else resume_from(out, settings))
-    commands = with_command(commands, shlex.join(["python", "benchmarks/bench_erasure_quality.py",
-                                                  *(sys.argv[1:] if argv is None else argv)]))
+    commands = with_command(commands, command_line(__file__, argv))
     original = mace.load_pipeline(world.model)
     original_background = background_images_of(original, background_images=args.background_images, steps=args.steps,
                                                progress=False)

@@ -32,13 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _results import RESULTS
+from _results import RESULTS, command_line
 from bench_erasure_quality import PRESERVE_TEMPLATES, default_kept, protocol_config, split_concepts
 
 from mace.utils.atomic import write_json_atomically
@@ -190,9 +188,9 @@ def main(argv=None) -> int:
                 print(f"{key:22s} {n:4d} erased  scale: erased/kept  {cells}{mark}  "
                       f"calibrated to {target:.2f}: {size['calibrated_scale']:.3g}", flush=True)
             results[key] = entry
-    command = "python benchmarks/bench_preservation_balance.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    write_json_atomically(args.out, {"command": command, "seed": base.seed, "lamb": base.lamb, "aug_length": base.aug_length,
-                                     "prompt_len": base.prompt_len, "scales": grid, "worlds": results})
+    write_json_atomically(args.out, {"command": command_line(__file__, argv), "seed": base.seed, "lamb": base.lamb,
+                                     "aug_length": base.aug_length, "prompt_len": base.prompt_len, "scales": grid,
+                                     "worlds": results})
     if args.plot:
         plot(results, args.plot)
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))

@@ -367,17 +367,23 @@ def peeks_file(checkpoint_dir: Path) -> Path:
     return checkpoint_dir.parent / f"{checkpoint_dir.name}-peeks.json"
 
 
+def _peek_readings(checkpoint_dir: Path) -> list[dict]:
+    """Every reading in peeks_file (none when it is missing or unreadable)."""
+    path = peeks_file(checkpoint_dir)
+    try:
+        return list(json.loads(path.read_text())["readings"]) if path.is_file() else []
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
 def peeks_of_run(checkpoint_dir: Path) -> list[dict]:
     """The peek readings of the run whose checkpoint is in ``checkpoint_dir`` (made under its
     settings, at steps it has passed), by step; readings of other runs are left out."""
-    path, meta_file = peeks_file(checkpoint_dir), checkpoint_dir / "checkpoint.json"
-    if not path.is_file() or not meta_file.is_file():
+    meta_file = checkpoint_dir / "checkpoint.json"
+    if not meta_file.is_file():
         return []
     meta = json.loads(meta_file.read_text())
-    try:
-        readings = json.loads(path.read_text())["readings"]
-    except (ValueError, KeyError, TypeError):
-        return []
+    readings = _peek_readings(checkpoint_dir)
     return sorted((r for r in readings if r.get("settings") == meta["settings"] and r.get("step", 0) <= meta["step"]),
                   key=lambda r: (r["step"], r.get("every", 0)))
 
@@ -404,13 +410,9 @@ def peek(world: GlyphWorld, out: Path, checkpoint_dir: Path, every: int) -> dict
                **{k: round(float(record[k]), 4) for k in ("name_accuracy", "alias_accuracy")},
                "binding_gap": record["binding_gap"],
                "name_errors": {k: v for k, v in record["name_errors"].items() if k != "by_shape"}}
-    path = peeks_file(checkpoint_dir)
-    try:
-        readings = json.loads(path.read_text())["readings"] if path.is_file() else []
-    except (ValueError, KeyError, TypeError):
-        readings = []
-    readings = [r for r in readings if (r.get("step"), r.get("every"), r.get("settings")) != (step, every, settings)]
-    write_json_atomically(path, {"readings": [*readings, reading]})
+    readings = [r for r in _peek_readings(checkpoint_dir) if (r.get("step"), r.get("every"), r.get("settings"))
+                != (step, every, settings)]
+    write_json_atomically(peeks_file(checkpoint_dir), {"readings": [*readings, reading]})
     return record
 
 
